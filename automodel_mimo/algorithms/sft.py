@@ -1,0 +1,110 @@
+"""Supervised fine-tuning: the SPMD loop every rank runs.
+
+data (seed, step) -> global batch -> this DP rank's block -> microbatches -> policy train step
+-> metrics / eval / checkpoint; at the end an HF export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import datasets
+import torch
+import torch.distributed as dist
+
+from automodel_mimo.checkpoint import Checkpointer, export_hf
+from automodel_mimo.config import RunConfig
+from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.sources import load_sft_dataset
+from automodel_mimo.data.synthetic import grade_exact
+from automodel_mimo.data.tokenize import tokenize_dataset
+from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
+from automodel_mimo.faults import fault_point
+from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.models.build import build_hf_config, build_model, parallelize
+from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.models.tokenizer import load_tokenizer
+from policies.lm_policy import LMPolicy
+
+
+def prepare_sft_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
+    """Load and tokenize; deterministic, so every rank computes (and rejects) the same rows."""
+    d = cfg.data
+    raw = load_sft_dataset(
+        d.dataset, seed=cfg.seed, prompt_key=d.prompt_key, response_key=d.response_key, messages_key=d.messages_key,
+        train_split=d.train_split, eval_split=d.eval_split, eval_fraction=d.eval_fraction,
+        num_train=d.num_train, num_eval=d.num_eval, digits=d.digits, name=d.name)
+    return datasets.DatasetDict({
+        split: tokenize_dataset(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+                                truncate=d.truncate, split_name=split)
+        for split, ds in raw.items()})
+
+
+def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, dp_rank: int, pad_id: int, device) -> list[dict]:
+    """This DP rank's microbatches of the global batch of `step` (0-based)."""
+    t = cfg.train
+    indices = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed)
+    mine = train[local_slice(indices, dp_rank, cfg.dp)]
+    rows = [{"input_ids": i, "labels": l} for i, l in zip(mine["input_ids"], mine["labels"])]
+    return [collate(mb, pad_id, device) for mb in split_microbatches(rows, t.micro_batch_size)]
+
+
+def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Dataset, tokenizer) -> dict:
+    """Exact-match accuracy of greedy answers on the held-out split, prompts spread over DP ranks."""
+    n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
+    per_rank = math.ceil(n / cfg.dp)
+    start = min(n, policy.state.dp_rank * per_rank)
+    mine = eval_ds.select(range(start, min(n, start + per_rank)))
+    prompts, refs = mine["prompt_ids"], mine["reference"]
+    stop_ids = set(tokenizer.all_special_ids)
+    bs = cfg.eval.batch_size
+    correct = 0
+    for b in range(math.ceil(per_rank / bs)):  # same number of calls on every rank
+        chunk = prompts[b * bs:(b + 1) * bs]
+        outs = policy.greedy_generate(chunk, cfg.eval.max_new_tokens, stop_ids, tokenizer.pad_token_id)
+        for out, ref in zip(outs, refs[b * bs:(b + 1) * bs]):
+            correct += grade_exact(tokenizer.decode(out, skip_special_tokens=True), ref)
+    total = policy.sum_over_data_ranks(torch.tensor(float(correct)))
+    return {"eval/accuracy": float(total) / max(1, n), "eval/num_samples": n}
+
+
+def run_sft(cfg: RunConfig) -> None:
+    device = init_distributed(cfg.launch.backend)
+    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    data = prepare_sft_data(cfg, tokenizer)
+    hf_config = build_hf_config(cfg.model, tokenizer)
+    handle = ModelHandle(parallelize(build_model(cfg.model, hf_config, cfg.seed), state))
+    policy = LMPolicy(handle, state, cfg.train)
+
+    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
+    start = 0
+    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
+        start = ckpt.load(latest, handle, policy.optimizer, policy.scheduler)
+    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    if state.is_rank0:
+        print(f"[sft] {cfg.launch.nproc} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, "
+              f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
+              f"{sum(p.numel() for p in handle.parameters()):,} parameters, start step {start}",
+              flush=True)
+
+    began = time.perf_counter()
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        microbatches = step_microbatches(cfg, data["train"], step, state.dp_rank, tokenizer.pad_token_id, device)
+        metrics = policy.sft_train_step(microbatches)
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+        logger.log({"step": done, **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+                    "elapsed_s": time.perf_counter() - began})
+        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
+            logger.log({"step": done, **evaluate_accuracy(cfg, policy, data["eval"], tokenizer)})
+        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+            ckpt.save(done, handle, policy.optimizer, policy.scheduler)
+            fault_point("after_checkpoint", done)
+    if cfg.checkpoint.export_hf:
+        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
+    logger.close()
+    dist.barrier()
+

@@ -1,0 +1,79 @@
+"""`automodel-mimo {sft,dpo,grpo} [--config X.yaml] [dotted.key=value ...]`
+
+Run plainly, the command validates the config and spawns `launch.nproc` local ranks, each re-running
+this command as a worker. Run under torchrun (RANK/WORLD_SIZE set), it is the worker itself, which is
+how multi-node jobs use it. User errors print one line and exit 2 before any rank starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from automodel_mimo.errors import UserInputError
+
+ALGOS = ("sft", "dpo", "grpo")
+AVAILABLE = {"sft"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="automodel-mimo", description=__doc__.splitlines()[0])
+    p.add_argument("algo", choices=ALGOS)
+    p.add_argument("--config", help="YAML config (default: configs/<algo>_tiny.yaml, the embedded tiny run)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def _preflight(cfg) -> None:
+    """Cheap checks that need the tokenizer and model config, done once before ranks start."""
+    from automodel_mimo.models.build import build_hf_config, check_tp_divisibility
+    from automodel_mimo.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    check_tp_divisibility(build_hf_config(cfg.model, tokenizer), cfg.parallel.tp)
+
+
+def _run_worker(cfg) -> int:
+    rank = int(os.environ["RANK"])
+    try:
+        from automodel_mimo.algorithms.sft import run_sft
+
+        {"sft": run_sft}[cfg.algo](cfg)
+        return 0
+    except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception:
+        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.algo not in AVAILABLE:
+        print(f"automodel-mimo {args.algo}: not available yet", file=sys.stderr)
+        return 2
+    from automodel_mimo.config import load_config
+    from automodel_mimo.launch.local import is_worker_env, launch_local
+
+    worker = is_worker_env()
+    try:
+        cfg = load_config(args.algo, args.config, args.overrides,
+                          world_size=int(os.environ["WORLD_SIZE"]) if worker else None)
+        if not worker:
+            _preflight(cfg)
+    except UserInputError as e:
+        if not worker or os.environ.get("RANK") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if worker:
+        return _run_worker(cfg)
+    cmd = [sys.executable, "-m", "automodel_mimo.cli", *(argv if argv is not None else sys.argv[1:])]
+    return launch_local(cfg.launch.nproc, cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

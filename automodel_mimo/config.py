@@ -1,0 +1,258 @@
+"""Typed run configuration: YAML + dotted `key=value` overrides, validated before any process starts.
+
+Every check here runs in the CLI process, before ranks are spawned or a process group exists, so a bad
+config fails once, with one line naming the key and the fix, and never leaves a rank waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automodel_mimo.errors import UserInputError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 1  # local ranks spawned by the CLI (ignored under torchrun, which sets WORLD_SIZE)
+    backend: str = "auto"  # auto | gloo | nccl (auto: nccl when CUDA is available)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int | None = None  # None: nproc / (tp * cp * pp)
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = None  # local path or hub name for from_pretrained; None: random init from `config`
+    config: dict = field(default_factory=dict)  # HF config kwargs incl. model_type (random init)
+    tokenizer: str | None = None  # None: the built-in byte-level tokenizer (or the pretrained one)
+    dtype: str = "float32"  # float32 | bfloat16 (parameters and compute)
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic:addition"  # synthetic:<task> | local file/dir | hub name
+    name: str | None = None  # hub config name
+    train_split: str = "train"
+    eval_split: str | None = "test"  # used when present, else eval_fraction of train is held out
+    eval_fraction: float = 0.05
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str | None = None  # chat column (list of {role, content}); overrides prompt/response
+    chat_template: bool = True
+    max_seq_len: int = 128
+    truncate: bool = False
+    # synthetic tasks
+    num_train: int = 20000
+    num_eval: int = 500
+    digits: int = 2
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int = 32  # sequences per optimizer step, summed over data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.0  # sgd
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: off (an eval still runs after the last step when > 0)
+    num_samples: int = 0  # 0: the whole eval split
+    batch_size: int = 64  # prompts per greedy-generation batch on one data-parallel rank
+    max_new_tokens: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: off
+    resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    keep_last: int = 2  # 0 keeps every checkpoint
+    export_hf: bool = True  # write <output_dir>/hf at the end
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # progress bar on rank 0
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    algo: str = "sft"
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def dp(self) -> int:
+        return typing.cast(int, self.parallel.dp)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def default_config_path(algo: str) -> Path:
+    return CONFIG_DIR / f"{algo}_tiny.yaml"
+
+
+def load_config(algo: str, path: str | None = None, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
+    """YAML (the embedded default when `path` is None) + overrides -> validated RunConfig."""
+    cfg_path = Path(path) if path else default_config_path(algo)
+    if not cfg_path.is_file():
+        raise UserInputError(f"--config {cfg_path}: file not found")
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise UserInputError(f"--config {cfg_path}: the top level must be a mapping of keys")
+    raw.setdefault("algo", algo)
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, prefix="")
+    if cfg.algo != algo:
+        raise UserInputError(f"algo: the config says '{cfg.algo}' but the command is '{algo}'")
+    validate(cfg, world_size)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserInputError(f"override '{item}': expected dotted.key=value, e.g. train.lr=1e-4")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+
+
+def _build(cls, raw: dict, prefix: str):
+    """Instantiate dataclass `cls` from a dict, checking key names and value types."""
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise UserInputError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        dict: isinstance(value, dict),
+        list: isinstance(value, list),
+    }[hint]
+    if not ok:
+        raise UserInputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if hint is float else value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserInputError(message)
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Cross-field checks. Fills parallel.dp when it is None. Raises UserInputError."""
+    p, t = cfg.parallel, cfg.train
+    world = world_size or cfg.launch.nproc
+    _require(cfg.launch.nproc >= 1, f"launch.nproc={cfg.launch.nproc}: must be >= 1")
+    _require(cfg.launch.backend in ("auto", "gloo", "nccl"), f"launch.backend={cfg.launch.backend}: use auto, gloo or nccl")
+    for name in ("tp", "cp", "pp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    _require(p.cp == 1, "parallel.cp > 1: context parallelism is not available yet; set parallel.cp=1")
+    _require(p.pp == 1, "parallel.pp > 1: pipeline parallelism is not available yet; set parallel.pp=1")
+    non_dp = p.tp * p.cp * p.pp
+    if p.dp is None:
+        _require(world % non_dp == 0,
+                 f"launch.nproc={world} is not divisible by parallel.tp*cp*pp={non_dp}; change launch.nproc or the parallel sizes")
+        p.dp = world // non_dp
+    _require(p.dp >= 1, f"parallel.dp={p.dp}: must be >= 1")
+    _require(p.dp * non_dp == world,
+             f"parallel.dp*tp*cp*pp = {p.dp}*{p.tp}*{p.cp}*{p.pp} = {p.dp * non_dp} but launch.nproc = {world}; "
+             "make the product equal the number of ranks")
+    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
+    _require(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size*parallel.dp = "
+             f"{t.micro_batch_size}*{p.dp}; pick a global batch that is a multiple of {t.micro_batch_size * p.dp}")
+    _require(t.optimizer in ("adamw", "sgd"), f"train.optimizer={t.optimizer}: use adamw or sgd")
+    _require(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay={t.lr_decay}: use cosine, linear or constant")
+    _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr}: must be between 0 and train.lr")
+    _require(0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.max_steps")
+    _require(len(t.betas) == 2, f"train.betas={t.betas}: expected two numbers")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    _require(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype={cfg.model.dtype}: use float32 or bfloat16")
+    _require(cfg.model.pretrained is not None or bool(cfg.model.config),
+             "model: set model.pretrained (a local path or hub name) or model.config (an HF config for random init)")
+    _require(cfg.data.max_seq_len >= 2, f"data.max_seq_len={cfg.data.max_seq_len}: must be >= 2")
+    _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
+    for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
+        section, name = key.split(".")
+        _require(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")
+    if cfg.logging.wandb_project:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None,
+                 "logging.wandb_project is set but wandb is not installed: pip install 'automodel-mimo[wandb]'")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
+    _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be >= 1")

@@ -1,0 +1,47 @@
+"""One global gradient norm over parameters that live on different meshes, and clipping by it.
+
+`torch.nn.utils.clip_grad_norm_` stacks per-parameter norms, which fails when DTensor parameters sit on
+different meshes (FSDP-only norms next to FSDP x TP matrices; later the encoder's and the LLM's meshes).
+So: one norm per mesh (a DTensor reduction over that mesh), made full, squared and summed here. An
+`extra_group` (e.g. pipeline stages, each holding different parameters) sums the squares once more.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def _grads_by_mesh(params: Iterable[torch.nn.Parameter]) -> dict[object, list[torch.Tensor]]:
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
+    return groups
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], extra_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm of all gradients, identical on every rank (fp32 scalar on the grads' device)."""
+    squares = []
+    for grads in _grads_by_mesh(params).values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if extra_group is not None:
+        dist.all_reduce(total, group=extra_group)
+    return total.sqrt()
+
+
+def clip_grads(params: Iterable[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale every gradient by min(1, max_norm / total_norm) (the same rule as torch's clip_grad_norm_)."""
+    coef = min(1.0, max_norm / (float(total_norm) + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)

@@ -1,0 +1,84 @@
+"""Process group and the named DeviceMesh (pp, dp, cp, tp) every rank trains on.
+
+The mesh itself comes from nemo-automodel's `MeshContext.build` (axes pp, dp_replicate, dp_shard, cp,
+tp, with flattened dp / dp_shard_cp / dp_cp), which is also what its parallelizer and AutoPipeline
+consume; `ParallelState` adds the rank facts and groups the training loop needs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from automodel_mimo.config import ParallelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Join the job described by RANK/WORLD_SIZE/MASTER_* (set by our launcher or torchrun)."""
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+@dataclass
+class ParallelState:
+    """What one rank needs to know about the layout."""
+
+    mesh_context: object  # nemo_automodel MeshContext
+    device: torch.device
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        return self.mesh_context.device_mesh
+
+    def _axis(self, name: str) -> DeviceMesh:
+        return self.mesh[name]
+
+    @property
+    def dp_size(self) -> int:
+        return self._axis("dp").size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self._axis("dp").get_local_rank()
+
+    @property
+    def tp_size(self) -> int:
+        return self._axis("tp").size()
+
+    @property
+    def dp_cp_group(self) -> dist.ProcessGroup:
+        """Ranks holding different data: global token counts and loss sums reduce over this group."""
+        return self._axis("dp_cp").get_group()
+
+    @property
+    def is_rank0(self) -> bool:
+        return dist.get_rank() == 0
+
+
+def build_parallel_state(parallel: ParallelConfig, device: torch.device, dtype: str = "float32") -> ParallelState:
+    from nemo_automodel.components.distributed.config import FSDP2Config
+    from nemo_automodel.components.distributed.mesh import MeshContext, ParallelismSizes
+
+    # nemo's default policy computes in bf16; the numerics contract wants the model's own dtype with fp32
+    # gradient reduction, so the policy is explicit.
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    strategy = FSDP2Config(mp_policy=policy, sequence_parallel=parallel.sequence_parallel)
+    sizes = ParallelismSizes(dp_size=parallel.dp, tp_size=parallel.tp, cp_size=parallel.cp, pp_size=parallel.pp)
+    ctx = MeshContext.build(strategy, sizes, world_size=dist.get_world_size())
+    return ParallelState(mesh_context=ctx, device=device)

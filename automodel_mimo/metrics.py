@@ -1,0 +1,78 @@
+"""Rank 0's metric sinks: metrics.jsonl (one row per step / eval), TensorBoard, wandb, a progress bar.
+
+All values arrive already reduced over ranks (NUMERICS.md), so only rank 0 writes. On resume the rows of
+steps after the checkpoint are dropped, so metrics.jsonl reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from automodel_mimo.config import RunConfig
+
+
+class MetricsLogger:
+    def __init__(self, cfg: RunConfig, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        self._truncate_after(start_step)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step + 1)
+        if cfg.logging.wandb_project:
+            self.wandb = _start_wandb(cfg)
+        if cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.algo, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        self.path.write_text("".join(r + "\n" for r in kept))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self.wandb:
+            self.wandb.log(numbers, step=step)
+        if self.bar:
+            if "loss" in row:
+                self.bar.n = step
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
+                self.bar.refresh()
+            else:
+                self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: RunConfig):
+    import wandb  # presence checked by config.validate, before any rank started
+
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name, config=cfg.to_dict(),
+                      dir=cfg.output_dir)

@@ -1,0 +1,77 @@
+"""Build the HF causal LM (random init from a config, or from_pretrained) and parallelize it.
+
+Parallelization is nemo-automodel's: `parallelize_model` applies its TP plan for the model family over
+the `tp` axis and FSDP2 over `dp_shard_cp` (and `dp_replicate`). We only add what the numerics
+contract needs on top (gradient reduction as a SUM, see `_sum_gradient_reduction`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from automodel_mimo.config import ModelConfig
+from automodel_mimo.distributed.mesh import DTYPES, ParallelState
+from automodel_mimo.errors import UserInputError
+
+
+def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The HF config of the model to train; random-init configs get the tokenizer's vocabulary and ids."""
+    if cfg.pretrained:
+        return AutoConfig.from_pretrained(cfg.pretrained)
+    kwargs = dict(cfg.config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise UserInputError("model.config.model_type: missing; set it to an HF model type such as llama or qwen2")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        kwargs.setdefault(name, getattr(tokenizer, name))
+    try:
+        hf_config = AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError) as e:
+        raise UserInputError(f"model.config: {e}") from None
+    if hf_config.vocab_size < len(tokenizer):
+        raise UserInputError(
+            f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    return hf_config
+
+
+def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int) -> nn.Module:
+    """The full model on CPU, identical on every rank (same seed), before any sharding."""
+    dtype = DTYPES[cfg.dtype]
+    torch.manual_seed(seed)
+    if cfg.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.pretrained, config=hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False
+    return model
+
+
+def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
+    from nemo_automodel.components.distributed.model_parallelizer import parallelize_model
+
+    check_tp_divisibility(model.config, state.tp_size)
+    model = parallelize_model(model, state.mesh_context)
+    _sum_gradient_reduction(model)
+    return model.to(state.device)
+
+
+def _sum_gradient_reduction(model: nn.Module) -> None:
+    """FSDP2 averages gradients over its data ranks; the losses are pre-divided by global token counts,
+    so the reduction must be a plain sum (NUMERICS.md). Forcing SUM-type collectives keeps FSDP off
+    PREMUL_SUM, which gloo lacks (and a factor of 1 needs no pre-multiplication anyway)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def check_tp_divisibility(hf_config: PretrainedConfig, tp: int) -> None:
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        value = getattr(hf_config, name, None)
+        if tp > 1 and value is not None and value % tp:
+            raise UserInputError(f"parallel.tp={tp} must divide the model's {name}={value}; choose a tp that divides it")

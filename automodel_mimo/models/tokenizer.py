@@ -1,0 +1,60 @@
+"""Tokenizers: a tiny byte-level default built in code, or any Hugging Face tokenizer by name/path."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, END = "<|pad|>", "<|bos|>", "<|eos|>", "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, END)
+
+# Each message is `<|role|>content<|end|>` with no other whitespace, so the rendering of
+# messages[:k] (plus the generation prompt) is always a prefix of the rendering of messages[:k+1].
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+
+
+def _byte_symbols() -> list[str]:
+    """The GPT-2 byte-to-unicode table, so that token id i is byte i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[byte] for byte in range(256)]
+
+
+def build_default_tokenizer() -> PreTrainedTokenizerFast:
+    """A 263-token byte-level tokenizer with chat special tokens; needs no files or downloads."""
+    symbols = _byte_symbols()
+    # The table must agree with the pre-tokenizer's alphabet or some bytes would be unknown.
+    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))  # fixes their ids at 256.. in SPECIAL_TOKENS order
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [*ROLE_TOKENS, END]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast:
+    """The default tokenizer for None; otherwise a Hugging Face tokenizer, padded with eos if it lacks a pad."""
+    if name_or_path is None:
+        return build_default_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

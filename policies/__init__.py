@@ -1,0 +1,1 @@
+"""Policy workers: train / logprobs / refit over a ModelHandle."""

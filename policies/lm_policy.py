@@ -1,0 +1,112 @@
+"""LMPolicy: the training-side worker of one causal LM — train steps, logprobs, greedy generation.
+
+It owns the optimizer and LR schedule and talks to the model only through ModelHandle, so the same
+policy drives a plain module and (later) pipeline stages. Every method is collective: all ranks call it
+with their own data-parallel share of the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from automodel_mimo.config import TrainConfig
+from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
+from automodel_mimo.distributed.mesh import ParallelState
+from automodel_mimo.losses import masked_nll, token_logprobs
+from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.optim import build_optimizer, build_scheduler
+
+
+class LMPolicy:
+    def __init__(self, handle: ModelHandle, state: ParallelState, cfg: TrainConfig):
+        self.handle, self.state, self.cfg = handle, state, cfg
+        self.optimizer = build_optimizer(handle.named_parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def sum_over_data_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to(self.state.device, torch.float64)
+        dist.all_reduce(value, group=self.state.dp_cp_group)
+        return value
+
+    # ------------------------------------------------------------ training
+    def sft_forward_backward(self, microbatches: list[dict]) -> dict:
+        """Accumulate gradients of the global-batch mean NLL; returns the global loss and token count."""
+        local_tokens = sum(mb["loss_mask"].sum() for mb in microbatches)
+        global_tokens = self.sum_over_data_ranks(torch.as_tensor(local_tokens)).clamp(min=1).float()
+
+        def loss_fn(logits: torch.Tensor, mb: dict):
+            loss = masked_nll(token_logprobs(logits, mb["labels"]), mb["loss_mask"], global_tokens)
+            return loss, {"loss": loss.detach()}
+
+        self.handle.train()
+        per_mb = self.handle.forward_backward(microbatches, loss_fn)
+        local = torch.stack([sum(m["loss"] for m in per_mb).double(),
+                             sum(mb["attention_mask"].sum() for mb in microbatches).double()])
+        loss, tokens = self.sum_over_data_ranks(local).tolist()
+        return {"loss": loss, "tokens": int(tokens), "loss_tokens": int(global_tokens)}
+
+    def optimizer_step(self) -> dict:
+        """Global grad norm (before clipping), clip, step, advance the LR schedule."""
+        params = self.handle.parameters()
+        grad_norm = global_grad_norm(params)
+        if self.cfg.grad_clip > 0:
+            clip_grads(params, self.cfg.grad_clip, grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def sft_train_step(self, microbatches: list[dict]) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.sft_forward_backward(microbatches)
+        metrics.update(self.optimizer_step())
+        return metrics
+
+    # ------------------------------------------------------------ inference
+    @torch.no_grad()
+    def greedy_generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int) -> list[list[int]]:
+        """Greedy continuations of this rank's prompts, stopping at any of `stop_ids`.
+
+        Every rank runs the same number of forward passes (FSDP and TP collectives are shared): the loop
+        ends when no rank has an unfinished prompt. No KV cache: each step re-runs the whole prefix, which
+        is cheap for the short answers evaluated during training.
+        """
+        self.handle.eval()
+        device = self.state.device
+        width = max((len(p) for p in prompts), default=1)
+        ids = torch.full((max(1, len(prompts)), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
+            ids[i, width - len(p):] = torch.as_tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        done[len(prompts):] = True
+        stops = torch.as_tensor(sorted(stop_ids), device=device)
+        out = []
+        for _ in range(max_new_tokens):
+            unfinished = (~done).any().to(torch.int32)
+            dist.all_reduce(unfinished, op=dist.ReduceOp.MAX)
+            if not unfinished:
+                break
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.handle.forward({"input_ids": ids, "attention_mask": mask, "position_ids": positions})[:, -1]
+            if isinstance(logits, DTensor):
+                logits = logits.full_tensor()
+            nxt = torch.where(done, pad_id, logits.argmax(-1))
+            out.append(nxt)
+            done |= torch.isin(nxt, stops)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        self.handle.train()
+        tokens = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+        return [_until_stop(t, stop_ids) for t in tokens[: len(prompts)]]
+
+
+def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
