@@ -38,6 +38,9 @@ def _preflight(cfg) -> None:
 def _run_worker(cfg) -> int:
     rank = int(os.environ["RANK"])
     try:
+        from automodel_mimo.quiet import quiet_third_party
+
+        quiet_third_party()
         from automodel_mimo.algorithms.sft import run_sft
 
         {"sft": run_sft}[cfg.algo](cfg)

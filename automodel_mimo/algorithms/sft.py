@@ -82,12 +82,12 @@ def run_sft(cfg: RunConfig) -> None:
     start = 0
     if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
         start = ckpt.load(latest, handle, policy.optimizer, policy.scheduler)
-    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
     if state.is_rank0:
-        print(f"[sft] {cfg.launch.nproc} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, "
+        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
               f"{sum(p.numel() for p in handle.parameters()):,} parameters, start step {start}",
               flush=True)
+    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
 
     began = time.perf_counter()
     for step in range(start, cfg.train.max_steps):
@@ -106,5 +106,7 @@ def run_sft(cfg: RunConfig) -> None:
     if cfg.checkpoint.export_hf:
         export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
     logger.close()
+    if state.is_rank0:
+        print(f"[sft] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
     dist.barrier()
 

@@ -1,0 +1,48 @@
+"""Bad input: one clear line naming the key, non-zero exit, no traceback, no hang, no process left."""
+
+import subprocess
+import time
+
+import pytest
+
+from tests.unit.cli_runner import TINY, run_cli
+
+
+def _no_process_mentions(marker: str) -> bool:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.lrr=0.1", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("train.max_steps=ten", "train.max_steps: expected int, got str 'ten'"),
+    ("parallel.dp=3", "parallel.dp*tp*cp*pp = 3*1*1*1 = 3 but launch.nproc = 2"),
+    ("train.global_batch_size=10", "train.global_batch_size=10 is not divisible by train.micro_batch_size*parallel.dp"),
+    ("parallel.tp=3", "launch.nproc=2 is not divisible by parallel.tp*cp*pp=3"),
+])
+def test_config_errors_are_one_clear_line(tmp_path, override, expected):
+    start = time.monotonic()
+    r = run_cli("sft", *TINY, f"output_dir={tmp_path}", override, timeout=60)
+    assert r.returncode == 2
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - start < 30
+    assert _no_process_mentions(str(tmp_path))
+
+
+def test_missing_config_file(tmp_path):
+    r = run_cli("sft", "--config", str(tmp_path / "nope.yaml"), timeout=60)
+    assert r.returncode == 2 and "nope.yaml: file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_error_inside_ranks_stops_every_rank(tmp_path):
+    """Errors found by the ranks themselves (here: data longer than data.max_seq_len) end the whole job."""
+    r = run_cli("sft", *TINY, f"output_dir={tmp_path}", "data.max_seq_len=8", "launch.nproc=2", timeout=120)
+    assert r.returncode != 0
+    assert "data.max_seq_len=8" in r.stderr and "Traceback" not in r.stderr
+    assert _no_process_mentions(str(tmp_path))
+
+
+@pytest.mark.parametrize("algo", ["dpo", "grpo"])
+def test_unavailable_algorithms_say_so(algo):
+    r = run_cli(algo, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip() == f"automodel-mimo {algo}: not available yet"
