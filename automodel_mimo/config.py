@@ -41,7 +41,7 @@ class ModelConfig:
     pretrained: str | None = None  # local path or hub name for from_pretrained; None: random init from `config`
     config: dict = field(default_factory=dict)  # HF config kwargs incl. model_type (random init)
     tokenizer: str | None = None  # None: the built-in byte-level tokenizer (or the pretrained one)
-    dtype: str = "float32"  # float32 | bfloat16 (parameters and compute)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay fp32)
     attn_implementation: str = "sdpa"
 
 
@@ -189,6 +189,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, str):
+        value = _float_or_same(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -200,6 +202,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if not ok:
         raise UserInputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return float(value) if hint is float else value
+
+
+def _float_or_same(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 # ---------------------------------------------------------------- validation

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from automodel_mimo.config import ModelConfig
-from automodel_mimo.distributed.mesh import DTYPES, ParallelState
+from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.errors import UserInputError
 
 
@@ -39,14 +39,17 @@ def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
 
 
 def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int) -> nn.Module:
-    """The full model on CPU, identical on every rank (same seed), before any sharding."""
-    dtype = DTYPES[cfg.dtype]
+    """The full model on CPU, identical on every rank (same seed), before any sharding.
+
+    Parameters (and so optimizer state) are fp32 master weights; `model.dtype` is the compute dtype,
+    applied by the FSDP2 mixed-precision policy (distributed/mesh.py).
+    """
     torch.manual_seed(seed)
     if cfg.pretrained:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, config=hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            cfg.pretrained, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     return model
 
