@@ -114,7 +114,7 @@ def export_hf(handle: ModelHandle, tokenizer: PreTrainedTokenizerBase, out_dir: 
         config.use_cache = True
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-        model.load_state_dict(state, assign=True, strict=False)
+        model.load_state_dict(state, assign=True, strict=True)
         model.tie_weights()
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)

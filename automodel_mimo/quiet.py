@@ -24,6 +24,8 @@ def quiet_third_party() -> None:
     # torchao (imported by nemo-automodel) logs a warning per CUDA-only kernel it cannot load on CPU.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # DTensor's hint that gathering FSDP x TP shards takes two all-gathers: only the one-off export does it.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     import datasets
     import transformers
 

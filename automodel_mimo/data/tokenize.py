@@ -8,8 +8,8 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Message = dict[str, str]
 
 _IDS = datasets.List(datasets.Value("int64"))
@@ -44,7 +44,7 @@ def _chat_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> tu
         if through[: len(before)] != before or ids[: len(through)] != through:
             raise UserInputError(
                 f"the tokenizer's chat template does not render messages[:{k}] as a token prefix of "
-                f"messages[:{k + 1}], so the assistant tokens cannot be located; set data.use_chat_template=false "
+                f"messages[:{k + 1}], so the assistant tokens cannot be located; set data.chat_template=false "
                 "or use a tokenizer whose chat template only appends per message"
             )
         is_target[len(before) : len(through)] = [True] * (len(through) - len(before))
@@ -57,7 +57,7 @@ def _plain_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> t
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserInputError(
-            "data.use_chat_template=false needs a tokenizer with an eos token; set data.use_chat_template=true"
+            "data.chat_template=false needs a tokenizer with an eos token; set data.chat_template=true"
         )
     ids: list[int] = []
     is_target: list[bool] = []
