@@ -76,6 +76,7 @@ class TrainConfig:
     lr_decay: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8  # adamw
     momentum: float = 0.0  # sgd
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
@@ -249,6 +250,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr}: must be between 0 and train.lr")
     _require(0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.max_steps")
     _require(len(t.betas) == 2, f"train.betas={t.betas}: expected two numbers")
+    _require(t.eps > 0, f"train.eps={t.eps}: must be > 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
     _require(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype={cfg.model.dtype}: use float32 or bfloat16")
     _require(cfg.model.pretrained is not None or bool(cfg.model.config),

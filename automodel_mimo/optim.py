@@ -30,7 +30,7 @@ def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(named_params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
