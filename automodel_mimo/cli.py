@@ -33,6 +33,8 @@ def _preflight(cfg) -> None:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     check_tp_divisibility(build_hf_config(cfg.model, tokenizer), cfg.parallel.tp)
+    if cfg.model.pretrained and cfg.model.config:
+        print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
 
 
 def _run_worker(cfg) -> int:

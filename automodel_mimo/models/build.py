@@ -19,8 +19,11 @@ from automodel_mimo.errors import UserInputError
 
 def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The HF config of the model to train; random-init configs get the tokenizer's vocabulary and ids."""
-    if cfg.pretrained:
-        return AutoConfig.from_pretrained(cfg.pretrained)
+    if cfg.pretrained:  # model.config is not used then (the CLI says so once)
+        try:
+            return AutoConfig.from_pretrained(cfg.pretrained)
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"model.pretrained={cfg.pretrained}: cannot load its config ({e})") from None
     kwargs = dict(cfg.config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -58,13 +59,22 @@ class ModelHandle:
         return self.parts[0](**inputs, use_cache=False).logits
 
     def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
-        """Forward, loss and backward of each microbatch in turn; gradients accumulate in the parameters."""
+        """Forward, loss and backward of each microbatch in turn; gradients accumulate in the parameters.
+
+        FSDP reduce-scatters gradients only after the last microbatch (earlier ones accumulate unsharded).
+        """
         metrics = []
-        for mb in microbatches:
+        for i, mb in enumerate(microbatches):
+            self._gradient_sync(i == len(microbatches) - 1)
             loss, m = loss_fn(self._logits(mb), mb)
             loss.backward()
             metrics.append(m)
         return metrics
+
+    def _gradient_sync(self, enabled: bool) -> None:
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(enabled)
 
     @torch.no_grad()
     def forward(self, batch: dict) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from automodel_mimo.errors import UserInputError
+
 PAD, BOS, EOS, END = "<|pad|>", "<|bos|>", "<|eos|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, END)
@@ -54,7 +56,10 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast:
     """The default tokenizer for None; otherwise a Hugging Face tokenizer, padded with eos if it lacks a pad."""
     if name_or_path is None:
         return build_default_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"model.tokenizer / model.pretrained = {name_or_path}: cannot load a tokenizer ({e})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
