@@ -15,8 +15,9 @@ RUN = [*TINY, "train.max_steps=4", "checkpoint.every_steps=2", "launch.nproc=2"]
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    r = run_cli("sft", *RUN, f"output_dir={out}")
+    r = run_cli("sft", *RUN, f"output_dir={out}", "logging.tensorboard=true")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     return out
 
 
