@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from automodel_mimo.faults import fault_point
 from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.optim import PartOptimizers
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -45,12 +45,12 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def _train_state(self, handle: ModelHandle, optimizer) -> dict:
-        # One optimizer over the handle's parts for now; pipeline stages bring one per part.
-        return {"model": handle.state_dict(), "optim": get_optimizer_state_dict(handle.parts[0], optimizer)}
+    def _train_state(self, handle: ModelHandle, optimizers: PartOptimizers) -> dict:
+        # Keys are the unsplit model's parameter names, so any layout (pp1/pp2, dp, tp) can load them.
+        return {"model": handle.state_dict(), "optim": optimizers.state_dict()}
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, handle: ModelHandle, optimizer, scheduler) -> Path:
+    def save(self, step: int, handle: ModelHandle, optimizers: PartOptimizers) -> Path:
         """Collective: every rank calls it. Returns the final directory."""
         final, partial = self.root / f"step_{step}", self.root / f"step_{step}.partial"
         rank = dist.get_rank()
@@ -58,10 +58,10 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        dcp.save(self._train_state(handle, optimizer), checkpoint_id=str(partial))
+        dcp.save(self._train_state(handle, optimizers), checkpoint_id=str(partial))
         torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
         if rank == 0:
-            torch.save({"step": step, "scheduler": scheduler.state_dict()}, partial / "trainer_state.pt")
+            torch.save({"step": step, "scheduler": optimizers.scheduler_state()}, partial / "trainer_state.pt")
         dist.barrier()
         fault_point("before_checkpoint_rename", step)
         if rank == 0:
@@ -89,14 +89,14 @@ class Checkpointer:
         found = self.complete()
         return found[-1] if found else None
 
-    def load(self, path: Path, handle: ModelHandle, optimizer, scheduler) -> int:
+    def load(self, path: Path, handle: ModelHandle, optimizers: PartOptimizers) -> int:
         """Restore model, optimizer, scheduler and RNG in place; returns the step the checkpoint was taken at."""
-        state = self._train_state(handle, optimizer)
+        state = self._train_state(handle, optimizers)
         dcp.load(state, checkpoint_id=str(path))
         handle.load_state_dict(state["model"])
-        set_optimizer_state_dict(handle.parts[0], optimizer, state["optim"])
+        optimizers.load_state_dict(state["optim"])
         trainer = torch.load(path / "trainer_state.pt", weights_only=False)
-        scheduler.load_state_dict(trainer["scheduler"])
+        optimizers.load_scheduler_state(trainer["scheduler"])
         rng = path / f"rng_rank{dist.get_rank()}.pt"
         if rng.is_file():  # absent when resuming with more ranks than were saved
             _set_rng_state(torch.load(rng, weights_only=False))

@@ -28,11 +28,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _preflight(cfg) -> None:
     """Cheap checks that need the tokenizer and model config, done once before ranks start."""
+    from automodel_mimo.quiet import quiet_third_party
+
+    quiet_third_party()
     from automodel_mimo.models.build import build_hf_config, check_tp_divisibility
     from automodel_mimo.models.tokenizer import load_tokenizer
+    from automodel_mimo.parallel.pipeline_parallel import check_pipeline_split
 
+    p = cfg.parallel
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
-    check_tp_divisibility(build_hf_config(cfg.model, tokenizer), cfg.parallel.tp)
+    hf_config = build_hf_config(cfg.model, tokenizer)
+    check_tp_divisibility(hf_config, p.tp)
+    check_pipeline_split(hf_config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     if cfg.model.pretrained and cfg.model.config:
         print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
 

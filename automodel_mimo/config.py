@@ -19,6 +19,7 @@ import yaml
 from automodel_mimo.errors import UserInputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PP_SCHEDULES = ("1f1b", "interleaved1f1b")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ParallelConfig:
     tp: int = 1
     cp: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b (2 virtual stages per rank unless layers_per_stage says)
+    pp_microbatch_size: int = 1  # rows per pipeline microbatch; train.micro_batch_size rows go through one schedule step
+    layers_per_stage: int | None = None  # None: layers split evenly over pp (x2 virtual stages when interleaved)
     sequence_parallel: bool = False
 
 
@@ -229,7 +233,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("tp", "cp", "pp"):
         _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1")
     _require(p.cp == 1, "parallel.cp > 1: context parallelism is not available yet; set parallel.cp=1")
-    _require(p.pp == 1, "parallel.pp > 1: pipeline parallelism is not available yet; set parallel.pp=1")
+    _require(p.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule={p.pp_schedule}: use one of {', '.join(PP_SCHEDULES)}")
+    _require(p.pp_microbatch_size >= 1, f"parallel.pp_microbatch_size={p.pp_microbatch_size}: must be >= 1")
+    _require(p.layers_per_stage is None or p.layers_per_stage >= 1,
+             f"parallel.layers_per_stage={p.layers_per_stage}: must be >= 1 (or null for an even split)")
+    if p.pp > 1:
+        _require(p.tp == 1, "parallel.pp > 1 with parallel.tp > 1 is not supported yet; use tp=1 with pp")
+        _require(t.micro_batch_size % p.pp_microbatch_size == 0,
+                 f"train.micro_batch_size={t.micro_batch_size} must be a multiple of parallel.pp_microbatch_size="
+                 f"{p.pp_microbatch_size}: each micro batch runs as one pipeline schedule step")
     non_dp = p.tp * p.cp * p.pp
     if p.dp is None:
         _require(world % non_dp == 0,

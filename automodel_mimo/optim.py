@@ -48,3 +48,53 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+class PartOptimizers:
+    """One optimizer and LR schedule per model part, stepped together.
+
+    Pipeline stages give a rank several parts (interleaved schedules), and DCP's optimizer state dict maps
+    parameters to names through one module at a time; the flattened per-part dicts (keys by parameter
+    name) merge into one that any layout (pp1 or pp2) can load.
+    """
+
+    def __init__(self, parts: list[torch.nn.Module], cfg: TrainConfig):
+        self.parts = parts
+        self.optimizers = [build_optimizer(part.named_parameters(), cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def step(self) -> None:
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            sched.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        merged = {}
+        for part, opt in zip(self.parts, self.optimizers):
+            merged.update(get_optimizer_state_dict(part, opt, options=options))
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+        for part, opt in zip(self.parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, state, options=options)
+
+    def scheduler_state(self) -> dict:
+        return self.schedulers[0].state_dict()  # identical for every part
+
+    def load_scheduler_state(self, state: dict) -> None:
+        for sched in self.schedulers:
+            sched.load_state_dict(state)

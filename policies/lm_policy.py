@@ -16,14 +16,13 @@ from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.losses import masked_nll, token_logprobs
 from automodel_mimo.models.handle import ModelHandle
-from automodel_mimo.optim import build_optimizer, build_scheduler
+from automodel_mimo.optim import PartOptimizers
 
 
 class LMPolicy:
     def __init__(self, handle: ModelHandle, state: ParallelState, cfg: TrainConfig):
         self.handle, self.state, self.cfg = handle, state, cfg
-        self.optimizer = build_optimizer(handle.named_parameters(), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.optimizer = PartOptimizers(handle.parts, cfg)
 
     def sum_over_data_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to(self.state.device, torch.float64)
@@ -42,25 +41,24 @@ class LMPolicy:
 
         self.handle.train()
         per_mb = self.handle.forward_backward(microbatches, loss_fn)
-        local = torch.stack([sum(m["loss"] for m in per_mb).double(),
-                             sum(mb["attention_mask"].sum() for mb in microbatches).double()])
+        local = torch.tensor([sum(float(m["loss"]) for m in per_mb),
+                              sum(float(mb["attention_mask"].sum()) for mb in microbatches)], dtype=torch.float64)
         loss, tokens = self.sum_over_data_ranks(local).tolist()
         return {"loss": loss, "tokens": int(tokens), "loss_tokens": int(global_tokens)}
 
     def optimizer_step(self) -> dict:
         """Global grad norm (before clipping), clip, step, advance the LR schedule."""
         params = self.handle.parameters()
-        grad_norm = global_grad_norm(params)
+        grad_norm = global_grad_norm(params, extra_group=self.handle.stage_group)
         if self.cfg.grad_clip > 0:
             clip_grads(params, self.cfg.grad_clip, grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.lr
         self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         return {"grad_norm": float(grad_norm), "lr": lr}
 
     def sft_train_step(self, microbatches: list[dict]) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         metrics = self.sft_forward_backward(microbatches)
         metrics.update(self.optimizer_step())
         return metrics
@@ -91,11 +89,9 @@ class LMPolicy:
             dist.all_reduce(unfinished, op=dist.ReduceOp.MAX)
             if not unfinished:
                 break
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.handle.forward({"input_ids": ids, "attention_mask": mask, "position_ids": positions})[:, -1]
-            if isinstance(logits, DTensor):
-                logits = logits.full_tensor()
-            nxt = torch.where(done, pad_id, logits.argmax(-1))
+            batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            nxt = self.handle.forward_capture(batch, _last_position_argmax, (), torch.long)
+            nxt = torch.where(done, pad_id, nxt)
             out.append(nxt)
             done |= torch.isin(nxt, stops)
             ids = torch.cat([ids, nxt[:, None]], 1)
@@ -103,6 +99,13 @@ class LMPolicy:
         self.handle.train()
         tokens = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
         return [_until_stop(t, stop_ids) for t in tokens[: len(prompts)]]
+
+
+def _last_position_argmax(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    last = logits[:, -1]
+    if isinstance(last, DTensor):  # vocab-sharded under TP: gather one position only
+        last = last.full_tensor()
+    return last.argmax(-1)
 
 
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:

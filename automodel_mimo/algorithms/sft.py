@@ -22,8 +22,7 @@ from automodel_mimo.data.tokenize import tokenize_dataset
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.models.build import build_hf_config, build_model, parallelize
-from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.models.build import build_handle, build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
 from policies.lm_policy import LMPolicy
 
@@ -75,17 +74,18 @@ def run_sft(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = ModelHandle(parallelize(build_model(cfg.model, hf_config, cfg.seed), state))
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed), state, tokenizer.pad_token_id)
     policy = LMPolicy(handle, state, cfg.train)
 
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     start = 0
     if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, handle, policy.optimizer, policy.scheduler)
+        start = ckpt.load(latest, handle, policy.optimizer)
+    n_params = _count_parameters(handle)
     if state.is_rank0:
-        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, "
+        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
-              f"{sum(p.numel() for p in handle.parameters()):,} parameters, start step {start}",
+              f"{n_params:,} parameters, start step {start}",
               flush=True)
     logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
 
@@ -101,12 +101,20 @@ def run_sft(cfg: RunConfig) -> None:
         if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
             logger.log({"step": done, **evaluate_accuracy(cfg, policy, data["eval"], tokenizer)})
         if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            ckpt.save(done, handle, policy.optimizer, policy.scheduler)
+            ckpt.save(done, handle, policy.optimizer)
             fault_point("after_checkpoint", done)
     if cfg.checkpoint.export_hf:
         export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
     logger.close()
+    n_params = _count_parameters(handle)
     if state.is_rank0:
         print(f"[sft] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
     dist.barrier()
 
+
+def _count_parameters(handle) -> int:
+    """Whole-model count (DTensor numel is global; pipeline stages are summed)."""
+    count = torch.tensor(float(sum(p.numel() for p in handle.parameters())))
+    if handle.stage_group is not None:
+        dist.all_reduce(count, group=handle.stage_group)
+    return int(count)

@@ -67,6 +67,14 @@ class ParallelState:
         return self._axis("dp_cp").get_group()
 
     @property
+    def pp_size(self) -> int:
+        return self._axis("pp").size()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self._axis("pp").get_group()
+
+    @property
     def is_rank0(self) -> bool:
         return dist.get_rank() == 0
 

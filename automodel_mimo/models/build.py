@@ -12,9 +12,11 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from automodel_mimo.config import ModelConfig
-from automodel_mimo.distributed.mesh import ParallelState
+from automodel_mimo.config import ModelConfig, RunConfig
+from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
+from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline, check_pipeline_split
 
 
 def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -58,12 +60,29 @@ def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int) -> nn.
 
 
 def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
+    """FSDP2 (+ TP) on one module: the whole model, or one pipeline stage's part."""
     from nemo_automodel.components.distributed.model_parallelizer import parallelize_model
 
     check_tp_divisibility(model.config, state.tp_size)
     model = parallelize_model(model, state.mesh_context)
     _sum_gradient_reduction(model)
     return model.to(state.device)
+
+
+def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id: int) -> ModelHandle:
+    """The model behind a ModelHandle: one parallelized module, or AutoPipeline stages (parallel.pp > 1)."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return ModelHandle(parallelize(model, state))
+    check_pipeline_split(model.config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
+    config = model.config
+    pipeline = build_pipeline(
+        model, state, schedule=p.pp_schedule, rows_per_step=cfg.train.micro_batch_size,
+        pp_microbatch_size=p.pp_microbatch_size, layers_per_stage=p.layers_per_stage,
+        seq_len=cfg.data.max_seq_len, compute_dtype=DTYPES[cfg.model.dtype],
+        parallelize_fn=lambda part, **_: parallelize(part, state))
+    driver = PipelineDriver(pipeline, cfg.train.micro_batch_size, pad_id, state.dp_cp_group, state.pp_group, state.device)
+    return PipelineModelHandle(driver, config)
 
 
 def _sum_gradient_reduction(model: nn.Module) -> None:

@@ -1,9 +1,10 @@
 """ModelHandle: one model seen the same way whether it is one nn.Module or pipeline stages.
 
-Code above the handle (policies, algorithms, checkpointing, export) never asks "is this pipelined?":
-it calls `forward_backward` / `forward` and reads `state_dict()` with the unsplit model's parameter
-names. This file implements the plain-module case; pipeline stages (nemo-automodel AutoPipeline parts)
-plug in behind the same methods.
+Code above the handle (policies, algorithms, checkpointing, export) never asks "is this pipelined?": it
+calls `forward_backward` (training) and `forward_capture` (inference: the values it wants computed from
+the logits, e.g. next tokens or per-token logprobs, on every rank) and reads `state_dict()` with the
+unsplit model's parameter names. `ModelHandle` is the plain module; `PipelineModelHandle` the AutoPipeline
+parts, whose schedule is driven by `automodel_mimo.parallel.pipeline_parallel`.
 """
 
 from __future__ import annotations
@@ -11,21 +12,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     set_model_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 # loss_fn(logits, microbatch) -> (loss to backpropagate, metrics of this microbatch)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+# capture_fn(logits, batch) -> one value row per batch row
+CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 class ModelHandle:
+    stage_group: dist.ProcessGroup | None = None  # pipeline stages to sum gradient norms over
+
     def __init__(self, module: nn.Module):
         self.parts: list[nn.Module] = [module]
         self.has_first_stage = True
@@ -77,13 +84,13 @@ class ModelHandle:
                 part.set_requires_gradient_sync(enabled)
 
     @torch.no_grad()
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Logits (a vocab-sharded DTensor under TP) for evaluation and generation."""
-        return self._logits(batch)
+    def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """capture_fn(logits, batch): one row of `row_shape`/`dtype` per batch row, on every rank."""
+        return capture_fn(self._logits(batch), batch)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Sharded model state keyed by the unsplit model's names (DCP save/load of it resharded freely)."""
+        """Sharded model state keyed by the unsplit model's names (DCP save/load of it reshards freely)."""
         merged = {}
         for part in self.parts:
             merged.update(get_model_state_dict(part))
@@ -96,12 +103,49 @@ class ModelHandle:
     def full_state_dict(self) -> dict:
         """Full tensors on CPU (collective: every rank calls it; rank 0 gets the values)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        merged = {}
-        for part in self.parts:
-            merged.update(get_model_state_dict(part, options=options))
-        return merged
+        return get_model_state_dict(self.parts[0], options=options)
 
     def load_full_state_dict(self, state: dict) -> None:
         """Copy full (unsharded) tensors into this rank's shards; every rank passes the same values."""
         for part in self.parts:
             set_model_state_dict(part, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+class PipelineModelHandle(ModelHandle):
+    """AutoPipeline parts of this rank's stage(s), driven through the schedule."""
+
+    def __init__(self, driver, config):
+        self.driver = driver
+        info = driver.info
+        self.parts = list(info.model_parts)
+        self.has_first_stage, self.has_last_stage = info.has_first_stage, info.has_last_stage
+        self.stage_group = driver.pp_group
+        self._config = config
+
+    @property
+    def config(self):
+        return self._config
+
+    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+        return self.driver.forward_backward(microbatches, loss_fn)
+
+    @torch.no_grad()
+    def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return self.driver.forward_capture(batch, capture_fn, row_shape, dtype)
+
+    def full_state_dict(self) -> dict:
+        """Full tensors on rank 0: each stage gathers its own over dp/tp, then the stage leaders (the ranks
+        in rank 0's pp group) send theirs to rank 0, one object per stage."""
+        local = {}
+        for part in self.parts:
+            for name, value in part.state_dict().items():
+                local[name] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        group = self.driver.pp_group
+        if 0 not in dist.get_process_group_ranks(group):
+            return {}
+        gathered = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0, group=group)
+        merged = {}
+        for stage_state in gathered or []:
+            merged.update(stage_state)
+        return merged

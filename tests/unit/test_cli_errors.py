@@ -18,10 +18,15 @@ def _no_process_mentions(marker: str) -> bool:
     ("parallel.dp=3", "parallel.dp*tp*cp*pp = 3*1*1*1 = 3 but launch.nproc = 2"),
     ("train.global_batch_size=10", "train.global_batch_size=10 is not divisible by train.micro_batch_size*parallel.dp"),
     ("parallel.tp=3", "launch.nproc=2 is not divisible by parallel.tp*cp*pp=3"),
+    ("parallel.pp_schedule=gpipe", "parallel.pp_schedule=gpipe: use one of 1f1b, interleaved1f1b"),
+    ("parallel.pp=2 parallel.pp_microbatch_size=3", "train.micro_batch_size=2 must be a multiple of parallel.pp_microbatch_size=3"),
+    ("parallel.pp=2 model.config.num_hidden_layers=3", "the model's 3 layers do not divide over 2 pipeline stages"),
+    ("parallel.pp=2 parallel.pp_schedule=interleaved1f1b", "the model's 2 layers do not divide over 4 pipeline stages"),
+    ("parallel.pp=2 parallel.tp=2 launch.nproc=4", "parallel.pp > 1 with parallel.tp > 1 is not supported yet"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, override, expected):
     start = time.monotonic()
-    r = run_cli("sft", *TINY, f"output_dir={tmp_path}", override, timeout=60)
+    r = run_cli("sft", *TINY, f"output_dir={tmp_path}", *override.split(), timeout=60)
     assert r.returncode == 2
     assert expected in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,14 +1,14 @@
-"""SFT oracle: one step under dp2, tp2, dp2 x tp2 and 1 vs 4 microbatches equals the single-process reference
+"""SFT oracle: one step under dp2, tp2, dp2 x tp2, pp2 (1F1B and interleaved), dp2 x pp2 and 1 vs 4
+microbatches equals the single-process reference
 (loss, grad norm, every gradient, post-step weights with SGD and with clipped AdamW), on non-uniform masks."""
 
 import pytest
 import torch
 
-from automodel_mimo.config import ModelConfig, ParallelConfig
+from automodel_mimo.config import ModelConfig, ParallelConfig, RunConfig
 from automodel_mimo.data.batching import collate, local_slice, split_microbatches
 from automodel_mimo.distributed.mesh import build_parallel_state
-from automodel_mimo.models.build import build_model, parallelize
-from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.models.build import build_handle, build_model
 from policies.lm_policy import LMPolicy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import (
@@ -23,22 +23,25 @@ OPTIMIZERS = [("sgd", 0.0), ("adamw", 0.5)]
 
 
 def _model(family: str = "llama"):
-    hf_config = tiny_llama_config() if family == "llama" else tiny_qwen2_config()
+    # 4 layers: splits over 2 pipeline stages, or 4 virtual stages for the interleaved schedule
+    hf_config = tiny_llama_config(num_hidden_layers=4) if family == "llama" else tiny_qwen2_config()
     return build_model(ModelConfig(config={"model_type": family}), hf_config, seed=SEED)
 
 
-def _layout_step(dp: int, tp: int, micro: int, rows: list[dict], family: str = "llama") -> dict | None:
-    state = build_parallel_state(ParallelConfig(dp=dp, tp=tp), torch.device("cpu"))
+def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "llama") -> dict | None:
+    parallel = ParallelConfig(**parallel)
+    state = build_parallel_state(parallel, torch.device("cpu"))
     results = {}
     for optimizer, clip in OPTIMIZERS:
-        handle = ModelHandle(parallelize(_model(family), state))
-        policy = LMPolicy(handle, state, train_config(optimizer, clip, GLOBAL_BATCH, micro))
-        local = local_slice(rows, state.dp_rank, dp)
+        cfg = RunConfig(parallel=parallel, train=train_config(optimizer, clip, GLOBAL_BATCH, micro))
+        handle = build_handle(cfg, _model(family), state, pad_id=0)
+        policy = LMPolicy(handle, state, cfg.train)
+        local = local_slice(rows, state.dp_rank, parallel.dp)
         metrics = policy.sft_forward_backward([collate(mb, 0) for mb in split_microbatches(local, micro)])
         grads = full_grads(handle.named_parameters())
         metrics.update(policy.optimizer_step())
         results[optimizer] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
-    return results if torch.distributed.get_rank() == 0 else None
+    return results  # every rank: pipeline stages each hold part of the parameters
 
 
 def _reference(family: str):
@@ -52,21 +55,40 @@ def reference():
     return _reference("llama")
 
 
-@pytest.mark.parametrize("dp,tp,micro", [
-    (1, 1, 2),  # 4 microbatches vs the reference's 1
-    (2, 1, 4),
-    (1, 2, 8),
-    (2, 2, 1),  # dp2 x tp2, 4 microbatches per rank
-], ids=["mb4", "dp2", "tp2", "dp2xtp2-mb4"])
-def test_one_step_matches_single_process(reference, dp, tp, micro):
+PP = {"pp": 2, "pp_microbatch_size": 1}
+
+
+@pytest.mark.parametrize("parallel,micro", [
+    ({"dp": 1}, 2),  # 4 microbatches vs the reference's 1
+    ({"dp": 2}, 4),
+    ({"dp": 1, "tp": 2}, 8),
+    ({"dp": 2, "tp": 2}, 1),  # 4 microbatches per rank
+    ({"dp": 1, **PP}, 4),  # 1F1B: 2 schedule steps of 4 pipeline microbatches
+    ({"dp": 1, **PP, "pp_schedule": "interleaved1f1b", "pp_microbatch_size": 2}, 8),  # 2 virtual stages per rank
+    ({"dp": 2, **PP}, 2),
+], ids=["mb4", "dp2", "tp2", "dp2xtp2-mb4", "pp2", "pp2-interleaved", "dp2xpp2"])
+def test_one_step_matches_single_process(reference, parallel, micro):
     rows, ref = reference
-    _assert_matches(run_ranks(_layout_step, dp * tp, dp, tp, micro, rows)[0], ref)
+    world = parallel["dp"] * parallel.get("tp", 1) * parallel.get("pp", 1)
+    _assert_matches(_merge_ranks(run_ranks(_layout_step, world, parallel, micro, rows)), ref)
 
 
 def test_qwen2_tp2_matches_single_process():
     """Qwen2 adds q/k/v biases, which nemo-automodel's TP plan shards with the projections."""
     rows, ref = _reference("qwen2")
-    _assert_matches(run_ranks(_layout_step, 2, 1, 2, 4, rows, "qwen2")[0], ref)
+    _assert_matches(_merge_ranks(run_ranks(_layout_step, 2, {"dp": 1, "tp": 2}, 4, rows, "qwen2")), ref)
+
+
+def _merge_ranks(per_rank: list[dict]) -> dict:
+    """Rank 0's metrics, and every parameter from whichever rank holds it (all ranks agree on metrics)."""
+    merged = {}
+    for opt, first in per_rank[0].items():
+        merged[opt] = dict(first, grads={}, params={})
+        for result in per_rank:
+            assert (result[opt]["loss"], result[opt]["grad_norm"]) == (first["loss"], first["grad_norm"])
+            merged[opt]["grads"].update(result[opt]["grads"])
+            merged[opt]["params"].update(result[opt]["params"])
+    return merged
 
 
 def _assert_matches(got: dict, ref: dict) -> None:

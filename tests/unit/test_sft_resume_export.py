@@ -100,3 +100,50 @@ def test_pretrained_start_reproduces_the_exported_models_loss(uninterrupted, tmp
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
     r = run_cli("sft", *TINY, f"model.pretrained={tmp_path / 'nope'}", f"output_dir={tmp_path}", timeout=60)
     assert r.returncode == 2 and "cannot load" in r.stderr and "Traceback" not in r.stderr
+
+
+PP2 = ["launch.nproc=2", "parallel.pp=2", "parallel.pp_microbatch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory):
+    """The same 4-step run as `uninterrupted`, on 2 pipeline stages (dp1 x pp2)."""
+    out = tmp_path_factory.mktemp("pp2")
+    r = run_cli("sft", *RUN, *PP2, f"output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _resume_from(source, step: int, out, *layout) -> dict[int, float]:
+    shutil.copytree(source / "checkpoints" / f"step_{step}", out / "checkpoints" / f"step_{step}")
+    r = run_cli("sft", *RUN, *layout, f"output_dir={out}", "checkpoint.resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return train_losses(out)
+
+
+def _assert_close_losses(got: dict, ref: dict, steps) -> None:
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
+
+
+def test_pipeline_run_matches_data_parallel_run(pipelined, uninterrupted):
+    _assert_close_losses(train_losses(pipelined), train_losses(uninterrupted), [1, 2, 3, 4])
+
+
+def test_pp2_checkpoint_resumes_under_pp1_and_back(pipelined, uninterrupted, tmp_path):
+    _assert_close_losses(_resume_from(pipelined, 2, tmp_path / "to_pp1", "launch.nproc=1"),
+                         train_losses(pipelined), [3, 4])
+    _assert_close_losses(_resume_from(uninterrupted, 2, tmp_path / "to_pp2", *PP2),
+                         train_losses(uninterrupted), [3, 4])
+
+
+def test_hf_export_under_pp_has_unsplit_names(pipelined, uninterrupted):
+    exported = AutoModelForCausalLM.from_pretrained(pipelined / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf")
+    assert exported.state_dict().keys() == reference.state_dict().keys()
+    trained = AutoModelForCausalLM.from_config(exported.config)
+    state = {"model": trained.state_dict()}
+    dcp.load(state, checkpoint_id=str(pipelined / "checkpoints" / "step_4"))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name

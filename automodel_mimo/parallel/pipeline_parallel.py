@@ -1,0 +1,280 @@
+"""Pipeline parallelism over nemo-automodel's AutoPipeline: loss adapter, last-stage capture, drivers, helpers.
+
+How a batch crosses the schedule:
+- The schedule splits every tensor it gets along dim 0 into microbatches and calls `loss_fn(output, target)`
+  once per microbatch on the last stage. We pass as `target` the row ids of the batch, so the loss adapter
+  (and the eval capturer) slice their side data (labels, masks, denominators, advantages, ...) by row.
+  This is immune to the order and number of calls (shape inference may add calls), unlike a call counter.
+- Only the last stage sees outputs: losses/metrics and captured values are broadcast from it over the pp
+  group, so every stage returns the same thing.
+- The schedule runs a fixed number of rows (`rows_per_step` = micro_batch_size): smaller batches get
+  weight-0 rows; larger ones run as several steps, and every data-parallel rank runs the same number of
+  steps (an all-reduced max, with weight-0 dummy steps) so FSDP collectives stay paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from automodel_mimo.errors import UserInputError
+from automodel_mimo.losses import IGNORE_INDEX
+
+SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B"}
+ROW_IDS = "row_ids"
+
+# loss_fn(output, microbatch) -> (loss, metrics); capture_fn(output, microbatch) -> tensor with one row per row
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+# ---------------------------------------------------------------- validation (before anything is built)
+
+
+def check_pipeline_split(num_layers: int, pp: int, schedule: str, layers_per_stage: int | None) -> None:
+    """The layer split AutoPipeline will make must exist; raised identically on every rank (and in the CLI)."""
+    from nemo_automodel.components.distributed.pipelining.functional import calculate_virtual_stages
+
+    if pp == 1:
+        return
+    single = schedule == "1f1b"
+    try:
+        stages, _ = calculate_virtual_stages(num_layers, layers_per_stage, pp, single)
+    except ValueError as e:
+        raise UserInputError(f"parallel.layers_per_stage={layers_per_stage} with parallel.pp={pp}: {e}") from None
+    if layers_per_stage is None and num_layers % stages:
+        raise UserInputError(
+            f"the model's {num_layers} layers do not divide over {stages} pipeline stages "
+            f"(parallel.pp={pp}, parallel.pp_schedule={schedule}); change parallel.pp or set parallel.layers_per_stage")
+
+
+# ---------------------------------------------------------------- CPU / gloo compatibility
+
+
+@contextmanager
+def cpu_pipeline_warmup():
+    """AutoPipeline's neighbour warm-up (`_warmup_pipeline_stage_neighbors`) ends with
+    `torch.cuda.synchronize(stage.device)`, its one CUDA-only call. On CPU stages that call is replaced by a
+    no-op for the duration of `build` (the gloo sends before it have already completed); CUDA is untouched."""
+    from nemo_automodel.components.distributed.pipelining import functional
+
+    original = functional._warmup_pipeline_stage_neighbors
+
+    def warmup(stage) -> None:
+        if stage.device.type == "cuda":
+            return original(stage)
+        real_sync = torch.cuda.synchronize
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+        try:
+            original(stage)
+        finally:
+            torch.cuda.synchronize = real_sync
+
+    functional._warmup_pipeline_stage_neighbors = warmup
+    try:
+        yield
+    finally:
+        functional._warmup_pipeline_stage_neighbors = original
+
+
+# ---------------------------------------------------------------- loss adapter and capturer
+
+
+class PPLossAdapter:
+    """The schedule's per-microbatch loss: slices the side data by the row ids it receives as target."""
+
+    def __init__(self, loss_fn: LossFn, batch: dict):
+        self.loss_fn, self.batch = loss_fn, batch
+        self.metrics: dict[int, dict] = {}  # by first row id: a repeated call cannot double count
+
+    def __call__(self, output: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+        mb = {k: v[row_ids] for k, v in self.batch.items()}
+        loss, metrics = self.loss_fn(output, mb)
+        self.metrics[int(row_ids[0])] = metrics
+        return loss
+
+
+class LastStageCapture:
+    """Eval pseudo-loss: computes `capture_fn` on the last stage's output (e.g. per-token logprobs, next
+    tokens), keeps it by row, returns a zero loss. Only the captured values leave the stage, not the logits."""
+
+    def __init__(self, capture_fn: CaptureFn, batch: dict):
+        self.capture_fn, self.batch = capture_fn, batch
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __call__(self, output: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+        mb = {k: v[row_ids] for k, v in self.batch.items()}
+        values = self.capture_fn(output, mb)
+        for i, row in enumerate(row_ids.tolist()):
+            self.rows[row] = values[i]
+        return output.new_zeros(())
+
+    def stacked(self, n_rows: int) -> torch.Tensor:
+        return torch.stack([self.rows[r] for r in range(n_rows)])
+
+
+# ---------------------------------------------------------------- batches
+
+
+def pad_batch(batch: dict, n_rows: int, pad_id: int) -> dict:
+    """Append weight-0 rows (pad tokens, no loss tokens) up to `n_rows`."""
+    have = batch["input_ids"].shape[0]
+    if have == n_rows:
+        return batch
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 1, "position_ids": 0}
+    out = {}
+    for key, value in batch.items():
+        extra = value.new_full((n_rows - have, *value.shape[1:]), fill.get(key, 0))
+        out[key] = torch.cat([value, extra])
+    return out
+
+
+def split_rows(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def max_over_group(value: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)
+
+
+def steps_for(batch: dict, rows_per_step: int, dp_group: dist.ProcessGroup, device: torch.device) -> int:
+    """Schedule steps this batch needs, made equal over data-parallel ranks."""
+    return max_over_group(math.ceil(batch["input_ids"].shape[0] / rows_per_step), dp_group, device)
+
+
+# ---------------------------------------------------------------- broadcast from the last stage
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype, pp_group: dist.ProcessGroup,
+                              last_stage_rank: int, device: torch.device) -> torch.Tensor:
+    """The last stage's tensor on every stage (others pass None and the expected shape/dtype)."""
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor = tensor.to(device).contiguous()
+    dist.broadcast(tensor, src=last_stage_rank, group=pp_group)
+    return tensor
+
+
+def sum_metrics(metrics: list[dict]) -> dict:
+    keys = sorted(metrics[0]) if metrics else []
+    return {k: sum(float(m[k]) for m in metrics) for k in keys}
+
+
+def broadcast_metrics(metrics: dict | None, keys: list[str], pp_group, last_stage_rank: int, device) -> dict:
+    values = None if metrics is None else torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = broadcast_from_last_stage(values, (len(keys),), torch.float64, pp_group, last_stage_rank, device)
+    return dict(zip(keys, values.tolist()))
+
+
+# ---------------------------------------------------------------- drivers
+
+
+class PipelineDriver:
+    """Runs batches through an AutoPipeline schedule: training steps and forward-only capture."""
+
+    def __init__(self, pipeline, rows_per_step: int, pad_id: int, dp_group, pp_group, device: torch.device):
+        self.pipeline, self.rows_per_step, self.pad_id = pipeline, rows_per_step, pad_id
+        self.dp_group, self.pp_group, self.device = dp_group, pp_group, device
+        ranks = dist.get_process_group_ranks(pp_group)
+        self.last_stage_rank = ranks[-1]
+        self._mode: str | None = None
+
+    @property
+    def info(self):
+        return self.pipeline.info
+
+    def _prepare(self, mode: str, seq_len: int) -> None:
+        # Stage buffers are sized per sequence length and differ between eval (no grads) and train:
+        # reset them on every length change and every mode switch, or the schedule deadlocks / mis-shapes.
+        if mode != self._mode:
+            self.pipeline._pp_current_seq_len = None
+            self._mode = mode
+        self.pipeline.update_seq_len(seq_len)
+
+    def _run(self, batch: dict, adapter, train: bool) -> None:
+        info = self.info
+        schedule = info.schedule
+        schedule._loss_fn = adapter
+        args = (batch["input_ids"],) if info.has_first_stage else ()
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        target = batch[ROW_IDS] if info.has_last_stage else None
+        losses = [] if info.has_last_stage else None
+        if train:
+            schedule.step(*args, target=target, losses=losses, **kwargs)
+        else:
+            with torch.no_grad():
+                schedule.eval(*args, target=target, losses=losses, **kwargs)
+
+    def _chunks(self, batch: dict):
+        """(chunk, real row count) per schedule step; weight-0 padding and dummy steps included."""
+        n = batch["input_ids"].shape[0]
+        for step in range(steps_for(batch, self.rows_per_step, self.dp_group, self.device)):
+            start = min(n, step * self.rows_per_step)
+            stop = min(n, start + self.rows_per_step)
+            chunk = split_rows(batch, start, stop) if stop > start else split_rows(batch, 0, 1)  # dummy: any row
+            real = stop - start
+            chunk = pad_batch(chunk, self.rows_per_step, self.pad_id)
+            for key, weightless in (("labels", IGNORE_INDEX), ("loss_mask", 0)):
+                if key in chunk:
+                    chunk[key][real:] = weightless
+            chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
+            yield chunk, real
+
+    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+        """One schedule step per microbatch (padded to rows_per_step). Metrics come from the last stage."""
+        per_mb = []
+        for mb in microbatches:
+            for chunk, _ in self._chunks(mb):
+                self._prepare("train", chunk["input_ids"].shape[1])
+                adapter = PPLossAdapter(loss_fn, chunk)
+                self._run(chunk, adapter, train=True)
+                per_mb.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
+        keys = _metric_keys(per_mb, self.pp_group, self.last_stage_rank)
+        return [broadcast_metrics(m, keys, self.pp_group, self.last_stage_rank, self.device) for m in per_mb]
+
+    def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """capture_fn's rows for the whole batch, on every stage."""
+        outs = []
+        for chunk, real in self._chunks(batch):
+            self._prepare("eval", chunk["input_ids"].shape[1])
+            capture = LastStageCapture(capture_fn, chunk)
+            self._run(chunk, capture, train=False)
+            values = capture.stacked(self.rows_per_step) if self.info.has_last_stage else None
+            values = broadcast_from_last_stage(values, (self.rows_per_step, *row_shape), dtype, self.pp_group,
+                                               self.last_stage_rank, self.device)
+            outs.append(values[:real])
+        return torch.cat(outs)[: batch["input_ids"].shape[0]]
+
+
+def _metric_keys(per_mb: list[dict | None], pp_group, last_stage_rank: int) -> list[str]:
+    """Metric names as the last stage knows them (other stages have no metrics to read them from)."""
+    keys = [sorted(per_mb[0]) if per_mb and per_mb[0] is not None else None]
+    dist.broadcast_object_list(keys, src=last_stage_rank, group=pp_group)
+    return keys[0] or []
+
+
+def build_pipeline(model: nn.Module, state, *, schedule: str, rows_per_step: int, pp_microbatch_size: int,
+                   layers_per_stage: int | None, seq_len: int, compute_dtype: torch.dtype, parallelize_fn):
+    """AutoPipeline over `model`: split into stages, parallelize each part, build the schedule."""
+    from nemo_automodel.components.distributed.pipelining.autopipeline import AutoPipeline
+
+    ctx = state.mesh_context
+    pipeline = AutoPipeline(
+        world_mesh=ctx.device_mesh, moe_mesh=ctx.moe_mesh, **ctx.pipeline_axis_kwargs(),
+        pp_schedule=SCHEDULE_NAMES[schedule], pp_microbatch_size=pp_microbatch_size, pp_batch_size=rows_per_step,
+        layers_per_stage=layers_per_stage, device=state.device, dtype=compute_dtype, scale_grads_in_schedule=False,
+        pp_seq_len=seq_len)
+
+    def placeholder_loss(output, target):  # replaced per step by PPLossAdapter / LastStageCapture
+        raise RuntimeError("pipeline schedule ran without a loss adapter")
+
+    with cpu_pipeline_warmup():
+        pipeline.build(model, loss_fn=placeholder_loss, parallelize_fn=parallelize_fn)
+    return pipeline
