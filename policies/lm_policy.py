@@ -49,7 +49,7 @@ class LMPolicy:
     def optimizer_step(self) -> dict:
         """Global grad norm (before clipping), clip, step, advance the LR schedule."""
         params = self.handle.parameters()
-        grad_norm = global_grad_norm(params, extra_group=self.handle.stage_group)
+        grad_norm = global_grad_norm(params, self.state.device, extra_group=self.handle.stage_group)
         if self.cfg.grad_clip > 0:
             clip_grads(params, self.cfg.grad_clip, grad_norm)
         lr = self.optimizer.lr

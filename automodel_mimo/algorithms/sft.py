@@ -81,7 +81,7 @@ def run_sft(cfg: RunConfig) -> None:
     start = 0
     if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
         start = ckpt.load(latest, handle, policy.optimizer)
-    n_params = _count_parameters(handle)
+    n_params = _count_parameters(handle, device)
     if state.is_rank0:
         print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
@@ -106,15 +106,15 @@ def run_sft(cfg: RunConfig) -> None:
     if cfg.checkpoint.export_hf:
         export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
     logger.close()
-    n_params = _count_parameters(handle)
+    n_params = _count_parameters(handle, device)
     if state.is_rank0:
         print(f"[sft] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
     dist.barrier()
 
 
-def _count_parameters(handle) -> int:
+def _count_parameters(handle, device) -> int:
     """Whole-model count (DTensor numel is global; pipeline stages are summed)."""
-    count = torch.tensor(float(sum(p.numel() for p in handle.parameters())))
+    count = torch.tensor(float(sum(p.numel() for p in handle.parameters())), device=device)
     if handle.stage_group is not None:
         dist.all_reduce(count, group=handle.stage_group)
     return int(count)

@@ -24,15 +24,16 @@ def _grads_by_mesh(params: Iterable[torch.nn.Parameter]) -> dict[object, list[to
     return groups
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], extra_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L2 norm of all gradients, identical on every rank (fp32 scalar on the grads' device)."""
+def global_grad_norm(params: Iterable[torch.nn.Parameter], device: torch.device,
+                     extra_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm of all gradients, identical on every rank (fp32 scalar on `device`)."""
     squares = []
     for grads in _grads_by_mesh(params).values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+        squares.append(norm.float().to(device) ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if extra_group is not None:
         dist.all_reduce(total, group=extra_group)
     return total.sqrt()

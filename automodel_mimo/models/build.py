@@ -76,8 +76,8 @@ def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id:
         return ModelHandle(parallelize(model, state))
     check_pipeline_split(model.config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     config = model.config
-    pipeline = build_pipeline(
-        model, state, schedule=p.pp_schedule, rows_per_step=cfg.train.micro_batch_size,
+    pipeline = build_pipeline(  # AutoPipeline wants the model on its device before the split
+        model.to(state.device), state, schedule=p.pp_schedule, rows_per_step=cfg.train.micro_batch_size,
         pp_microbatch_size=p.pp_microbatch_size, layers_per_stage=p.layers_per_stage,
         seq_len=cfg.data.max_seq_len, compute_dtype=DTYPES[cfg.model.dtype],
         parallelize_fn=lambda part, **_: parallelize(part, state))
