@@ -73,7 +73,7 @@ def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id:
     """The model behind a ModelHandle: one parallelized module, or AutoPipeline stages (parallel.pp > 1)."""
     p = cfg.parallel
     if p.pp == 1:
-        return ModelHandle(parallelize(model, state))
+        return ModelHandle(parallelize(model, state), state.dp_cp_group, state.device)
     check_pipeline_split(model.config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     config = model.config
     pipeline = build_pipeline(  # AutoPipeline wants the model on its device before the split

@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
+
 # loss_fn(logits, microbatch) -> (loss to backpropagate, metrics of this microbatch)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 # capture_fn(logits, batch) -> one value row per batch row
@@ -33,10 +35,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 class ModelHandle:
     stage_group: dist.ProcessGroup | None = None  # pipeline stages to sum gradient norms over
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None,
+                 device: torch.device = torch.device("cpu")):
         self.parts: list[nn.Module] = [module]
         self.has_first_stage = True
         self.has_last_stage = True
+        self.dp_group, self.device = dp_group, device
 
     @property
     def config(self):
@@ -69,8 +73,11 @@ class ModelHandle:
         """Forward, loss and backward of each microbatch in turn; gradients accumulate in the parameters.
 
         FSDP reduce-scatters gradients only after the last microbatch (earlier ones accumulate unsharded).
+        A rank with fewer microbatches than another data rank runs weight-0 dummies (their metrics are
+        returned too, all zero-weight) so FSDP's collectives stay paired.
         """
         metrics = []
+        microbatches = equal_step_count(microbatches, weightless(microbatches[0]), self.dp_group, self.device)
         for i, mb in enumerate(microbatches):
             self._gradient_sync(i == len(microbatches) - 1)
             loss, m = loss_fn(self._logits(mb), mb)

@@ -14,7 +14,6 @@ How a batch crosses the schedule:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from automodel_mimo.distributed.equal_steps import equal_step_count
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 
@@ -138,17 +138,6 @@ def split_rows(batch: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
-def max_over_group(value: int, group: dist.ProcessGroup, device: torch.device) -> int:
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t)
-
-
-def steps_for(batch: dict, rows_per_step: int, dp_group: dist.ProcessGroup, device: torch.device) -> int:
-    """Schedule steps this batch needs, made equal over data-parallel ranks."""
-    return max_over_group(math.ceil(batch["input_ids"].shape[0] / rows_per_step), dp_group, device)
-
-
 # ---------------------------------------------------------------- broadcast from the last stage
 
 
@@ -212,37 +201,41 @@ class PipelineDriver:
             with torch.no_grad():
                 schedule.eval(*args, target=target, losses=losses, **kwargs)
 
-    def _chunks(self, batch: dict):
-        """(chunk, real row count) per schedule step; weight-0 padding and dummy steps included."""
+    def _chunks(self, batch: dict) -> list[tuple[dict, int]]:
+        """(chunk of rows_per_step rows, its real row count) covering `batch`; short chunks get weight-0 rows."""
         n = batch["input_ids"].shape[0]
-        for step in range(steps_for(batch, self.rows_per_step, self.dp_group, self.device)):
-            start = min(n, step * self.rows_per_step)
-            stop = min(n, start + self.rows_per_step)
-            chunk = split_rows(batch, start, stop) if stop > start else split_rows(batch, 0, 1)  # dummy: any row
-            real = stop - start
-            chunk = pad_batch(chunk, self.rows_per_step, self.pad_id)
-            for key, weightless in (("labels", IGNORE_INDEX), ("loss_mask", 0)):
-                if key in chunk:
-                    chunk[key][real:] = weightless
-            chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
-            yield chunk, real
+        return [(self._padded(split_rows(batch, start, min(n, start + self.rows_per_step))), min(n - start, self.rows_per_step))
+                for start in range(0, n, self.rows_per_step)]
+
+    def _padded(self, chunk: dict, real: int | None = None) -> dict:
+        real = chunk["input_ids"].shape[0] if real is None else real
+        chunk = pad_batch(chunk, self.rows_per_step, self.pad_id)
+        for key, no_weight in (("labels", IGNORE_INDEX), ("loss_mask", 0)):
+            if key in chunk:
+                chunk[key][real:] = no_weight
+        chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
+        return chunk
+
+    def _equalized(self, chunks: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        """Weight-0 dummy steps until every data-parallel rank runs the same number of schedule steps."""
+        dummy = self._padded(split_rows(chunks[0][0], 0, 1), real=0)
+        return equal_step_count(chunks, (dummy, 0), self.dp_group, self.device)
 
     def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
-        """One schedule step per microbatch (padded to rows_per_step). Metrics come from the last stage."""
-        per_mb = []
-        for mb in microbatches:
-            for chunk, _ in self._chunks(mb):
-                self._prepare("train", chunk["input_ids"].shape[1])
-                adapter = PPLossAdapter(loss_fn, chunk)
-                self._run(chunk, adapter, train=True)
-                per_mb.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
-        keys = _metric_keys(per_mb, self.pp_group, self.last_stage_rank)
-        return [broadcast_metrics(m, keys, self.pp_group, self.last_stage_rank, self.device) for m in per_mb]
+        """One schedule step per `rows_per_step` rows of each microbatch. Metrics come from the last stage."""
+        per_step = []
+        for chunk, _ in self._equalized([c for mb in microbatches for c in self._chunks(mb)]):
+            self._prepare("train", chunk["input_ids"].shape[1])
+            adapter = PPLossAdapter(loss_fn, chunk)
+            self._run(chunk, adapter, train=True)
+            per_step.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
+        keys = _metric_keys(per_step, self.pp_group, self.last_stage_rank)
+        return [broadcast_metrics(m, keys, self.pp_group, self.last_stage_rank, self.device) for m in per_step]
 
     def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """capture_fn's rows for the whole batch, on every stage."""
         outs = []
-        for chunk, real in self._chunks(batch):
+        for chunk, real in self._equalized(self._chunks(batch)):
             self._prepare("eval", chunk["input_ids"].shape[1])
             capture = LastStageCapture(capture_fn, chunk)
             self._run(chunk, capture, train=False)

@@ -74,3 +74,32 @@ def _greedy(model, prompt: list[int], n: int, stop: int) -> list[int]:
             out.append(nxt)
             ids.append(nxt)
     return out
+
+
+def _train_uneven(rows: list[dict], parallel: dict) -> dict:
+    """Data ranks holding 6 and 3 rows: loss and gradients of one step."""
+    from tests.unit.oracle import full_grads
+
+    parallel = ParallelConfig(**parallel)
+    state = build_parallel_state(parallel, torch.device("cpu"))
+    cfg = RunConfig(parallel=parallel, train=train_config("sgd", 0.0, 8, ROWS_PER_STEP))
+    handle = build_handle(cfg, _model(), state, pad_id=0)
+    mine = _my_rows(rows, 2, state.dp_rank)
+    microbatches = [collate(mine[i:i + ROWS_PER_STEP], pad_id=0) for i in range(0, len(mine), ROWS_PER_STEP)]
+    metrics = LMPolicy(handle, state, cfg.train).sft_forward_backward(microbatches)
+    return {"loss": metrics["loss"], "grads": full_grads(handle.named_parameters())}
+
+
+@pytest.mark.parametrize("parallel", [{"dp": 2}, {"dp": 2, "pp": 2}], ids=["dp2", "dp2xpp2"])
+def test_data_ranks_with_different_row_counts_train_exactly(parallel):
+    """Rank 0 runs 2 microbatches / schedule steps, rank 1 one (plus a weight-0 dummy): no hang, same result."""
+    from tests.unit.oracle import assert_tensors_close, reference_sft_step
+
+    rows = random_rows(9, seed=11)
+    ref = reference_sft_step(_model(), rows, train_config("sgd", 0.0, 9, 9))
+    results = run_ranks(_train_uneven, 2 * parallel.get("pp", 1), rows, parallel)
+    grads = {}
+    for r in results:
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
+        grads.update(r["grads"])
+    assert_tensors_close(grads, ref["grads"], "gradients")
