@@ -62,6 +62,8 @@ class DataConfig:
     chat_template: bool = True
     max_seq_len: int = 128
     truncate: bool = False
+    packing: bool = False  # THD: bin-pack sequences into rows; train.micro_batch_size then counts packed rows
+    packed_sequence_size: int | None = None  # tokens per packed row; None: data.max_seq_len
     # synthetic tasks
     num_train: int = 20000
     num_eval: int = 500
@@ -219,6 +221,11 @@ def _float_or_same(text: str) -> float | str:
 # ---------------------------------------------------------------- validation
 
 
+def pad_multiple(p: ParallelConfig) -> int:
+    """Every packed sequence is padded to this: 2*cp load-balanced CP chunks, x tp under sequence parallel."""
+    return (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise UserInputError(message)
@@ -242,6 +249,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         _require(t.micro_batch_size % p.pp_microbatch_size == 0,
                  f"train.micro_batch_size={t.micro_batch_size} must be a multiple of parallel.pp_microbatch_size="
                  f"{p.pp_microbatch_size}: each micro batch runs as one pipeline schedule step")
+        n = t.micro_batch_size // p.pp_microbatch_size
+        _require(n >= p.pp,
+                 f"train.micro_batch_size / parallel.pp_microbatch_size = {n} pipeline microbatches, fewer than "
+                 f"parallel.pp={p.pp} stages: raise train.micro_batch_size or lower parallel.pp_microbatch_size")
+        rounds = max(1, n // p.pp)
+        _require(p.pp_schedule != "interleaved1f1b" or n % rounds == 0,
+                 f"interleaved1f1b runs {n} pipeline microbatches in rounds of parallel.pp={p.pp}: make "
+                 "train.micro_batch_size / parallel.pp_microbatch_size a multiple of parallel.pp")
     non_dp = p.tp * p.cp * p.pp
     if p.dp is None:
         _require(world % non_dp == 0,
@@ -268,6 +283,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(cfg.model.pretrained is not None or bool(cfg.model.config),
              "model: set model.pretrained (a local path or hub name) or model.config (an HF config for random init)")
     _require(cfg.data.max_seq_len >= 2, f"data.max_seq_len={cfg.data.max_seq_len}: must be >= 2")
+    if cfg.data.packing:
+        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        _require(size >= cfg.data.max_seq_len,
+                 f"data.packed_sequence_size={size} is shorter than data.max_seq_len={cfg.data.max_seq_len}: "
+                 "a sequence of max length would not fit a row; raise data.packed_sequence_size")
+        _require(size % pad_multiple(cfg.parallel) == 0,
+                 f"data.packed_sequence_size={size} must be a multiple of {pad_multiple(cfg.parallel)} "
+                 "(2 * parallel.cp, times parallel.tp with sequence parallelism)")
     _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
     for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")

@@ -42,7 +42,7 @@ class LMPolicy:
         self.handle.train()
         per_mb = self.handle.forward_backward(microbatches, loss_fn)
         local = torch.tensor([sum(float(m["loss"]) for m in per_mb),
-                              sum(float(mb["attention_mask"].sum()) for mb in microbatches)], dtype=torch.float64)
+                              sum(real_tokens(mb) for mb in microbatches)], dtype=torch.float64)
         loss, tokens = self.sum_over_data_ranks(local).tolist()
         return {"loss": loss, "tokens": int(tokens), "loss_tokens": int(global_tokens)}
 
@@ -99,6 +99,13 @@ class LMPolicy:
         self.handle.train()
         tokens = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
         return [_until_stop(t, stop_ids) for t in tokens[: len(prompts)]]
+
+
+def real_tokens(batch: dict) -> float:
+    """Non-padding tokens of a padded (attention_mask) or packed (cu_seqlens) batch."""
+    if "cu_seqlens" in batch:
+        return float(batch["cu_seqlens"][:, -1].sum())
+    return float(batch["attention_mask"].sum())
 
 
 def _last_position_argmax(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -14,8 +14,10 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.checkpoint import Checkpointer, export_hf
-from automodel_mimo.config import RunConfig
+from automodel_mimo.config import RunConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.packing import collate_packed, pack
+from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.data.sources import load_sft_dataset
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.data.tokenize import tokenize_dataset
@@ -40,13 +42,26 @@ def prepare_sft_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
         for split, ds in raw.items()})
 
 
-def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, dp_rank: int, pad_id: int, device) -> list[dict]:
-    """This DP rank's microbatches of the global batch of `step` (0-based)."""
+def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
+    """This DP rank's microbatches of the global batch of `step` (0-based): padded rows of
+    train.micro_batch_size sequences, or (data.packing) packed rows, train.micro_batch_size rows each."""
     t = cfg.train
     indices = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed)
-    mine = train[local_slice(indices, dp_rank, cfg.dp)]
+    mine = train[local_slice(indices, state.dp_rank, cfg.dp)]
     rows = [{"input_ids": i, "labels": l} for i, l in zip(mine["input_ids"], mine["labels"])]
-    return [collate(mb, pad_id, device) for mb in split_microbatches(rows, t.micro_batch_size)]
+    if not cfg.data.packing:
+        return [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, t.micro_batch_size)]
+    return packed_microbatches(cfg, rows, state, pad_id)
+
+
+def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:
+    """Pack this rank's sequences; every DP rank gets the same number of rows (weight-0 dummy rows)."""
+    size, multiple = cfg.data.packed_sequence_size or cfg.data.max_seq_len, pad_multiple(cfg.parallel)
+    plan = pack([len(r["input_ids"]) for r in rows], size, multiple)
+    micro = cfg.train.micro_batch_size
+    n_rows = -(-max_over_group(len(plan), state.dp_cp_group, state.device) // micro) * micro
+    batch = collate_packed(rows, plan, size, multiple, pad_id, n_rows=n_rows, device=state.device)
+    return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n_rows, micro)]
 
 
 def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Dataset, tokenizer) -> dict:
@@ -74,7 +89,7 @@ def run_sft(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed), state, tokenizer.pad_token_id)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, cfg.data.packing), state, tokenizer.pad_token_id)
     policy = LMPolicy(handle, state, cfg.train)
 
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
@@ -92,7 +107,7 @@ def run_sft(cfg: RunConfig) -> None:
     began = time.perf_counter()
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
-        microbatches = step_microbatches(cfg, data["train"], step, state.dp_rank, tokenizer.pad_token_id, device)
+        microbatches = step_microbatches(cfg, data["train"], step, state, tokenizer.pad_token_id)
         metrics = policy.sft_train_step(microbatches)
         elapsed = time.perf_counter() - t0
         done = step + 1

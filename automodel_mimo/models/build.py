@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from automodel_mimo.config import ModelConfig, RunConfig
 from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
 from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline, check_pipeline_split
 
@@ -43,18 +44,19 @@ def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     return hf_config
 
 
-def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int) -> nn.Module:
+def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, packed: bool = False) -> nn.Module:
     """The full model on CPU, identical on every rank (same seed), before any sharding.
 
     Parameters (and so optimizer state) are fp32 master weights; `model.dtype` is the compute dtype,
     applied by the FSDP2 mixed-precision policy (distributed/mesh.py).
     """
     torch.manual_seed(seed)
+    attn = packed_attention.NAME if packed else cfg.attn_implementation
     if cfg.pretrained:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, config=hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+            cfg.pretrained, config=hf_config, dtype=torch.float32, attn_implementation=attn)
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     return model
 

@@ -12,6 +12,7 @@ TINY = [
     "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=2",
     "data.num_train=400", "data.num_eval=16", "train.global_batch_size=8", "train.micro_batch_size=2",
     "train.warmup_steps=1", "eval.every_steps=0", "logging.progress=false", "logging.tensorboard=false",
+    "parallel.pp_microbatch_size=1",
 ]
 
 

@@ -23,6 +23,7 @@ def _no_process_mentions(marker: str) -> bool:
     ("parallel.pp=2 model.config.num_hidden_layers=3", "the model's 3 layers do not divide over 2 pipeline stages"),
     ("parallel.pp=2 parallel.pp_schedule=interleaved1f1b", "the model's 2 layers do not divide over 4 pipeline stages"),
     ("parallel.pp=2 parallel.tp=2 launch.nproc=4", "parallel.pp > 1 with parallel.tp > 1 is not supported yet"),
+    ("parallel.pp=2 train.micro_batch_size=1 parallel.pp_microbatch_size=1", "1 pipeline microbatches, fewer than parallel.pp=2"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, override, expected):
     start = time.monotonic()

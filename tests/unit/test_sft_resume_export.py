@@ -1,6 +1,7 @@
 """Exact resume after a crash (also a crash in the middle of a save), and the HF export round trip."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_pretrained_start_reproduces_the_exported_models_loss(uninterrupted, tmp
 
     cfg = load_config("sft", None, args)
     tokenizer = load_tokenizer(str(hf))
-    batch = step_microbatches(cfg, prepare_sft_data(cfg, tokenizer)["train"], 0, 0, tokenizer.pad_token_id, "cpu")
+    rank0 = SimpleNamespace(dp_rank=0, device="cpu")
+    batch = step_microbatches(cfg, prepare_sft_data(cfg, tokenizer)["train"], 0, rank0, tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(hf)
     nll, tokens = 0.0, 0.0
     with torch.no_grad():
