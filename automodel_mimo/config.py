@@ -239,7 +239,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(cfg.launch.backend in ("auto", "gloo", "nccl"), f"launch.backend={cfg.launch.backend}: use auto, gloo or nccl")
     for name in ("tp", "cp", "pp"):
         _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1")
-    _require(p.cp == 1, "parallel.cp > 1: context parallelism is not available yet; set parallel.cp=1")
     _require(p.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule={p.pp_schedule}: use one of {', '.join(PP_SCHEDULES)}")
     _require(p.pp_microbatch_size >= 1, f"parallel.pp_microbatch_size={p.pp_microbatch_size}: must be >= 1")
     _require(p.layers_per_stage is None or p.layers_per_stage >= 1,

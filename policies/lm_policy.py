@@ -17,6 +17,7 @@ from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.losses import masked_nll, token_logprobs
 from automodel_mimo.models.handle import ModelHandle
 from automodel_mimo.optim import PartOptimizers
+from automodel_mimo.parallel.context_parallel import cp_attention
 
 
 class LMPolicy:
@@ -40,7 +41,8 @@ class LMPolicy:
             return loss, {"loss": loss.detach()}
 
         self.handle.train()
-        per_mb = self.handle.forward_backward(microbatches, loss_fn)
+        with cp_attention(self.state.cp_group):  # microbatches arrive sharded over cp
+            per_mb = self.handle.forward_backward(microbatches, loss_fn)
         local = torch.tensor([sum(float(m["loss"]) for m in per_mb),
                               sum(real_tokens(mb) for mb in microbatches)], dtype=torch.float64)
         loss, tokens = self.sum_over_data_ranks(local).tolist()

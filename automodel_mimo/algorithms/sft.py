@@ -24,6 +24,7 @@ from automodel_mimo.data.tokenize import tokenize_dataset
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.models.build import build_handle, build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
 from policies.lm_policy import LMPolicy
@@ -49,9 +50,13 @@ def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state,
     indices = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed)
     mine = train[local_slice(indices, state.dp_rank, cfg.dp)]
     rows = [{"input_ids": i, "labels": l} for i, l in zip(mine["input_ids"], mine["labels"])]
-    if not cfg.data.packing:
-        return [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, t.micro_batch_size)]
-    return packed_microbatches(cfg, rows, state, pad_id)
+    if cfg.data.packing:
+        microbatches = packed_microbatches(cfg, rows, state, pad_id)
+    else:
+        microbatches = [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, t.micro_batch_size)]
+        if cfg.parallel.cp > 1:
+            microbatches = [as_single_segments(mb, cfg.parallel.cp, pad_id) for mb in microbatches]
+    return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb in microbatches] if cfg.parallel.cp > 1 else microbatches
 
 
 def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:
@@ -79,7 +84,8 @@ def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Datase
         outs = policy.greedy_generate(chunk, cfg.eval.max_new_tokens, stop_ids, tokenizer.pad_token_id)
         for out, ref in zip(outs, refs[b * bs:(b + 1) * bs]):
             correct += grade_exact(tokenizer.decode(out, skip_special_tokens=True), ref)
-    total = policy.sum_over_data_ranks(torch.tensor(float(correct)))
+    # cp ranks evaluate the same prompts (generation is not sharded): count each prompt once
+    total = policy.sum_over_data_ranks(torch.tensor(float(correct) if policy.state.cp_rank == 0 else 0.0))
     return {"eval/accuracy": float(total) / max(1, n), "eval/num_samples": n}
 
 
@@ -89,7 +95,7 @@ def run_sft(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, cfg.data.packing), state, tokenizer.pad_token_id)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1), state, tokenizer.pad_token_id)
     policy = LMPolicy(handle, state, cfg.train)
 
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
@@ -98,7 +104,7 @@ def run_sft(cfg: RunConfig) -> None:
         start = ckpt.load(latest, handle, policy.optimizer)
     n_params = _count_parameters(handle, device)
     if state.is_rank0:
-        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} pp={cfg.parallel.pp}, "
+        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} pp={cfg.parallel.pp}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
               f"{n_params:,} parameters, start step {start}",
               flush=True)

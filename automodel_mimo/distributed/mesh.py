@@ -62,6 +62,18 @@ class ParallelState:
         return self._axis("tp").size()
 
     @property
+    def cp_size(self) -> int:
+        return self._axis("cp").size()
+
+    @property
+    def cp_rank(self) -> int:
+        return self._axis("cp").get_local_rank()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self._axis("cp").get_group()
+
+    @property
     def dp_cp_group(self) -> dist.ProcessGroup:
         """Ranks holding different data: global token counts and loss sums reduce over this group."""
         return self._axis("dp_cp").get_group()

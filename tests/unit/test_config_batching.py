@@ -19,13 +19,13 @@ def test_overrides_are_typed_and_dp_is_inferred():
     ("model.config=3", "model.config: expected dict"),
     ("checkpoint.resume=maybe", "checkpoint.resume: expected bool"),
     ("train.optimizer=lion", "train.optimizer=lion: use adamw or sgd"),
-    ("parallel.cp=2", "parallel.cp > 1"),
+    ("parallel.cp=2 data.packing=true data.packed_sequence_size=130", "data.packed_sequence_size=130 must be a multiple of 4"),
     ("logging.nope=1", "unknown config key 'logging.nope'"),
     ("train", "expected dotted.key=value"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(UserInputError, match=match.replace("(", r"\(").replace("*", r"\*")):
-        load_config("sft", None, [override])
+        load_config("sft", None, override.split())
 
 
 def test_global_batch_is_the_same_for_every_layout():
