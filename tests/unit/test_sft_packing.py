@@ -1,4 +1,5 @@
-"""SFT with THD packing trains on exactly the same math as padded batches, also through pipeline stages."""
+"""SFT with THD packing and/or context parallelism trains on the same math as padded dp2 batches, also
+through pipeline stages."""
 
 import pytest
 
@@ -17,11 +18,13 @@ def padded(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", [
-    ["parallel.dp=2"],
-    ["parallel.dp=1", "parallel.pp=2", "parallel.pp_microbatch_size=1", "train.micro_batch_size=2"],
-], ids=["dp2", "pp2"])
-def test_packed_run_matches_padded_run(padded, tmp_path, layout):
-    r = run_cli("sft", *RUN, *PACKED, *layout, f"output_dir={tmp_path}")
+    [*PACKED, "parallel.dp=2"],
+    [*PACKED, "parallel.dp=1", "parallel.pp=2", "parallel.pp_microbatch_size=1", "train.micro_batch_size=2"],
+    ["parallel.dp=1", "parallel.cp=2", "eval.every_steps=3"],
+    [*PACKED, "parallel.dp=1", "parallel.cp=2"],
+], ids=["packed-dp2", "packed-pp2", "cp2", "packed-cp2"])
+def test_run_matches_padded_dp2_run(padded, tmp_path, layout):
+    r = run_cli("sft", *RUN, *layout, f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
     got = train_losses(tmp_path)
     assert sorted(got) == sorted(padded)
