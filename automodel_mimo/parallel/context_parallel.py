@@ -79,3 +79,63 @@ def cp_attention(group: dist.ProcessGroup | None):
         yield
     finally:
         packed_attention.CP_GROUP = previous
+
+
+# ---------------------------------------------------------------- values back in original order
+
+
+def _row_order(cu_seqlens_padded: torch.Tensor, cp: int) -> torch.Tensor:
+    """[B, S] permutation: the concatenation of cp ranks' shards (rank-major) -> original row positions."""
+    return torch.stack([torch.as_tensor([i for r in range(cp) for i in cp_indices(row.tolist(), cp, r)])
+                        for row in cu_seqlens_padded])
+
+
+class _GatherToOriginalOrder(torch.autograd.Function):
+    """Every cp rank gets the whole row in original order. Backward: each rank computed the same loss from
+    the gathered tensor, so its local part's gradient is just its slice — summing over ranks would count
+    it cp times."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, order: torch.Tensor, group) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        sharded = torch.cat(parts, 1)
+        ctx.save_for_backward(order)
+        ctx.rank, ctx.width = dist.get_rank(group), local.shape[1]
+        return torch.empty_like(sharded).scatter_(1, order.to(local.device), sharded)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        sharded = grad.gather(1, order.to(grad.device))
+        return sharded[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None, None
+
+
+def gather_to_original_order(local: torch.Tensor, cu_seqlens_padded: torch.Tensor, group) -> torch.Tensor:
+    """[B, S/cp] per-token values of this cp rank -> [B, S] in the unsharded row order, on every cp rank."""
+    cp = dist.get_world_size(group)
+    if cp == 1:
+        return local
+    return _GatherToOriginalOrder.apply(local, _row_order(cu_seqlens_padded, cp), group)
+
+
+class _SumOverCp(torch.autograd.Function):
+    """All-reduce SUM of per-sequence partial sums; every rank then computes the same loss from the total,
+    so the backward passes the gradient through unchanged (no second sum)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def sum_over_cp(partial: torch.Tensor, group) -> torch.Tensor:
+    """Sequence-level quantities (e.g. summed logprobs for DPO) from each cp rank's share of the tokens."""
+    if group is None or dist.get_world_size(group) == 1:
+        return partial
+    return _SumOverCp.apply(partial, group)

@@ -76,3 +76,67 @@ def test_one_step_matches_single_process(reference, parallel, packing, micro):
             params.update(r["params"])
         assert_tensors_close(grads, ref[opt]["grads"], f"{opt} gradients")
         assert_tensors_close(params, ref[opt]["params"], f"{opt} post-step weights")
+
+
+def _segment_sums(values: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[rows, 64] sums of `values * mask` per packed segment."""
+    return torch.zeros(values.shape[0], 64).scatter_add(1, segments, values * mask)
+
+
+def _cp_logprob_paths(rows: list[dict]) -> dict:
+    """cp2: per-token logprobs in original order and sequence sums, with gradients of losses built on each."""
+    from automodel_mimo.data.packing import collate_packed, pack
+    from automodel_mimo.losses import token_logprobs
+    from automodel_mimo.models.packed_attention import segment_ids
+    from automodel_mimo.parallel.context_parallel import cp_attention, gather_to_original_order, shard_batch, sum_over_cp
+
+    state = build_parallel_state(ParallelConfig(dp=1, cp=2), torch.device("cpu"))
+    cfg = RunConfig(parallel=ParallelConfig(dp=1, cp=2), train=train_config("sgd", 0.0, ROWS, 1))
+    handle = build_handle(cfg, _model(packed=True), state, pad_id=0)
+    full = collate_packed(rows, pack([len(r["input_ids"]) for r in rows], 48, 4), 48, 4, pad_id=0)
+    local = shard_batch(full, 2, state.cp_rank)
+    out = {}
+    for path in ("gathered", "summed"):
+        with cp_attention(state.cp_group):
+            logits = handle.parts[0](input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        lp = token_logprobs(logits, local["labels"])
+        if path == "gathered":  # every rank computes the same loss on the full, reordered tensor
+            lp_full = gather_to_original_order(lp, full["cu_seqlens_padded"], state.cp_group)
+            out["logprobs"] = lp_full.detach()
+            loss = (_segment_sums(lp_full, segment_ids(full["position_ids"]), full["loss_mask"]) ** 2).sum()
+        else:  # partial sequence sums on local tokens, completed over cp
+            sums = _segment_sums(lp, _local_segments(full), local["loss_mask"])
+            loss = (sum_over_cp(sums, state.cp_group) ** 2).sum()
+        loss.backward()
+        out[path] = full_grads(handle.named_parameters())
+        for p in handle.parameters():
+            p.grad = None
+    return out
+
+
+def _local_segments(full: dict) -> torch.Tensor:
+    """Segment id of each local token: segments of the full row, gathered by the cp shard's positions."""
+    from automodel_mimo.models.packed_attention import segment_ids
+    from automodel_mimo.parallel.context_parallel import cp_indices
+
+    seg = segment_ids(full["position_ids"])
+    rank = torch.distributed.get_rank()  # cp group == world in this test
+    index = torch.stack([torch.as_tensor(cp_indices(r.tolist(), 2, rank)) for r in full["cu_seqlens_padded"]])
+    return seg.gather(1, index)
+
+
+def test_logprobs_in_original_order_and_sequence_sums_under_cp2():
+    from automodel_mimo.data.packing import collate_packed, pack
+    from automodel_mimo.losses import token_logprobs
+    from automodel_mimo.models.packed_attention import segment_ids
+
+    rows = random_rows(6, seed=4, max_len=22)
+    model = _model(packed=True)
+    full = collate_packed(rows, pack([len(r["input_ids"]) for r in rows], 48, 4), 48, 4, pad_id=0)
+    lp = token_logprobs(model(input_ids=full["input_ids"], position_ids=full["position_ids"]).logits, full["labels"])
+    (_segment_sums(lp, segment_ids(full["position_ids"]), full["loss_mask"]) ** 2).sum().backward()
+    ref_grads = full_grads(model.named_parameters())
+    for result in run_ranks(_cp_logprob_paths, 2, rows):
+        assert torch.allclose(result["logprobs"], lp.detach(), rtol=1e-5, atol=1e-6)
+        assert_tensors_close(result["gathered"], ref_grads, "gradients through the gathered logprobs")
+        assert_tensors_close(result["summed"], ref_grads, "gradients through cp-summed sequence sums")
