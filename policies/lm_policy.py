@@ -1,7 +1,7 @@
 """LMPolicy: the training-side worker of one causal LM — train steps, logprobs, greedy generation.
 
 It owns the optimizer and LR schedule and talks to the model only through ModelHandle, so the same
-policy drives a plain module and (later) pipeline stages. Every method is collective: all ranks call it
+policy drives a plain module and pipeline stages, with or without context parallelism. Every method is collective: all ranks call it
 with their own data-parallel share of the same global batch.
 """
 
@@ -46,7 +46,8 @@ class LMPolicy:
         local = torch.tensor([sum(float(m["loss"]) for m in per_mb),
                               sum(real_tokens(mb) for mb in microbatches)], dtype=torch.float64)
         loss, tokens = self.sum_over_data_ranks(local).tolist()
-        return {"loss": loss, "tokens": int(tokens), "loss_tokens": int(global_tokens)}
+        # cp ranks share rows and each counts the whole row's tokens (cu_seqlens are not sharded)
+        return {"loss": loss, "tokens": int(tokens) // self.state.cp_size, "loss_tokens": int(global_tokens)}
 
     def optimizer_step(self) -> dict:
         """Global grad norm (before clipping), clip, step, advance the LR schedule."""

@@ -17,16 +17,16 @@ from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.packing import collate_packed, pack
-from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.data.sources import load_sft_dataset
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.data.tokenize import tokenize_dataset
+from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.models.build import build_handle, build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from policies.lm_policy import LMPolicy
 
 
@@ -56,7 +56,7 @@ def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state,
         microbatches = [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, t.micro_batch_size)]
         if cfg.parallel.cp > 1:
             microbatches = [as_single_segments(mb, cfg.parallel.cp, pad_id) for mb in microbatches]
-    return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb in microbatches] if cfg.parallel.cp > 1 else microbatches
+    return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb in microbatches]  # no-op when cp == 1
 
 
 def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:

@@ -3,7 +3,7 @@ through pipeline stages."""
 
 import pytest
 
-from tests.unit.cli_runner import TINY, run_cli, train_losses
+from tests.unit.cli_runner import TINY, metrics, run_cli, train_losses
 
 RUN = [*TINY, "train.max_steps=3", "launch.nproc=2", "checkpoint.export_hf=false", "data.max_seq_len=32"]
 PACKED = ["data.packing=true", "data.packed_sequence_size=64", "train.micro_batch_size=1"]
@@ -14,7 +14,7 @@ def padded(tmp_path_factory):
     out = tmp_path_factory.mktemp("padded")
     r = run_cli("sft", *RUN, f"output_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    return train_losses(out)
+    return out
 
 
 @pytest.mark.parametrize("layout", [
@@ -26,10 +26,12 @@ def padded(tmp_path_factory):
 def test_run_matches_padded_dp2_run(padded, tmp_path, layout):
     r = run_cli("sft", *RUN, *layout, f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
-    got = train_losses(tmp_path)
-    assert sorted(got) == sorted(padded)
-    for step, loss in padded.items():
+    got, ref = train_losses(tmp_path), train_losses(padded)
+    assert sorted(got) == sorted(ref)
+    for step, loss in ref.items():
         assert abs(got[step] - loss) <= 1e-5 * loss, (step, got[step], loss)
+    tokens = [[r["tokens"] for r in metrics(out) if "loss" in r] for out in (tmp_path, padded)]
+    assert tokens[0] == tokens[1]  # real (non-padding) tokens, counted once whatever the layout
 
 
 def test_row_shorter_than_max_seq_len_is_rejected(tmp_path):
