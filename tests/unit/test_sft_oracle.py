@@ -62,11 +62,12 @@ PP = {"pp": 2, "pp_microbatch_size": 1}
     ({"dp": 1}, 2),  # 4 microbatches vs the reference's 1
     ({"dp": 2}, 4),
     ({"dp": 1, "tp": 2}, 8),
+    ({"dp": 1, "tp": 2, "sequence_parallel": True}, 8),
     ({"dp": 2, "tp": 2}, 1),  # 4 microbatches per rank
     ({"dp": 1, **PP}, 4),  # 1F1B: 2 schedule steps of 4 pipeline microbatches
     ({"dp": 1, **PP, "pp_schedule": "interleaved1f1b", "pp_microbatch_size": 2}, 8),  # 2 virtual stages per rank
     ({"dp": 2, **PP}, 2),
-], ids=["mb4", "dp2", "tp2", "dp2xtp2-mb4", "pp2", "pp2-interleaved", "dp2xpp2"])
+], ids=["mb4", "dp2", "tp2", "tp2-sp", "dp2xtp2-mb4", "pp2", "pp2-interleaved", "dp2xpp2"])
 def test_one_step_matches_single_process(reference, parallel, micro):
     rows, ref = reference
     world = parallel["dp"] * parallel.get("tp", 1) * parallel.get("pp", 1)
