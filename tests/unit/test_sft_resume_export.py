@@ -86,7 +86,7 @@ def test_pretrained_start_reproduces_the_exported_models_loss(uninterrupted, tmp
 
     cfg = load_config("sft", None, args)
     tokenizer = load_tokenizer(str(hf))
-    rank0 = SimpleNamespace(dp_rank=0, device="cpu")
+    rank0 = SimpleNamespace(dp_rank=0, cp_rank=0, device="cpu")
     batch = step_microbatches(cfg, prepare_sft_data(cfg, tokenizer)["train"], 0, rank0, tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(hf)
     nll, tokens = 0.0, 0.0
