@@ -45,7 +45,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from automodel_mimo.config import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
-    from automodel_mimo.data.batching import collate, split_microbatches
+    from automodel_mimo.data.batching import collate, split_microbatches, split_rows
     from automodel_mimo.data.packing import collate_packed, pack
     from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
     from automodel_mimo.models import packed_attention
@@ -73,7 +73,7 @@ def main() -> None:
     packed = collate_packed(rows, plan, args.max_len, 1, 0, n_rows=n_rows, device=device)
     variants = {
         "padded": ("sdpa", [collate(mb, 0, device) for mb in split_microbatches(rows, args.micro)]),
-        "packed": (packed_attention.NAME, [{k: v[i:i + args.micro_rows] for k, v in packed.items()}
+        "packed": (packed_attention.NAME, [split_rows(packed, i, i + args.micro_rows)
                                           for i in range(0, n_rows, args.micro_rows)]),
     }
     real = sum(lengths)

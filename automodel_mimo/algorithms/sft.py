@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig, pad_multiple
-from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
 from automodel_mimo.data.packing import collate_packed, pack
 from automodel_mimo.data.sources import load_sft_dataset
 from automodel_mimo.data.synthetic import grade_exact
@@ -66,7 +66,7 @@ def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) ->
     micro = cfg.train.micro_batch_size
     n_rows = -(-max_over_group(len(plan), state.dp_cp_group, state.device) // micro) * micro
     batch = collate_packed(rows, plan, size, multiple, pad_id, n_rows=n_rows, device=state.device)
-    return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, n_rows, micro)]
+    return [split_rows(batch, i, i + micro) for i in range(0, n_rows, micro)]
 
 
 def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Dataset, tokenizer) -> dict:

@@ -33,6 +33,11 @@ def split_microbatches(rows: list, micro_batch_size: int) -> list[list]:
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
+def split_rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows [start, stop) of every tensor of a collated batch."""
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
 def collate(rows: list[dict], pad_id: int, device: torch.device | str = "cpu") -> dict:
     """Right-pad `input_ids`/`labels` rows to the longest row; `loss_mask` marks tokens that carry loss."""
     length = max(len(r["input_ids"]) for r in rows)

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from automodel_mimo.distributed.equal_steps import equal_step_count
+from automodel_mimo.data.batching import split_rows
+from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 
@@ -134,10 +135,6 @@ def pad_batch(batch: dict, n_rows: int, pad_id: int) -> dict:
     return out
 
 
-def split_rows(batch: dict, start: int, stop: int) -> dict:
-    return {k: v[start:stop] for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------- broadcast from the last stage
 
 
@@ -203,22 +200,18 @@ class PipelineDriver:
 
     def _chunks(self, batch: dict) -> list[tuple[dict, int]]:
         """(chunk of rows_per_step rows, its real row count) covering `batch`; short chunks get weight-0 rows."""
-        n = batch["input_ids"].shape[0]
-        return [(self._padded(split_rows(batch, start, min(n, start + self.rows_per_step))), min(n - start, self.rows_per_step))
-                for start in range(0, n, self.rows_per_step)]
+        n, step = batch["input_ids"].shape[0], self.rows_per_step
+        return [(self._padded(split_rows(batch, start, start + step)), min(n - start, step))
+                for start in range(0, n, step)]
 
-    def _padded(self, chunk: dict, real: int | None = None) -> dict:
-        real = chunk["input_ids"].shape[0] if real is None else real
+    def _padded(self, chunk: dict) -> dict:
         chunk = pad_batch(chunk, self.rows_per_step, self.pad_id)
-        for key, no_weight in (("labels", IGNORE_INDEX), ("loss_mask", 0)):
-            if key in chunk:
-                chunk[key][real:] = no_weight
         chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
         return chunk
 
     def _equalized(self, chunks: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
         """Weight-0 dummy steps until every data-parallel rank runs the same number of schedule steps."""
-        dummy = self._padded(split_rows(chunks[0][0], 0, 1), real=0)
+        dummy = self._padded(weightless(split_rows(chunks[0][0], 0, 1)))
         return equal_step_count(chunks, (dummy, 0), self.dp_group, self.device)
 
     def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
