@@ -67,8 +67,25 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
 
     check_tp_divisibility(model.config, state.tp_size)
     model = parallelize_model(model, state.mesh_context)
+    _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
     return model.to(state.device)
+
+
+def _single_rank_compute_dtype(model: nn.Module, state: ParallelState) -> None:
+    """nemo skips FSDP2 on a one-rank mesh, and with it the mixed-precision cast, so model.dtype=bfloat16
+    would silently train in fp32 on one GPU. Wrapping the decoder layers and the root with a one-rank FSDP2
+    applies the same policy as every other layout (the collectives over one rank are copies)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = state.mesh_context.strategy_config.mp_policy
+    if any(isinstance(m, FSDPModule) for m in model.modules()) or policy.param_dtype in (None, torch.float32):
+        return
+    mesh = state.mesh["dp_shard_cp"]
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id: int) -> ModelHandle:

@@ -4,7 +4,10 @@ A packed row holds several sequences; attention must be causal inside each and b
 boundaries come from `position_ids` alone (a sequence starts where its position is 0), which HF passes
 to every attention call and pipeline stages receive as a batch-major tensor — so the same function serves
 plain, packed and pipelined models, and context parallelism (K/V all-gathered over cp, masked by global
-position and segment). CPU: SDPA with an explicit mask; GPU varlen/flex kernels are a later optimisation.
+position and segment).
+
+Kernels: on CUDA in bf16/fp16, torch's varlen flash attention (models/varlen_attention.py), packed or CP,
+with no mask at all; elsewhere (CPU, fp32) SDPA with an explicit boolean mask, O(T^2) memory per row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from automodel_mimo.distributed.autograd_collectives import all_gather_with_grad
+from automodel_mimo.models import varlen_attention
 
 NAME = "packed_sdpa"
 CP_GROUP = None  # set by parallel.context_parallel.cp_attention while sharded batches run
@@ -40,30 +44,38 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def cp_gather(key, value, position_ids, group):
     """Keys/values of the whole row from every cp rank (autograd: the backward sums each rank's share of
-    dK/dV back to its owner), and the mask of local queries against them.
+    dK/dV back to its owner), every rank's positions, and the sequence index of each local token.
 
     Segment ids come from cp rank 0's positions: only its chunks start segments at position 0, and every
     rank's local row has the same per-segment layout (chunks r and 2cp-1-r of equal size).
     """
     positions = [torch.empty_like(position_ids) for _ in range(dist.get_world_size(group))]
     dist.all_gather(positions, position_ids.contiguous(), group=group)
-    seg = segment_ids(positions[0])
-    cp = len(positions)
-    k_pos, k_seg = torch.cat(positions, -1), seg.repeat(1, cp)
-    mask = (seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= position_ids[:, :, None])
     keys = all_gather_with_grad(key, 2, group)
     values = all_gather_with_grad(value, 2, group)
-    return keys, values, mask[:, None]
+    return keys, values, positions, segment_ids(positions[0])
+
+
+def cp_mask(position_ids, positions, segments) -> torch.Tensor:
+    """[B, 1, Tl, cp*Tl]: a local query sees gathered keys of its sequence at positions up to its own."""
+    k_pos, k_seg = torch.cat(positions, -1), segments.repeat(1, len(positions))
+    return ((segments[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= position_ids[:, :, None]))[:, None]
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise ValueError("packed_sdpa attention needs position_ids (restarting at 0 for every packed sequence)")
+    fast = varlen_attention.available(query, position_ids) and not (dropout and module.training)
     if CP_GROUP is None:
+        if fast:
+            return varlen_attention.packed_attention(query, key, value, position_ids, scaling), None
         mask = block_causal_mask(position_ids)
     else:
-        key, value, mask = cp_gather(key, value, position_ids, CP_GROUP)
+        key, value, positions, segments = cp_gather(key, value, position_ids, CP_GROUP)
+        if fast:
+            return varlen_attention.cp_attention(query, key, value, position_ids, positions, segments, scaling), None
+        mask = cp_mask(position_ids, positions, segments)
     groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
         query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=mask,

@@ -100,3 +100,18 @@ def _assert_matches(got: dict, ref: dict) -> None:
         assert_tensors_close(g["grads"], r["grads"], f"{opt} gradients")
         assert_tensors_close(g["params"], r["params"], f"{opt} post-step weights")
     assert ref["adamw"]["grad_norm"] > 0.5, "the clip must be active for the AdamW check to cover it"
+
+
+def _compute_dtypes(world: int) -> dict:
+    state = build_parallel_state(ParallelConfig(dp=world), torch.device("cpu"), "bfloat16")
+    handle = build_handle(RunConfig(parallel=ParallelConfig(dp=world)), _model(), state, pad_id=0)
+    master = {p.dtype for p in handle.parameters()}  # before a forward leaves the root's bf16 copies unsharded
+    logits = handle.parts[0](input_ids=torch.ones(1, 4, dtype=torch.long)).logits
+    return {"logits": logits.dtype, "master": master}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_bf16_compute_on_every_rank_count(world):
+    """model.dtype=bfloat16 computes in bf16 with fp32 master weights, also on one rank (where nemo skips FSDP2)."""
+    for got in run_ranks(_compute_dtypes, world, world):
+        assert got == {"logits": torch.bfloat16, "master": {torch.float32}}
