@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more step (rank 0)")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -83,6 +84,14 @@ def main() -> int:
         result["oom"] = True
         print(json.dumps(result), flush=True)
         return 3
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            policy.sft_train_step(microbatches)
+            torch.cuda.synchronize()
+        if dist.get_rank() == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     step = statistics.median(times)
     result.update(step_s=round(step, 3), tokens_per_s_per_gpu=round(L / step / cp, 1),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None)

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64, help="sequences per step")
     ap.add_argument("--micro", type=int, default=4, help="sequences per padded microbatch")
-    ap.add_argument("--micro-rows", type=int, default=1, help="packed rows per microbatch")
+    ap.add_argument("--micro-rows", default="1", help="packed rows per microbatch; a comma list compares several")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tiny", action="store_true")
@@ -69,13 +69,12 @@ def main() -> None:
         ids = torch.randint(1, kwargs["vocab_size"], (n,), generator=g)
         rows.append({"input_ids": ids.tolist(), "labels": ids[1:].tolist() + [-100]})
     plan = pack(lengths, args.max_len)
-    n_rows = -(-len(plan) // args.micro_rows) * args.micro_rows
-    packed = collate_packed(rows, plan, args.max_len, 1, 0, n_rows=n_rows, device=device)
-    variants = {
-        "padded": ("sdpa", [collate(mb, 0, device) for mb in split_microbatches(rows, args.micro)]),
-        "packed": (packed_attention.NAME, [split_rows(packed, i, i + args.micro_rows)
-                                          for i in range(0, n_rows, args.micro_rows)]),
-    }
+    variants = {"padded": ("sdpa", [collate(mb, 0, device) for mb in split_microbatches(rows, args.micro)])}
+    for micro_rows in map(int, args.micro_rows.split(",")):
+        n_rows = -(-len(plan) // micro_rows) * micro_rows
+        packed = collate_packed(rows, plan, args.max_len, 1, 0, n_rows=n_rows, device=device)
+        name = "packed" if micro_rows == 1 else f"packed_{micro_rows}rows"
+        variants[name] = (packed_attention.NAME, [split_rows(packed, i, i + micro_rows) for i in range(0, n_rows, micro_rows)])
     real = sum(lengths)
     padded_tokens = sum(mb["input_ids"].numel() for mb in variants["padded"][1])
     result = {"real_tokens_per_step": real, "padding_ratio_limit": padded_tokens / real,
@@ -107,7 +106,9 @@ def main() -> None:
         del policy, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["speedup"] = result["packed_real_tokens_per_s"] / result["padded_real_tokens_per_s"]
+    for name in variants:
+        if name != "padded":
+            result[f"{name}_speedup"] = result[f"{name}_real_tokens_per_s"] / result["padded_real_tokens_per_s"]
     if dist.get_rank() == 0:
         print(json.dumps(result, indent=1))
         if args.out:
