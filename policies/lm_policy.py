@@ -108,17 +108,17 @@ class LMPolicy:
             return gather_to_original_order(values.float(), mb["cu_seqlens_padded"], self.state.cp_group)
 
     def global_counts(self, microbatches: list[dict]) -> dict:
-        """Loss-bearing tokens, sequences (rows with a loss token) and (chosen, rejected) pairs (rows 2i,
-        2i+1 both with loss tokens) over the whole global batch: every microbatch of every dp x cp rank."""
-        tokens = seqs = pairs = 0.0
+        """Global denominators over every microbatch of every dp x cp rank (each at least 1): loss-bearing
+        `tokens`, `seqs` (rows with a loss token), `pairs` ((chosen, rejected) rows 2i, 2i+1 both with loss
+        tokens) and `chosen_tokens` (loss tokens of those pairs' chosen rows)."""
+        counts = torch.zeros(4, dtype=torch.float64)
         for mb in microbatches:
-            per_row = self.whole_rows(mb["loss_mask"], mb).sum(-1)
-            tokens += float(mb["loss_mask"].sum())
-            seqs += float((per_row > 0).sum()) / self.state.cp_size
-            if per_row.shape[0] % 2 == 0:
-                pairs += float(((per_row[0::2] > 0) & (per_row[1::2] > 0)).sum()) / self.state.cp_size
-        total = self.sum_over_data_ranks(torch.tensor([tokens, seqs, pairs]))
-        return dict(zip(("tokens", "seqs", "pairs"), total.clamp(min=1).float()))
+            per_row = self.whole_rows(mb["loss_mask"], mb).sum(-1).double().cpu()
+            pair = (per_row[0::2] > 0) & (per_row[1::2] > 0) if per_row.shape[0] % 2 == 0 else per_row[:0] > 0
+            counts += torch.stack([per_row.sum(), (per_row > 0).sum(), pair.sum(), (per_row[0::2] * pair).sum()])
+        # each cp rank counted the same whole rows
+        total = self.sum_over_data_ranks(counts / self.state.cp_size)
+        return dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total.clamp(min=1).float()))
 
     def optimizer_step(self) -> dict:
         """Global grad norm (before clipping), clip, step, advance the LR schedule."""
@@ -154,13 +154,14 @@ class LMPolicy:
         with cp_attention(group):
             out = [self.handle.forward_capture(mb, capture, (mb["input_ids"].shape[1] * self.state.cp_size,), torch.float32)
                    for mb in padded]
+        self.handle.reshard()  # parameters written after this pass (optimizer, swap) must not meet stale gathers
         self.handle.train()
         return out[:n]
 
     def init_reference(self, full_state: dict | None = None) -> ReferenceWeights:
         """Freeze the reference policy: the current weights, or `full_state` (full tensors, e.g. another
         checkpoint). Kept in CPU memory as this rank's shards; see policies/reference.py."""
-        self.reference = (ReferenceWeights(self.handle.parameters()) if full_state is None
+        self.reference = (ReferenceWeights(self.handle) if full_state is None
                           else ReferenceWeights.from_full_state_dict(self.handle, full_state))
         return self.reference
 

@@ -3,7 +3,8 @@ memory, swapped into the live parameters for a reference pass and swapped back a
 
 Works on whatever `handle.parameters()` holds on this rank: plain tensors, FSDP / TP DTensors (their local
 shard) and pipeline stages (each rank keeps the stages it owns). Copies are exact, so the training weights
-come back bit for bit.
+come back bit for bit. Before each write the handle drops FSDP's gathered full parameters, which an
+inference forward leaves behind and the next forward would otherwise reuse (stale) instead of the shards.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def _cpu_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 class ReferenceWeights:
-    """A frozen copy of `params`' local shards (taken at construction), swappable into them."""
+    """A frozen copy of the handle's local parameter shards (taken at construction), swappable into them."""
 
-    def __init__(self, params: list[nn.Parameter]):
-        self.params = list(params)
+    def __init__(self, handle):
+        self.handle = handle
+        self.params = list(handle.parameters())
         self.weights = _cpu_copies(self.params)
         self._stash: list[torch.Tensor] | None = None  # training weights while swapped in (allocated once)
 
@@ -43,14 +45,16 @@ class ReferenceWeights:
     def from_full_state_dict(cls, handle, state: dict) -> "ReferenceWeights":
         """Reference weights from full (unsharded) tensors, e.g. another checkpoint; the handle's own
         weights are unchanged afterwards."""
-        current = cls(handle.parameters())
+        current = cls(handle)
+        handle.reshard()
         handle.load_full_state_dict(state)
-        reference = cls(handle.parameters())
+        reference = cls(handle)
         current._write(current.weights)
         return reference
 
     @torch.no_grad()
     def _write(self, source: list[torch.Tensor]) -> None:
+        self.handle.reshard()
         for p, value in zip(self.params, source):
             _local(p).copy_(value, non_blocking=True)
         if torch.cuda.is_available():
