@@ -7,6 +7,7 @@ DPO train step -> metrics / held-out preference accuracy / checkpoint; at the en
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -92,6 +93,29 @@ def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state,
     return to_microbatches(cfg, pair_rows(mine), state, pad_id, t.micro_batch_size)
 
 
+def warmup_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
+    """SFT warm-up batches: the chosen responses of train.global_batch_size pairs drawn by (seed, step)."""
+    t = cfg.train
+    pairs = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed + 1)
+    mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(mine["chosen_input_ids"], mine["chosen_labels"])]
+    return to_microbatches(cfg, rows, state, pad_id, t.micro_batch_size)
+
+
+def sft_warmup(cfg: RunConfig, handle, state, train: datasets.Dataset, pad_id: int) -> None:
+    """dpo.warmup_sft_steps SFT steps on the chosen responses, with an optimizer of their own (constant
+    dpo.warmup_sft_lr after a short warm-up), so DPO starts from (and, with dpo.reference=initial, is
+    anchored to) a model that already writes answers. Deterministic: a resumed run repeats it."""
+    d = cfg.dpo
+    sft_cfg = dataclasses.replace(cfg.train, lr=d.warmup_sft_lr, min_lr=0.0, max_steps=d.warmup_sft_steps,
+                                  warmup_steps=min(20, d.warmup_sft_steps), lr_decay="constant")
+    warm = LMPolicy(handle, state, sft_cfg)
+    for step in range(d.warmup_sft_steps):
+        metrics = warm.sft_train_step(warmup_microbatches(cfg, train, step, state, pad_id))
+        if state.is_rank0 and (step + 1) % 50 == 0:
+            print(f"[dpo] sft warm-up step {step + 1}/{d.warmup_sft_steps}: loss {metrics['loss']:.4f}", flush=True)
+
+
 def eval_microbatches(cfg: RunConfig, eval_ds: datasets.Dataset, state, pad_id: int) -> list[dict]:
     """This rank's share of the held-out pairs (ceil(n / dp) each; a rank left without pairs gets one
     weight-0 pair so every rank runs the same passes)."""
@@ -146,6 +170,8 @@ def run_dpo(cfg: RunConfig) -> None:
                           tokenizer.pad_token_id)
     policy = LMPolicy(handle, state, cfg.train)
     pad = tokenizer.pad_token_id
+    if cfg.dpo.warmup_sft_steps:
+        sft_warmup(cfg, handle, state, data["train"], pad)
     init_reference(cfg, policy)  # before a resume: "initial" means the weights of step 0
 
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
