@@ -1,5 +1,5 @@
-"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2 and 1 vs 4
-microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
+"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2 and
+1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
 weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap."""
 
 import pytest
@@ -9,6 +9,7 @@ from automodel_mimo.config import DPOConfig, ModelConfig, ParallelConfig, RunCon
 from automodel_mimo.data.batching import collate, local_slice, split_microbatches
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.models.build import build_handle, build_model
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.algorithms.dpo import attach_reference, dpo_loss_fn, dpo_train_step
 from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, dpo_loss
 from policies.lm_policy import LMPolicy
@@ -24,8 +25,8 @@ PG = {
 }
 
 
-def _model():
-    return build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(), seed=SEED)
+def _model(packed: bool = False):
+    return build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(), seed=SEED, packed=packed)
 
 
 def _side(n: int, width: int, scale: float, seed: int) -> torch.Tensor:
@@ -60,9 +61,15 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
     local = local_slice(rows, state.dp_rank, parallel.dp)
     results = {}
 
+    cp = parallel.cp
+
     def fresh():
-        handle = build_handle(cfg, _model(), state, pad_id=0)
+        handle = build_handle(cfg, _model(packed=cp > 1), state, pad_id=0)
         return handle, LMPolicy(handle, state, cfg.train)
+
+    def microbatches():  # under cp: padded rows as single segments, this rank's dual-chunk shard
+        mbs = [collate(mb, 0) for mb in split_microbatches(local, micro)]
+        return [shard_batch(as_single_segments(mb, cp, 0), cp, state.cp_rank) for mb in mbs] if cp > 1 else mbs
 
     def perturbed():  # the reference is the initial model; scaled training weights make rewards non-zero
         handle, policy = fresh()
@@ -71,7 +78,7 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
         with torch.no_grad():
             for p in handle.parameters():
                 p.mul_(1.05)
-        return handle, policy, [collate(mb, 0) for mb in split_microbatches(local, micro)]
+        return handle, policy, microbatches()
 
     handle, policy, mbs = perturbed()  # the whole step: reference pass, loss, SGD
     metrics = dpo_train_step(policy, mbs, DPO)
@@ -84,7 +91,7 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
 
     for name, pg_cfg in PG.items():
         handle, policy = fresh()
-        mbs = [collate(mb, 0) for mb in split_microbatches(local, micro)]
+        mbs = microbatches()
         start = mine.start
         for mb, lp in zip(mbs, policy.logprobs(mbs)):
             n = lp.shape[0]
@@ -151,10 +158,10 @@ def reference():
     return rows, _reference(rows)
 
 
-@pytest.mark.parametrize("parallel,micro", [({"dp": 1}, 2), ({"dp": 2}, 4)], ids=["mb4", "dp2"])
+@pytest.mark.parametrize("parallel,micro", [({"dp": 1}, 2), ({"dp": 2}, 4), ({"dp": 1, "cp": 2}, 4)], ids=["mb4", "dp2", "cp2"])
 def test_rl_losses_match_single_process(reference, parallel, micro):
     rows, ref = reference
-    got = run_ranks(_layout, parallel["dp"], parallel, micro, rows)
+    got = run_ranks(_layout, parallel["dp"] * parallel.get("cp", 1), parallel, micro, rows)
     for rank in got:
         for name, r in ref.items():
             g = rank[name]
