@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -92,7 +93,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: bool, max_new: int = 18) -> dict:
-    """Greedy exact match over all rows and over image rows; prompts grouped by length so no padding is needed."""
+    """Greedy exact match (KV cache) over all rows and over image rows; prompts grouped by length: no padding."""
     model.eval()
     stop = set(tokenizer.all_special_ids)
     groups: dict[int, list[int]] = {}
@@ -105,13 +106,12 @@ def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: 
         pixels = torch.cat([processor(images) for images in rows["images"]])
         if blind:
             pixels = torch.zeros_like(pixels)
-        embeds = model.embeddings(ids, pixels)
+        result = model.llm(inputs_embeds=model.embeddings(ids, pixels), use_cache=True)
         out = []
         for _ in range(max_new):
-            logits = model.llm(inputs_embeds=embeds).logits[:, -1]
-            token = logits.argmax(-1)
+            token = result.logits[:, -1].argmax(-1)
             out.append(token)
-            embeds = torch.cat([embeds, model.llm.get_input_embeddings()(token)[:, None]], dim=1)
+            result = model.llm(input_ids=token[:, None], past_key_values=result.past_key_values, use_cache=True)
         out = torch.stack(out, 1).tolist()
         for seq, ref, images in zip(out, rows["reference"], rows["images"]):
             seq = seq[:next((k for k, t in enumerate(seq) if t in stop), len(seq))]
@@ -150,6 +150,7 @@ def main() -> None:
 
     curve = []
     train_s = 0.0
+    cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost (<= threads x wall when idle)
     for step in range(1, args.steps + 1):
         t = time.perf_counter()
         indices = global_batch_indices(step - 1, len(train_rows), args.batch, args.seed)
@@ -166,7 +167,7 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             acc = accuracy(model, data["eval"], processor, tokenizer, args.blind)
             point = {"step": step, "loss": round(loss.item(), 4), **acc, "train_s": round(train_s, 1),
-                     "wall_s": round(time.perf_counter() - t0, 1)}
+                     "cpu_s": round(time.process_time() - cpu0, 1), "load1": os.getloadavg()[0], "wall_s": round(time.perf_counter() - t0, 1)}
             curve.append(point)
             print(json.dumps(point), flush=True)
     if args.out:

@@ -44,6 +44,11 @@ class ImageProcessor:
         if min(self.std) <= 0:
             raise UserInputError(f"data.image_std={list(self.std)}: every value must be > 0")
 
+    @classmethod
+    def from_config(cls, data_cfg) -> "ImageProcessor":
+        """From a DataConfig: data.image_size, data.image_mean, data.image_std."""
+        return cls(data_cfg.image_size, tuple(data_cfg.image_mean), tuple(data_cfg.image_std))
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         if image.size != (self.size, self.size):

@@ -12,11 +12,12 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from automodel_mimo.data.images import _UNDECODED
+from automodel_mimo.data.images import _UNDECODED, load_image_dataset
 from automodel_mimo.data.tokenize import FEATURES as TEXT_FEATURES
 from automodel_mimo.data.tokenize import Message, _chat_ids, _plain_ids, _shifted_labels
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.models.tokenizer import image_token_id
 
 FEATURES = datasets.Features({**TEXT_FEATURES, "num_images": datasets.Value("int64")})
 
@@ -120,3 +121,22 @@ def tokenize_mimo_dataset(
         load_from_cache_file=False, keep_in_memory=True,
     )
     return out.cast_column("images", images)
+
+
+def prepare_mimo_data(cfg, tokenizer: PreTrainedTokenizerBase, tokens_per_image: int) -> datasets.DatasetDict:
+    """Load (data.dataset, data.image_key, ...) and tokenize for a RunConfig; deterministic on every rank.
+
+    Splits "train" and "eval": images, input_ids, labels, prompt_ids, reference, num_images.
+    """
+    d = cfg.data
+    raw = load_image_dataset(
+        d.dataset, seed=cfg.seed, image_key=d.image_key, prompt_key=d.prompt_key, response_key=d.response_key,
+        messages_key=d.messages_key, train_split=d.train_split, eval_split=d.eval_split,
+        eval_fraction=d.eval_fraction, name=d.name, num_train=d.num_train, num_eval=d.num_eval,
+        image_size=d.image_size, text_only_fraction=d.text_only_fraction)
+    placeholder_id = image_token_id(tokenizer)
+    return datasets.DatasetDict({
+        split: tokenize_mimo_dataset(ds, tokenizer, placeholder_id=placeholder_id, tokens_per_image=tokens_per_image,
+                                     max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+                                     truncate=d.truncate, split_name=split)
+        for split, ds in raw.items()})

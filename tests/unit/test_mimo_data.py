@@ -237,3 +237,23 @@ def test_collate_mixed_rows_is_batch_major(tok) -> None:
     assert split_mimo_rows(batch, 1, 2)["pixel_values"].shape == (0, 3, 8, 8)
     text_only = collate_mimo(mimo_rows({k: v[1:2] for k, v in columns.items()}, processor), pad_id=PAD)
     assert text_only["pixel_values"].shape == (0, 3, 8, 8) and text_only["image_counts"].tolist() == [0]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_keys_reach_the_data(tok) -> None:
+    from automodel_mimo.config import load_config
+    from automodel_mimo.data.mimo_tokenize import prepare_mimo_data
+
+    cfg = load_config("sft", overrides=["data.dataset=synthetic:shapes", "data.num_train=6", "data.num_eval=2",
+                                        "data.image_size=16", "data.text_only_fraction=0.5", "data.max_seq_len=64",
+                                        "data.image_mean=[0.0, 0.0, 0.0]", "data.image_std=[1.0, 1.0, 1.0]"])
+    data = prepare_mimo_data(cfg, tok, tokens_per_image=4)
+    assert (data["train"].num_rows, data["eval"].num_rows) == (6, 2)
+    pixels = ImageProcessor.from_config(cfg.data)(data["train"][0]["images"])
+    assert pixels.shape[1:] == (3, 16, 16) and pixels.min() >= 0 and pixels.max() <= 1
+    for bad, key in (("data.image_std=[1.0, 0.0, 1.0]", "data.image_std"), ("data.image_mean=[0.5]", "data.image_mean"),
+                     ("data.text_only_fraction=1.0", "data.text_only_fraction"), ("data.image_size=0", "data.image_size")):
+        with pytest.raises(UserInputError, match=key):
+            load_config("sft", overrides=[bad])
