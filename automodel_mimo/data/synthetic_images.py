@@ -28,8 +28,12 @@ FEATURES = datasets.Features(
 
 
 def _space(image_size: int) -> tuple[range, range]:
-    """Shape sizes (side of the bounding box), and top-left offsets that fit the largest size."""
-    sizes = range(image_size * 5 // 16, image_size // 2 + 1)
+    """Shape sizes (side of the bounding box), and top-left offsets that fit the largest size.
+
+    Sizes vary little (7/16 to 1/2 of the image), so a shape's area (square > circle > triangle) nearly
+    tells it apart: a tiny vision tower trained from scratch learns that in minutes, shape edges take far longer.
+    """
+    sizes = range(image_size * 7 // 16, image_size // 2 + 1)
     return sizes, range(image_size - sizes[-1] + 1)
 
 
