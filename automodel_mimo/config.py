@@ -68,6 +68,12 @@ class DataConfig:
     num_train: int = 20000
     num_eval: int = 500
     digits: int = 2
+    # MIMO (image) data: data/images.py
+    image_key: str = "image"  # image column: an image, a list of images, or image file paths per row
+    image_size: int = 32  # square side the images are resized to (the encoder's image_size)
+    image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB, after scaling pixels to [0, 1]
+    image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    text_only_fraction: float = 0.0  # synthetic:shapes only: share of rows without an image
 
 
 @dataclass
@@ -244,6 +250,16 @@ def _require(cond: bool, message: str) -> None:
         raise UserInputError(message)
 
 
+def _validate_image_data(d: DataConfig) -> None:
+    _require(d.image_size >= 1, f"data.image_size={d.image_size}: must be >= 1")
+    for key in ("image_mean", "image_std"):
+        values = getattr(d, key)
+        _require(len(values) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
+                 f"data.{key}={values}: expected 3 numbers (R, G, B)")
+    _require(all(v > 0 for v in d.image_std), f"data.image_std={d.image_std}: every value must be > 0")
+    _require(0 <= d.text_only_fraction < 1, f"data.text_only_fraction={d.text_only_fraction}: must be in [0, 1)")
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Cross-field checks. Fills parallel.dp when it is None. Raises UserInputError."""
     p, t = cfg.parallel, cfg.train
@@ -304,6 +320,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                  f"data.packed_sequence_size={size} must be a multiple of {pad_multiple(cfg.parallel)} "
                  "(2 * parallel.cp, times parallel.tp with sequence parallelism)")
     _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
+    _validate_image_data(cfg.data)
     for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
         section, name = key.split(".")
         _require(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from automodel_mimo.errors import UserInputError
 
 PAD, BOS, EOS, END = "<|pad|>", "<|bos|>", "<|eos|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, END)
+# Marks where an image goes in a MIMO prompt; tokenization expands each one into the encoder's output rows.
+IMAGE = "<|image|>"
+# Append new specials at the end only: earlier ids are baked into trained checkpoints.
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS, END, IMAGE)
 
 # Each message is `<|role|>content<|end|>` with no other whitespace, so the rendering of
 # messages[:k] (plus the generation prompt) is always a prefix of the rendering of messages[:k+1].
@@ -35,7 +38,7 @@ def _byte_symbols() -> list[str]:
 
 
 def build_default_tokenizer() -> PreTrainedTokenizerFast:
-    """A 263-token byte-level tokenizer with chat special tokens; needs no files or downloads."""
+    """A 264-token byte-level tokenizer with chat and image special tokens; needs no files or downloads."""
     symbols = _byte_symbols()
     # The table must agree with the pre-tokenizer's alphabet or some bytes would be unknown.
     assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
@@ -47,7 +50,7 @@ def build_default_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [*ROLE_TOKENS, END]})
+    tokenizer.add_special_tokens({"additional_special_tokens": [*ROLE_TOKENS, END, IMAGE]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -63,3 +66,13 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of the `<|image|>` placeholder, added as a special token to tokenizers that lack it.
+
+    Adding grows the vocabulary by one: a pretrained LLM then needs its embeddings resized to len(tokenizer).
+    """
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE], special_tokens=True)  # (add_special_tokens kwargs differ across versions)
+    return tokenizer.convert_tokens_to_ids(IMAGE)

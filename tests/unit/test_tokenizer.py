@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from automodel_mimo.models.tokenizer import SPECIAL_TOKENS, build_default_tokenizer, load_tokenizer
+from automodel_mimo.models.tokenizer import IMAGE, SPECIAL_TOKENS, build_default_tokenizer, image_token_id, load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -23,9 +24,9 @@ def tok() -> PreTrainedTokenizerFast:
 
 
 def test_vocab_is_bytes_plus_specials(tok: PreTrainedTokenizerFast) -> None:
-    assert len(tok) == 263
+    assert len(tok) == 264
     assert tok("AZ az")["input_ids"] == [ord(c) for c in "AZ az"]  # id i is byte i
-    assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(256, 263))
+    assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(256, 264))
     assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<|pad|>", "<|bos|>", "<|eos|>")
     assert tok.pad_token_id != tok.eos_token_id
 
@@ -35,6 +36,26 @@ def test_bytes_round_trip(tok: PreTrainedTokenizerFast) -> None:
         ids = tok(text, add_special_tokens=True)["input_ids"]
         assert tok.decode(ids) == text
     assert tok("é")["input_ids"] == list("é".encode())
+
+
+def test_special_token_ids_are_stable(tok: PreTrainedTokenizerFast) -> None:
+    # Trained checkpoints depend on these ids: new specials may only be appended.
+    names = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|image|>"]
+    assert {name: tok.convert_tokens_to_ids(name) for name in names} == dict(zip(names, range(256, 264)))
+    assert image_token_id(tok) == 263 and len(tok) == 264  # present already: nothing is added
+    assert tok(f"a{IMAGE}{IMAGE}b")["input_ids"] == [ord("a"), 263, 263, ord("b")]
+    assert 263 in tok.all_special_ids
+
+
+def test_image_token_is_appended_to_a_tokenizer_without_it() -> None:
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    backend.add_special_tokens(["<|pad|>"])
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>")
+    assert IMAGE not in other.get_vocab()
+    assert image_token_id(other) == 3 and len(other) == 4
+    assert image_token_id(other) == 3 and len(other) == 4  # idempotent
+    assert other(f"a{IMAGE}b")["input_ids"] == [0, 3, 1]
+    assert other.pad_token_id == 2
 
 
 def test_special_tokens_are_single_ids(tok: PreTrainedTokenizerFast) -> None:
@@ -78,7 +99,7 @@ def test_save_and_auto_load_round_trip(tok: PreTrainedTokenizerFast, tmp_path: P
 
 
 def test_load_tokenizer_default_and_path(tmp_path: Path) -> None:
-    assert len(load_tokenizer(None)) == 263
+    assert len(load_tokenizer(None)) == 264
     no_pad = build_default_tokenizer()
     no_pad.pad_token = None
     no_pad.save_pretrained(tmp_path)
