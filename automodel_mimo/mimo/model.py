@@ -108,22 +108,32 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, pl
     return embeds.masked_scatter(mask[..., None], rows.to(embeds.dtype))
 
 
+def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: torch.device, dtype: str = "float32",
+                     global_batch_size: int | None = None) -> dict:
+    """Validated grids of the encoders and the LLM (collective; every rank, same order)."""
+    missing = [n for n in [*encoder_names, LANGUAGE] if n not in layout]
+    if missing:
+        raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
+    specs = [GridSpec.for_module(n, layout[n]) for n in [*encoder_names, LANGUAGE]]
+    return build_grids(specs, device, dtype, global_batch_size, tp_plans={n: vision_tp_plan() for n in encoder_names})
+
+
 class MimoModel:
     """The modules, their grids, states and bridges on this rank. Collective constructor."""
 
     def __init__(self, encoders: dict[str, VisionModule], language: nn.Module, layout: dict[str, dict],
                  device: torch.device, placeholder_id: int, tokens_per_image: int, pad_id: int = 0,
-                 dtype: str = "float32", global_batch_size: int | None = None):
+                 dtype: str = "float32", global_batch_size: int | None = None, grids: dict | None = None):
         from automodel_mimo.models.build import parallelize
 
         if len(encoders) != 1:
             raise UserInputError(f"mimo.encoders: {len(encoders)} encoders; one image encoder is supported so far")
         names = [*encoders, LANGUAGE]
-        missing = [n for n in names if n not in layout]
-        if missing:
-            raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
-        specs = [GridSpec.for_module(n, layout[n]) for n in names]
-        self.grids = build_grids(specs, device, dtype, global_batch_size, tp_plans={n: vision_tp_plan() for n in encoders})
+        if grids is None:  # grids (their process groups) can be shared by several models of one layout
+            grids = build_mimo_grids(layout, list(encoders), device, dtype, global_batch_size)
+        assert list(grids) == names and all(g.spec == GridSpec.for_module(n, layout[n]) for n, g in grids.items()), \
+            "grids built for another layout"
+        self.grids = grids
         self.states = {n: g.parallel_state() for n, g in self.grids.items()}
         self.language_state = self.states[LANGUAGE]
         if self.language_state.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:

@@ -36,6 +36,8 @@ class MimoOptimizer:
         slots = torch.zeros(len(self.parts), dtype=torch.float32, device=device)
         for i, module in enumerate(self.model.modules.values()):
             slots[i] = global_grad_norm(module.parameters(), device) ** 2
+        # NaN would vanish in a MAX reduction; inf survives it, so any rank's inf/NaN reaches every rank
+        slots = torch.nan_to_num(slots, nan=math.inf)
         dist.all_reduce(slots, op=dist.ReduceOp.MAX)
         return slots.sum().sqrt()
 

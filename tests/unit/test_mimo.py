@@ -12,7 +12,7 @@ from automodel_mimo.data.batching import local_slice, split_microbatches
 from automodel_mimo.distributed.grids import GridSpec, build_grids, check_view, validate_layout
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.bridge import Bridge, sibling_groups
-from automodel_mimo.mimo.model import MimoModel
+from automodel_mimo.mimo.model import MimoModel, build_mimo_grids
 from policies.mimo_policy import MimoPolicy
 from tests.unit.mimo_oracle import (
     PLACEHOLDER, TOKENS_PER_IMAGE, build_modules, mimo_collate, mimo_rows, reference_mimo_step)
@@ -133,8 +133,7 @@ def _grid_and_bridge_checks() -> dict:
     return out
 
 
-def test_bridge_bit_exact_and_bad_layouts():
-    per_rank = run_ranks(_grid_and_bridge_checks, 4)
+def _check_bridge_results(per_rank: list[dict]) -> None:
     for rank, result in enumerate(per_rank):
         for name in ("fan-in", "fan-out", "equal", "fan-in-cp2", "fan-out-cp2"):
             assert result[name]["forward"] and result[name]["backward"], (rank, name, result[name])
@@ -147,9 +146,9 @@ def test_bridge_bit_exact_and_bad_layouts():
 # ---------------------------------------------------------------- the oracle: 4 layouts in one 4-rank run
 
 
-def _mimo_model(layout: dict) -> MimoModel:
+def _mimo_model(layout: dict, grids: dict | None = None) -> MimoModel:
     encoders, llm = build_modules(packed=layout["language"].get("cp", 1) > 1)
-    return MimoModel(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH)
+    return MimoModel(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH, grids=grids)
 
 
 def _microbatches(model: MimoModel, rows: list[dict], micro: int) -> list[dict]:
@@ -160,8 +159,9 @@ def _microbatches(model: MimoModel, rows: list[dict], micro: int) -> list[dict]:
 def _layout_steps(rows: list[dict]) -> dict:
     results = {}
     for name, layout, micro in LAYOUTS:
+        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
         for optimizer, clip in OPTIMIZERS:
-            model = _mimo_model(layout)
+            model = _mimo_model(layout, grids)
             policy = MimoPolicy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
             metrics = policy.sft_forward_backward(_microbatches(model, rows, micro))
             grads = full_grads(model.named_parameters())
@@ -169,8 +169,18 @@ def _layout_steps(rows: list[dict]) -> dict:
             params = full_params(model.named_parameters())
             results[name, optimizer] = {**metrics, **({"grads": grads, "params": params} if dist.get_rank() == 0 else {})}
             model.destroy()
-    # a row whose placeholders do not match its images: the same error on every rank, before any forward
+    # a NaN gradient on one rank: every rank skips the step (world consensus), weights unchanged
     model = _mimo_model(LAYOUTS[0][1])
+    policy = MimoPolicy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2))
+    before = full_params(model.named_parameters())
+    policy.sft_forward_backward(_microbatches(model, rows, 2))
+    if dist.get_rank() == 2:
+        grad = dict(model.named_parameters())["vision.projector.fc2.bias"].grad
+        grad.to_local().fill_(float("nan"))
+    step = policy.optimizer_step()
+    after = full_params(model.named_parameters())
+    results["nan_step"] = {"skipped": step["skipped"], "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    # a row whose placeholders do not match its images: the same error on every rank, before any forward
     bad = _microbatches(model, rows, 2)
     if dist.get_rank() == 3:
         bad[1]["input_ids"][0, -1] = PLACEHOLDER
@@ -219,6 +229,7 @@ def test_mimo_oracle_all_layouts(mimo_reference):
                 assert got["skipped"] == 0
             got = per_rank[0][name, optimizer]
             _assert_step_close(got, r, f"{name} {optimizer}")
+    assert all(result["nan_step"] == {"skipped": 1, "unchanged": True} for result in per_rank), [r["nan_step"] for r in per_rank]
     messages = {result.get("mismatch") for result in per_rank}
     assert len(messages) == 1 and "row 0 of microbatch 1 has 5 image placeholder tokens" in messages.pop()
 
@@ -250,9 +261,15 @@ def _save_and_resume(rows: list[dict], out_dir: str) -> dict:
     return {"saved": saved, "resumed": resumed}
 
 
-def test_checkpoint_resumes_under_another_layout(tmp_path):
-    per_rank = run_ranks(_save_and_resume, 4, mimo_rows(seed=5), str(tmp_path))
-    result = per_rank[0]
+def _infrastructure(rows: list[dict], out_dir: str) -> dict:
+    return {"bridge": _grid_and_bridge_checks(), "checkpoint": _save_and_resume(rows, out_dir)}
+
+
+def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
+    """One 4-rank run: the bridge cases and bad layouts, then save under fan-in and resume under cp2."""
+    per_rank = run_ranks(_infrastructure, 4, mimo_rows(seed=5), str(tmp_path))
+    _check_bridge_results([r["bridge"] for r in per_rank])
+    result = per_rank[0]["checkpoint"]
     saved, resumed = result["saved"], result["resumed"]
     assert resumed["step"] == 1
     assert any(k.startswith("vision.") for k in saved["optim"]) and any(k.startswith("language.") for k in saved["optim"])
