@@ -98,12 +98,12 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
         _require(not missing, f"{key}: dims {missing} missing (a module grid has {', '.join(MODULE_DIMS)})")
         for d, size in s.dims:
             _require(size >= 1, f"{key}.{d}={size}: must be >= 1")
+        _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: pipeline parallelism under MIMO is not "
+                 "supported yet; set pp=1")
         _require(s.offset == 0 and s.size == world,
                  f"{key}: spans ranks {s.offset}..{s.offset + s.size - 1} (dp*tp*cp*pp = {s.size}) but launch.nproc = "
                  f"{world}; only colocated layouts (every module on all ranks) are supported so far: make "
                  "dp*tp*cp*pp equal the number of ranks for every module")
-        _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: pipeline parallelism under MIMO is not "
-                 "supported yet; set pp=1")
         if s.name != LANGUAGE:
             _require(s.dim_size("cp") == 1, f"{key}.cp={s.dim_size('cp')}: encoders do not shard the sequence; set cp=1")
     language = next(s for s in specs if s.name == LANGUAGE)

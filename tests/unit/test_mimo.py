@@ -4,10 +4,13 @@ SGD and clipped AdamW — on a batch mixing text-only and image rows, for fan-in
 LLM cp2. Also: the bridge is bit-exact; grids match nemo's enumeration; bad layouts and placeholder
 mismatches fail with the same error on every rank; a checkpoint resumes under another layout."""
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from automodel_mimo.config import load_config
 from automodel_mimo.data.batching import local_slice, split_microbatches
 from automodel_mimo.distributed.grids import GridSpec, build_grids, check_view, validate_layout
 from automodel_mimo.errors import UserInputError
@@ -59,6 +62,36 @@ def test_layout_validation_messages():
     check_view(base, GridSpec("expert", (("pp", 1), ("edp", 2), ("ep", 2), ("etp", 1))), ("pp",))
     assert "groups ranks differently" in _error(
         check_view, base, GridSpec("expert", (("pp", 1), ("tp", 2), ("ep", 2))), ("tp",))
+
+
+MIMO_YAML = """
+model: {config: {model_type: llama, hidden_size: 32}}
+train: {global_batch_size: 8, micro_batch_size: 2}
+mimo:
+  layout: {vision: {dp: 4}, language: {dp: 2, tp: 2}}
+  encoder: {model_type: siglip_vision_model, image_size: 16, patch_size: 8}
+  tokens_per_image: 4
+"""
+
+
+def test_mimo_config_validation(tmp_path):
+    path = tmp_path / "mimo.yaml"
+    path.write_text(MIMO_YAML)
+    cfg = load_config("sft", str(path), world_size=4)
+    assert cfg.mimo.layout["language"] == {"dp": 2, "tp": 2}
+    bad = {
+        "mimo.layout.language.dp=3": "only colocated",
+        "mimo.layout.language.pp=2": "pipeline parallelism",
+        "mimo.layout.language.ep=2": "unknown dims",
+        "mimo.layout={vision: {dp: 4}}": "expected ['language', 'vision']",
+        "train.micro_batch_size=1": "multiple of the dp ratio 2",
+        "train.global_batch_size=6": "global_batch_size=6",
+        "mimo.tokens_per_image=5": "set mimo.tokens_per_image=4",
+        "parallel.tp=2": "leave the parallel section",
+    }
+    for override, message in bad.items():
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            load_config("sft", str(path), [override], world_size=4)
 
 
 def test_sibling_groups():
