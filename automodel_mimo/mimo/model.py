@@ -61,12 +61,24 @@ class VisionModule(nn.Module):
         return self.projector(self.encoder(pixel_values=pixel_values).last_hidden_state)
 
 
-def vision_tp_plan() -> dict:
-    """TP plan for SigLIP/CLIP vision towers (same module names) + projector; activations stay replicated."""
-    layers = "encoder.vision_model.encoder.layers.*."
-    col, row = ColwiseParallel(), RowwiseParallel()
-    return {**{layers + f"self_attn.{p}_proj": col for p in "qkv"}, layers + "self_attn.out_proj": row,
-            layers + "mlp.fc1": col, layers + "mlp.fc2": row, "projector.fc1": col, "projector.fc2": row}
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")
+ROW = ("self_attn.out_proj", "mlp.fc2")
+
+
+def vision_tp_plan(module: VisionModule) -> dict:
+    """TP plan of a SigLIP/CLIP vision tower + projector, from the module's own names (towers nest their
+    layers differently across models and transformers versions): q/k/v and fc1 column-parallel, out_proj
+    and fc2 row-parallel, so activations between blocks stay replicated."""
+    plan = {}
+    for name, _ in module.named_modules():
+        if name.startswith("encoder.") and name.endswith(COLUMN):
+            plan[name] = ColwiseParallel()
+        elif name.startswith("encoder.") and name.endswith(ROW):
+            plan[name] = RowwiseParallel()
+    if not plan:
+        raise UserInputError(f"mimo.encoder: no attention/MLP projections ({', '.join(COLUMN + ROW)}) found in "
+                             f"{type(module.encoder).__name__}; its tensor-parallel plan is unknown, use tp=1 for it")
+    return {**plan, "projector.fc1": ColwiseParallel(), "projector.fc2": RowwiseParallel()}
 
 
 def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector_hidden: int | None = None) -> VisionModule:
@@ -115,7 +127,7 @@ def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: 
     if missing:
         raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
     specs = [GridSpec.for_module(n, layout[n]) for n in [*encoder_names, LANGUAGE]]
-    return build_grids(specs, device, dtype, global_batch_size, tp_plans={n: vision_tp_plan() for n in encoder_names})
+    return build_grids(specs, device, dtype, global_batch_size)
 
 
 class MimoModel:
@@ -139,6 +151,8 @@ class MimoModel:
         if self.language_state.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:
             raise UserInputError("mimo.layout.language.cp > 1 needs the LLM built with packed attention "
                                  "(build_model(..., packed=True))")
+        for n, m in encoders.items():  # nemo has no TP plan for vision towers: ours, read by parallelize_model
+            self.grids[n].mesh_context.strategy_config.tp_plan = vision_tp_plan(m) if self.grids[n].size("tp") > 1 else None
         self.modules: dict[str, nn.Module] = {n: parallelize(m, self.states[n]) for n, m in encoders.items()}
         self.modules[LANGUAGE] = parallelize(language, self.language_state)
         self.encoder_name = names[0]

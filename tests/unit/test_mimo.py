@@ -18,7 +18,7 @@ from automodel_mimo.mimo.bridge import Bridge, sibling_groups
 from automodel_mimo.mimo.model import MimoModel, build_mimo_grids
 from policies.mimo_policy import MimoPolicy
 from tests.unit.mimo_oracle import (
-    PLACEHOLDER, TOKENS_PER_IMAGE, build_modules, mimo_collate, mimo_rows, reference_mimo_step)
+    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_collate, mimo_rows, reference_mimo_step)
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, train_config
 
@@ -200,6 +200,8 @@ def _layout_steps(rows: list[dict]) -> dict:
             grads = full_grads(model.named_parameters())
             metrics.update(policy.optimizer_step())
             params = full_params(model.named_parameters())
+            q = next(p for n, p in model.named_parameters() if n.startswith("vision.") and n.endswith("q_proj.weight"))
+            metrics["vision_q_mesh"] = [getattr(d, "value", d) for d in q.device_mesh.mesh_dim_names]
             results[name, optimizer] = {**metrics, **({"grads": grads, "params": params} if dist.get_rank() == 0 else {})}
             model.destroy()
     # a NaN gradient on one rank: every rank skips the step (world consensus), weights unchanged
@@ -262,6 +264,9 @@ def test_mimo_oracle_all_layouts(mimo_reference):
                 assert got["skipped"] == 0
             got = per_rank[0][name, optimizer]
             _assert_step_close(got, r, f"{name} {optimizer}")
+    # the vision tower's own TP plan is applied where vision tp=2 (q_proj sharded over FSDP x TP)
+    assert "tp" in per_rank[0]["fan-out", "sgd"]["vision_q_mesh"], per_rank[0]["fan-out", "sgd"]["vision_q_mesh"]
+    assert "tp" not in per_rank[0]["fan-in", "sgd"]["vision_q_mesh"]
     assert all(result["nan_step"] == {"skipped": 1, "unchanged": True} for result in per_rank), [r["nan_step"] for r in per_rank]
     messages = {result.get("mismatch") for result in per_rank}
     assert len(messages) == 1 and "row 0 of microbatch 1 has 5 image placeholder tokens" in messages.pop()
@@ -310,3 +315,19 @@ def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
     for kind in ("model", "optim"):
         for key, value in saved[kind].items():
             assert torch.equal(value, resumed[kind][key]), (kind, key)
+
+
+def test_vision_encoder_from_pretrained(tmp_path):
+    """A saved vision tower, and the vision half of a full SigLIP checkpoint, load with their weights."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    from automodel_mimo.mimo.model import build_vision_module
+
+    vision = {k: v for k, v in VISION.items() if k not in ("model_type", "vision_use_head")}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50)
+    for source in (SiglipVisionModel(SiglipVisionConfig(**vision)), SiglipModel(SiglipConfig(text_config=text, vision_config=vision))):
+        source.save_pretrained(tmp_path / type(source).__name__)
+        loaded = build_vision_module({"pretrained": str(tmp_path / type(source).__name__)}, llm_hidden=32, seed=0)
+        expected = getattr(source, "vision_model", source).state_dict()
+        assert isinstance(loaded.encoder, SiglipVisionModel)
+        assert [torch.equal(a, b) for a, b in zip(loaded.encoder.state_dict().values(), expected.values())] == [True] * len(expected)
