@@ -5,6 +5,7 @@ LLM cp2. Also: the bridge is bit-exact; grids match nemo's enumeration; bad layo
 mismatches fail with the same error on every rank; a checkpoint resumes under another layout."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,8 +300,33 @@ def _save_and_resume(rows: list[dict], out_dir: str) -> dict:
     return {"saved": saved, "resumed": resumed}
 
 
+def _sft_loop(rows: list[dict], out_dir: str) -> list[dict]:
+    """run_mimo_sft: 2 steps on the fan-out layout with the built-in tokenizer + an image token."""
+    import json
+
+    from automodel_mimo.algorithms.mimo_sft import run_mimo_sft
+    from automodel_mimo.config import CheckpointConfig, LoggingConfig, MimoConfig, ModelConfig, RunConfig
+    from automodel_mimo.models.tokenizer import load_tokenizer
+    from tests.unit.oracle import TINY
+
+    tokenizer = load_tokenizer(None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    rows = [dict(r, input_ids=[image_id if i == PLACEHOLDER else i for i in r["input_ids"]]) for r in rows]
+    llm = {k: v for k, v in TINY.items() if k not in ("vocab_size", "pad_token_id")}
+    cfg = RunConfig(output_dir=out_dir, model=ModelConfig(config={"model_type": "llama", **llm}),
+                    train=train_config("adamw", 1.0, GLOBAL_BATCH, 2), logging=LoggingConfig(progress=False, tensorboard=False),
+                    checkpoint=CheckpointConfig(every_steps=2),
+                    mimo=MimoConfig(layout=LAYOUTS[1][1], encoder=VISION, tokens_per_image=TOKENS_PER_IMAGE))
+    cfg.train.max_steps = 2
+    run_mimo_sft(cfg, tokenizer, rows, mimo_collate)
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if dist.get_rank() == 0 else []
+    return [json.loads(line) for line in lines]
+
+
 def _infrastructure(rows: list[dict], out_dir: str) -> dict:
-    return {"bridge": _grid_and_bridge_checks(), "checkpoint": _save_and_resume(rows, out_dir)}
+    return {"bridge": _grid_and_bridge_checks(), "checkpoint": _save_and_resume(rows, out_dir),
+            "sft": _sft_loop(rows, out_dir + "/sft")}
 
 
 def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
@@ -315,6 +341,10 @@ def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
     for kind in ("model", "optim"):
         for key, value in saved[kind].items():
             assert torch.equal(value, resumed[kind][key]), (kind, key)
+    # the SFT loop: 2 steps on one repeated batch, loss going down, a checkpoint at step 2
+    steps = per_rank[0]["sft"]
+    assert [m["step"] for m in steps] == [1, 2] and steps[1]["loss"] < steps[0]["loss"], steps
+    assert (tmp_path / "sft" / "checkpoints" / "step_2" / "trainer_state.pt").is_file()
 
 
 def test_vision_encoder_from_pretrained(tmp_path):
