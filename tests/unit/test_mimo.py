@@ -164,6 +164,10 @@ def _grid_and_bridge_checks() -> dict:
     }
     out = {name: _bridge_case(layout) for name, layout in cases.items()}
     out["bad_layouts"] = _bad_layouts()
+    # an expert view of the LLM grid (edp x ep x etp == dp x cp x tp, pp shared): its groups are the spec's
+    language = build_grids([_spec("vision", dp=4), _spec("language", dp=2, tp=2)], CPU)["language"]
+    view = language.view("expert", (("pp", 1), ("edp", 2), ("ep", 2), ("etp", 1)), shared=("pp",))
+    out["ep_group"] = dist.get_process_group_ranks(view["ep"].get_group())
     return out
 
 
@@ -172,6 +176,7 @@ def _check_bridge_results(per_rank: list[dict]) -> None:
         for name in ("fan-in", "fan-out", "equal", "fan-in-cp2", "fan-out-cp2"):
             assert result[name]["forward"] and result[name]["backward"], (rank, name, result[name])
         assert result["fan-in"]["direction"] == "fan_in" and result["fan-out"]["direction"] == "fan_out"
+        assert result["ep_group"] == [[0, 1], [2, 3]][rank // 2]
         assert len(result["bad_layouts"]) == 2 and result["bad_layouts"] == per_rank[0]["bad_layouts"]
     assert "only colocated" in per_rank[0]["bad_layouts"][0]
     assert "global_batch_size=6" in per_rank[0]["bad_layouts"][1]
