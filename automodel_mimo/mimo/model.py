@@ -211,9 +211,11 @@ class MimoModel:
         first, n_img = sum(counts[:enc_rows.start]), sum(counts[enc_rows.start:enc_rows.stop])
         pixels = mb["pixel_values"][first:first + n_img].to(self.device)
         feats = self._encode(pixels)
-        assert feats.dim() == 3 and feats.shape[:2] == (n_img, self.tokens_per_image), (
-            f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image="
-            f"{self.tokens_per_image}, hidden)")
+        if feats.dim() == 3 and feats.shape[1] != self.tokens_per_image:  # same on every rank: no hang
+            raise UserInputError(f"mimo.tokens_per_image={self.tokens_per_image}, but the encoder yields "
+                                 f"{feats.shape[1]} rows per image; set mimo.tokens_per_image={feats.shape[1]}")
+        assert feats.dim() == 3 and feats.shape[0] == n_img, (
+            f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
         block = range(len(counts))
         slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)] if b.scale > 1 else [block]
         slot_rows = [sum(counts[r.start:r.stop]) * self.tokens_per_image for r in slots]
