@@ -130,6 +130,18 @@ class DPOConfig:
 
 
 @dataclass
+class MimoConfig:
+    """Encoder + projector + LLM, each on its own grid of the same ranks (docs/mimo.md). Empty layout: no MIMO."""
+
+    layout: dict = field(default_factory=dict)  # <module>: {dp, tp, cp, pp}; modules: encoder_name and language
+    encoder_name: str = "vision"
+    encoder: dict = field(default_factory=dict)  # {pretrained: path} or HF vision config kwargs incl. model_type
+    projector_hidden: int | None = None  # projector MLP width; None: the LLM's hidden size
+    tokens_per_image: int = 0  # encoder rows (= placeholder tokens) per image
+    placeholder_token: str = "<|image|>"
+
+
+@dataclass
 class RunConfig:
     algo: str = "sft"
     seed: int = 1234
@@ -143,6 +155,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    mimo: MimoConfig = field(default_factory=MimoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -296,9 +309,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
              "make the product equal the number of ranks")
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
-    _require(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
-             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size*parallel.dp = "
-             f"{t.micro_batch_size}*{p.dp}; pick a global batch that is a multiple of {t.micro_batch_size * p.dp}")
+    if cfg.mimo.layout:
+        validate_mimo(cfg, world)
+    else:
+        _require(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
+                 f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size*parallel.dp = "
+                 f"{t.micro_batch_size}*{p.dp}; pick a global batch that is a multiple of {t.micro_batch_size * p.dp}")
     _require(t.optimizer in ("adamw", "sgd"), f"train.optimizer={t.optimizer}: use adamw or sgd")
     _require(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay={t.lr_decay}: use cosine, linear or constant")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
@@ -351,3 +367,47 @@ def validate_dpo(cfg: RunConfig) -> None:
              f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch must hold whole "
              "(chosen, rejected) pairs under dpo; make it even")
     _require(not cfg.data.packing, "data.packing=true is not supported by dpo (pairs are rows); set data.packing=false")
+
+
+MIMO_DIMS = ("dp", "tp", "cp", "pp")
+
+
+def validate_mimo(cfg: RunConfig, world: int) -> None:
+    """The MIMO section and its layout (grids.validate_layout: colocated, pp=1, dp nesting, batch divisibility)."""
+    from automodel_mimo.distributed.grids import LANGUAGE, GridSpec, validate_layout
+
+    m, p, t = cfg.mimo, cfg.parallel, cfg.train
+    _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
+             "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
+             "leave the parallel section at its defaults")
+    _require(not cfg.data.packing, "data.packing is not supported with mimo yet; set data.packing=false")
+    modules = {m.encoder_name, LANGUAGE}
+    _require(set(m.layout) == modules,
+             f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")
+    for name, sizes in m.layout.items():
+        _require(isinstance(sizes, dict), f"mimo.layout.{name}: expected a mapping such as {{dp: 2, tp: 2}}")
+        unknown = set(sizes) - set(MIMO_DIMS)
+        _require(not unknown, f"mimo.layout.{name}: unknown dims {sorted(unknown)}; use {', '.join(MIMO_DIMS)}")
+        for dim, size in sizes.items():
+            _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+                     f"mimo.layout.{name}.{dim}={size!r}: must be an integer >= 1")
+    specs = [GridSpec.for_module(n, m.layout[n]) for n in (m.encoder_name, LANGUAGE)]
+    validate_layout(specs, world, t.global_batch_size)
+    dps = [s.dim_size("dp") for s in specs]
+    per_rank, scale = t.global_batch_size // min(dps), max(dps) // min(dps)
+    _require(per_rank % t.micro_batch_size == 0,
+             f"train.micro_batch_size={t.micro_batch_size} must divide the {per_rank} rows each rank receives "
+             f"(train.global_batch_size / smallest module dp = {t.global_batch_size} / {min(dps)})")
+    _require(t.micro_batch_size % scale == 0,
+             f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {scale} between the "
+             "modules: each microbatch is split over that many dp slots of the module with more dp ranks")
+    _require(bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
+             "mimo.encoder: set pretrained (a vision tower or CLIP/SigLIP checkpoint) or model_type "
+             "(e.g. siglip_vision_model) with its config")
+    _require(m.tokens_per_image >= 1, f"mimo.tokens_per_image={m.tokens_per_image}: must be >= 1 (encoder rows per image)")
+    if m.encoder.get("model_type") == "siglip_vision_model" and "image_size" in m.encoder and "patch_size" in m.encoder:
+        patches = (m.encoder["image_size"] // m.encoder["patch_size"]) ** 2
+        _require(m.tokens_per_image == patches,
+                 f"mimo.tokens_per_image={m.tokens_per_image}, but the SigLIP encoder yields (image_size / patch_size)^2 "
+                 f"= {patches} rows per image; set mimo.tokens_per_image={patches}")
+    _require(bool(m.placeholder_token), "mimo.placeholder_token: must be a non-empty token string")

@@ -50,6 +50,9 @@ def shard_batch(batch: dict, cp: int, rank: int) -> dict:
     for key in SHARDED_KEYS:
         if key in batch:
             out[key] = batch[key].gather(1, index)
+    if "inputs_embeds" in batch:  # [B, T, H] (MIMO: spliced embeddings of the full sequence)
+        embeds = batch["inputs_embeds"]
+        out["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
     return out
 
 

@@ -1,0 +1,1 @@
+"""MIMO: modality encoders + projectors + one language model, each on its own grid of the same ranks."""

@@ -1,0 +1,310 @@
+"""MimoModel: a vision encoder + projector and an HF causal LM, each parallelized on its own grid.
+
+Colocated layouts: every module spans all ranks with its own (dp, tp, cp) factorization. Each module is
+parallelized by nemo-automodel's `parallelize_model` (FSDP2, SUM gradient reduction, TP) on its own
+MeshContext (distributed/grids.py). nemo has no TP plan for HF vision towers, so `vision_tp_plan` is ours
+(q/k/v and fc1 column-parallel, out_proj and fc2 row-parallel, the projector likewise).
+
+Data: every rank receives the rows of its dp block of the module with the FEWEST dp ranks (the coarse
+grid, `data_parallel()`); that block is `scale` slots of the finer module, which takes its own slot's rows
+(bridge.py). One microbatch:
+  1. the encoder runs on the images of its rows -> (images, tokens_per_image, llm hidden), batch-major;
+  2. the bridge moves those rows to this rank's LLM rows;
+  3. the LLM's text embeddings get the placeholder positions overwritten, in order, by those rows;
+  4. under LLM cp the full spliced sequence is sharded (dual chunk swap) together with its positions, so
+     RoPE sees global positions and the embedding gradient of every chunk reaches the bridge (which sums
+     it over cp);
+  5. the LLM runs on `inputs_embeds` and returns logits (vocab-sharded DTensor under TP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from automodel_mimo.distributed.grids import LANGUAGE, GridSpec, build_grids
+from automodel_mimo.errors import UserInputError
+from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.mimo.bridge import Bridge
+from automodel_mimo.models import packed_attention
+from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, shard_batch
+
+TEXT_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from the encoder's hidden size to the LLM's."""
+
+    def __init__(self, in_size: int, out_size: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or out_size
+        self.fc1, self.act, self.fc2 = nn.Linear(in_size, hidden), nn.GELU(), nn.Linear(hidden, out_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionModule(nn.Module):
+    """An HF vision tower (SigLIP / CLIP vision model) and its projector: one MIMO module, one grid."""
+
+    def __init__(self, encoder: nn.Module, projector: Projector):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+        self.config = encoder.config  # nemo's parallelizer checks heads against tp on it
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, C, H, W) -> (images, tokens_per_image, llm hidden)."""
+        return self.projector(self.encoder(pixel_values=pixel_values).last_hidden_state)
+
+
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")
+ROW = ("self_attn.out_proj", "mlp.fc2")
+
+
+def vision_tp_plan(module: VisionModule) -> dict:
+    """TP plan of a SigLIP/CLIP vision tower + projector, from the module's own names (towers nest their
+    layers differently across models and transformers versions): q/k/v and fc1 column-parallel, out_proj
+    and fc2 row-parallel, so activations between blocks stay replicated."""
+    plan = {}
+    for name, _ in module.named_modules():
+        if name.startswith("encoder.") and name.endswith(COLUMN):
+            plan[name] = ColwiseParallel()
+        elif name.startswith("encoder.") and name.endswith(ROW):
+            plan[name] = RowwiseParallel()
+    if not plan:
+        raise UserInputError(f"mimo.encoder: no attention/MLP projections ({', '.join(COLUMN + ROW)}) found in "
+                             f"{type(module.encoder).__name__}; its tensor-parallel plan is unknown, use tp=1 for it")
+    return {**plan, "projector.fc1": ColwiseParallel(), "projector.fc2": RowwiseParallel()}
+
+
+def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector_hidden: int | None = None) -> VisionModule:
+    """From `{"pretrained": path}` (a vision-tower checkpoint, or a full CLIP/SigLIP one) or HF config kwargs
+    with model_type (e.g. siglip_vision_model, clip_vision_model). Same seed -> same weights on every rank."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(seed)
+    cfg = dict(encoder_cfg)
+    if cfg.get("pretrained"):
+        config = AutoConfig.from_pretrained(cfg["pretrained"])
+        config = getattr(config, "vision_config", config)
+        cls = AutoModel._model_mapping[type(config)]
+        encoder = cls.from_pretrained(cfg["pretrained"], config=config, dtype=torch.float32)
+    else:
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise UserInputError("mimo.encoder.model_type: missing; e.g. siglip_vision_model or clip_vision_model")
+        encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.float32)
+    projector = Projector(encoder.config.hidden_size, llm_hidden, projector_hidden)
+    return VisionModule(encoder, projector)
+
+
+def slot_range(n_rows: int, scale: int, slot: int) -> range:
+    if n_rows % scale:
+        raise UserInputError(f"a microbatch of {n_rows} rows cannot be split over {scale} dp slots of the finer module; "
+                             f"make train.micro_batch_size a multiple of {scale}")
+    size = n_rows // scale
+    return range(slot * size, (slot + 1) * size)
+
+
+def splice(embeds: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, placeholder_id: int) -> torch.Tensor:
+    """Placeholder positions of `embeds` (row-major = batch-major order) overwritten by `rows`, in order."""
+    mask = input_ids == placeholder_id
+    n = int(mask.sum())
+    if n != rows.shape[0]:
+        raise UserInputError(f"{n} image placeholder tokens but {rows.shape[0]} encoder rows; every image needs "
+                             "exactly tokens_per_image placeholders in its row")
+    return embeds.masked_scatter(mask[..., None], rows.to(embeds.dtype))
+
+
+def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: torch.device, dtype: str = "float32",
+                     global_batch_size: int | None = None) -> dict:
+    """Validated grids of the encoders and the LLM (collective; every rank, same order)."""
+    missing = [n for n in [*encoder_names, LANGUAGE] if n not in layout]
+    if missing:
+        raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
+    specs = [GridSpec.for_module(n, layout[n]) for n in [*encoder_names, LANGUAGE]]
+    return build_grids(specs, device, dtype, global_batch_size)
+
+
+class MimoModel:
+    """The modules, their grids, states and bridges on this rank. Collective constructor."""
+
+    def __init__(self, encoders: dict[str, VisionModule], language: nn.Module, layout: dict[str, dict],
+                 device: torch.device, placeholder_id: int, tokens_per_image: int, pad_id: int = 0,
+                 dtype: str = "float32", global_batch_size: int | None = None, grids: dict | None = None):
+        from automodel_mimo.models.build import parallelize
+
+        if len(encoders) != 1:
+            raise UserInputError(f"mimo.encoders: {len(encoders)} encoders; one image encoder is supported so far")
+        names = [*encoders, LANGUAGE]
+        if grids is None:  # grids (their process groups) can be shared by several models of one layout
+            grids = build_mimo_grids(layout, list(encoders), device, dtype, global_batch_size)
+        assert list(grids) == names and all(g.spec == GridSpec.for_module(n, layout[n]) for n, g in grids.items()), \
+            "grids built for another layout"
+        self.grids = grids
+        self.states = {n: g.parallel_state() for n, g in self.grids.items()}
+        self.language_state = self.states[LANGUAGE]
+        if self.language_state.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:
+            raise UserInputError("mimo.layout.language.cp > 1 needs the LLM built with packed attention "
+                                 "(build_model(..., packed=True))")
+        for n, m in encoders.items():  # nemo has no TP plan for vision towers: ours, read by parallelize_model
+            self.grids[n].mesh_context.strategy_config.tp_plan = vision_tp_plan(m) if self.grids[n].size("tp") > 1 else None
+        self.modules: dict[str, nn.Module] = {n: parallelize(m, self.states[n]) for n, m in encoders.items()}
+        self.modules[LANGUAGE] = parallelize(language, self.language_state)
+        self.encoder_name = names[0]
+        self.bridge = Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE])
+        self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
+
+    # ------------------------------------------------------------ layout
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of this rank's block of the global batch: the dp block of the coarsest module."""
+        coarse = min(self.grids.values(), key=lambda g: g.size("dp"))
+        return coarse.local_rank("dp"), coarse.size("dp")
+
+    def _rows(self, n_rows: int) -> tuple[range, range]:
+        """Rows of a coarse-block microbatch used by (the encoder, the LLM) on this rank."""
+        b = self.bridge
+        fine = slot_range(n_rows, b.scale, b.slot)
+        return (fine, range(n_rows)) if b.direction == "fan_in" else (range(n_rows), fine)
+
+    def language_rows(self, mb: dict) -> dict:
+        """The text of this rank's LLM rows, with `loss_mask`, before any cp sharding."""
+        _, rows = self._rows(mb["input_ids"].shape[0])
+        out = {k: mb[k][rows.start:rows.stop] for k in TEXT_KEYS if k in mb}
+        if "loss_mask" not in out:
+            out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
+        return out
+
+    # ------------------------------------------------------------ compute
+    def check_batch(self, microbatches: list[dict]) -> None:
+        """Collective: placeholders per row == image_counts * tokens_per_image and pixel rows == images, on
+        every rank; any mismatch raises the same UserInputError everywhere (no rank enters a forward alone)."""
+        problem = ""
+        for i, mb in enumerate(microbatches):
+            counts = mb["image_counts"]
+            found = (mb["input_ids"] == self.placeholder_id).sum(1).cpu()
+            expected = counts.cpu() * self.tokens_per_image
+            if not torch.equal(found, expected):
+                row = int((found != expected).nonzero()[0])
+                problem = (f"row {row} of microbatch {i} has {int(found[row])} image placeholder tokens but "
+                           f"{int(counts[row])} image(s) x tokens_per_image={self.tokens_per_image} = "
+                           f"{int(expected[row])} encoder rows")
+            elif mb["pixel_values"].shape[0] != int(counts.sum()):
+                problem = f"microbatch {i}: {mb['pixel_values'].shape[0]} images in pixel_values, image_counts sum to {int(counts.sum())}"
+            if problem:
+                break
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        first = next((p for p in problems if p), None)
+        if first:
+            raise UserInputError(f"MIMO batch: {first}; every image needs exactly tokens_per_image placeholders in its row")
+
+    def forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
+        """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch they belong to."""
+        counts = mb["image_counts"].tolist()
+        enc_rows, _ = self._rows(len(counts))
+        b = self.bridge
+        first, n_img = sum(counts[:enc_rows.start]), sum(counts[enc_rows.start:enc_rows.stop])
+        pixels = mb["pixel_values"][first:first + n_img].to(self.device)
+        feats = self._encode(pixels)
+        if feats.dim() == 3 and feats.shape[1] != self.tokens_per_image:  # same on every rank: no hang
+            raise UserInputError(f"mimo.tokens_per_image={self.tokens_per_image}, but the encoder yields "
+                                 f"{feats.shape[1]} rows per image; set mimo.tokens_per_image={feats.shape[1]}")
+        assert feats.dim() == 3 and feats.shape[0] == n_img, (
+            f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
+        block = range(len(counts))
+        slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)] if b.scale > 1 else [block]
+        slot_rows = [sum(counts[r.start:r.stop]) * self.tokens_per_image for r in slots]
+        rows = b(feats.reshape(-1, feats.shape[-1]), slot_rows)
+        return self._language_forward(self.language_rows(mb), rows)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encoder + projector. A rank without images still runs them (its FSDP/TP collectives are shared):
+        on one blank image whose rows are then dropped (HF vision towers cannot reshape a batch of 0)."""
+        encoder = self.modules[self.encoder_name]
+        if pixels.shape[0] > 0:
+            return encoder(pixels)
+        c = encoder.config
+        blank = torch.zeros(1, c.num_channels, c.image_size, c.image_size, device=self.device)
+        return encoder(blank)[:0]
+
+    def _language_forward(self, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The LLM runs on the full text ids; a hook on its input embedding splices the encoder rows into
+        the full sequence's embeddings and then (cp > 1) keeps this cp rank's chunks — inside the LLM's own
+        forward, which FSDP needs to run first (the embedding is one of its units)."""
+        llm, state = self.modules[LANGUAGE], self.language_state
+        cp = state.cp_size
+        if cp > 1:
+            batch = as_single_segments(batch, cp, self.pad_id)  # full padded sequence, global positions
+        full_ids = batch["input_ids"]
+
+        def splice_then_shard(module, args, embeds):
+            spliced = splice(embeds, full_ids, rows, self.placeholder_id)
+            if cp == 1:
+                return spliced
+            return shard_batch({"input_ids": full_ids, "inputs_embeds": spliced, "cu_seqlens_padded": batch["cu_seqlens_padded"]},
+                               cp, state.cp_rank)["inputs_embeds"]
+
+        local = shard_batch(batch, cp, state.cp_rank)  # labels, loss mask, positions (no-op when cp == 1)
+        inputs = {k: local[k] for k in ("attention_mask", "position_ids") if k in local}
+        hook = llm.get_input_embeddings().register_forward_hook(splice_then_shard)
+        try:
+            with cp_attention(state.cp_group if cp > 1 else None):
+                logits = llm(input_ids=full_ids, **inputs, use_cache=False).logits
+        finally:
+            hook.remove()
+        return logits, local
+
+    # ------------------------------------------------------------ modes, parameters, gradient sync
+    def train(self) -> "MimoModel":
+        for m in self.modules.values():
+            m.train()
+        return self
+
+    def eval(self) -> "MimoModel":
+        for m in self.modules.values():
+            m.eval()
+        return self
+
+    def named_parameters(self):
+        for name, module in self.modules.items():
+            for n, p in module.named_parameters():
+                yield f"{name}.{n}", p
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        for module in self.modules.values():
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(enabled)
+
+    # ------------------------------------------------------------ state (keys: <module>.<param>)
+    def state_dict(self) -> dict:
+        return {f"{name}.{k}": v for name, m in self.modules.items() for k, v in get_model_state_dict(m).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.modules.items():
+            set_model_state_dict(m, _strip(state, name))
+
+    def full_state_dict(self) -> dict:
+        """Full tensors on CPU (collective)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        return {f"{name}.{k}": v for name, m in self.modules.items()
+                for k, v in get_model_state_dict(m, options=options).items()}
+
+    def load_full_state_dict(self, state: dict) -> None:
+        for name, m in self.modules.items():
+            set_model_state_dict(m, _strip(state, name), options=StateDictOptions(full_state_dict=True))
+
+    def destroy(self) -> None:
+        self.bridge.destroy()
+
+
+def _strip(state: dict, module: str) -> dict:
+    prefix = module + "."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

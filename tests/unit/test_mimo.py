@@ -1,0 +1,368 @@
+"""MIMO oracle (NUMERICS.md): SigLIP + projector + Llama on heterogeneous colocated grids equals the
+single-process reference — loss, global grad norm, every encoder AND LLM gradient, post-step weights with
+SGD and clipped AdamW — on a batch mixing text-only and image rows, for fan-in, fan-out, equal dp and
+LLM cp2. Also: the bridge is bit-exact; grids match nemo's enumeration; bad layouts and placeholder
+mismatches fail with the same error on every rank; a checkpoint resumes under another layout."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from automodel_mimo.config import load_config
+from automodel_mimo.data.batching import local_slice, split_microbatches
+from automodel_mimo.distributed.grids import GridSpec, build_grids, check_view, validate_layout
+from automodel_mimo.errors import UserInputError
+from automodel_mimo.mimo.bridge import Bridge, sibling_groups
+from automodel_mimo.mimo.model import MimoModel, build_mimo_grids
+from policies.mimo_policy import MimoPolicy
+from tests.unit.mimo_oracle import (
+    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_collate, mimo_rows, reference_mimo_step)
+from tests.unit.multirank import run_ranks
+from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, train_config
+
+GLOBAL_BATCH = 8
+OPTIMIZERS = [("sgd", 0.0), ("adamw", 0.5)]
+CPU = torch.device("cpu")
+
+# (name, layout, micro_batch_size): every layout on 4 ranks
+LAYOUTS = [
+    ("fan-in", {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}, 2),
+    ("fan-out", {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 4}}, 2),
+    ("equal", {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}, 4),
+    ("cp2-fan-in", {"vision": {"dp": 4}, "language": {"dp": 2, "cp": 2}}, 2),
+]
+
+
+def _spec(name, **sizes):
+    return GridSpec.for_module(name, sizes)
+
+
+# ---------------------------------------------------------------- pure layout checks (no process group)
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(UserInputError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_layout_validation_messages():
+    assert "do not nest" in _error(validate_layout, [_spec("vision", dp=3, tp=2), _spec("language", dp=2, tp=3)], 6)
+    # dp innermost in one grid: blocks {0,2},{1,3} against {0,1},{2,3}
+    strided = GridSpec("vision", (("pp", 1), ("tp", 2), ("cp", 1), ("dp", 2)))
+    assert "do not nest" in _error(validate_layout, [strided, _spec("language", dp=2, tp=2)], 4)
+    assert "only colocated" in _error(validate_layout, [_spec("vision", dp=2), _spec("language", dp=4)], 4)
+    assert "pipeline parallelism" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)
+    assert "encoders do not shard" in _error(validate_layout, [_spec("vision", dp=2, cp=2), _spec("language", dp=4)], 4)
+    assert "missing" in _error(validate_layout, [_spec("vision", dp=4)], 4)
+    assert "global_batch_size=6" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", dp=2, tp=2)], 4, 6)
+    base = _spec("language", dp=2, cp=1, tp=2)
+    check_view(base, GridSpec("expert", (("pp", 1), ("edp", 2), ("ep", 2), ("etp", 1))), ("pp",))
+    assert "groups ranks differently" in _error(
+        check_view, base, GridSpec("expert", (("pp", 1), ("tp", 2), ("ep", 2))), ("tp",))
+
+
+MIMO_YAML = """
+model: {config: {model_type: llama, hidden_size: 32}}
+train: {global_batch_size: 8, micro_batch_size: 2}
+mimo:
+  layout: {vision: {dp: 4}, language: {dp: 2, tp: 2}}
+  encoder: {model_type: siglip_vision_model, image_size: 16, patch_size: 8}
+  tokens_per_image: 4
+"""
+
+
+def test_mimo_config_validation(tmp_path):
+    path = tmp_path / "mimo.yaml"
+    path.write_text(MIMO_YAML)
+    cfg = load_config("sft", str(path), world_size=4)
+    assert cfg.mimo.layout["language"] == {"dp": 2, "tp": 2}
+    bad = {
+        "mimo.layout.language.dp=3": "only colocated",
+        "mimo.layout.language.pp=2": "pipeline parallelism",
+        "mimo.layout.language.ep=2": "unknown dims",
+        "mimo.layout={vision: {dp: 4}}": "expected ['language', 'vision']",
+        "train.micro_batch_size=1": "multiple of the dp ratio 2",
+        "train.global_batch_size=6": "global_batch_size=6",
+        "mimo.tokens_per_image=5": "set mimo.tokens_per_image=4",
+        "parallel.tp=2": "leave the parallel section",
+    }
+    for override, message in bad.items():
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            load_config("sft", str(path), [override], world_size=4)
+
+
+def test_sibling_groups():
+    # fan-in: the two encoder dp ranks feeding one LLM dp block, per encoder tp index
+    assert sibling_groups(_spec("vision", dp=4), _spec("language", dp=2, tp=2)) == [[0, 1], [2, 3]]
+    # fan-out: per (encoder dp block, LLM tp/cp coordinate), in LLM dp order
+    assert sibling_groups(_spec("vision", dp=1, tp=4), _spec("language", dp=2, tp=2)) == [[0, 2], [1, 3]]
+    assert sibling_groups(_spec("vision", dp=2, tp=2), _spec("language", dp=2, tp=2)) == []
+
+
+# ---------------------------------------------------------------- bridge: bit-exact, 4 ranks
+
+
+def _bridge_case(layout: dict) -> dict:
+    """Bridge forward/backward on variable rows per sample vs slicing the global tensor directly."""
+    grids = build_grids([_spec("vision", **layout["vision"]), _spec("language", **layout["language"])], CPU)
+    enc, lm = grids["vision"], grids["language"]
+    bridge = Bridge(enc, lm)
+    g = torch.Generator().manual_seed(0)
+    per_sample = [3, 0, 2, 1, 0, 0, 4, 1]  # rows each sample contributes (text-only samples: 0)
+    x = torch.randn(sum(per_sample), 5, generator=g)
+    w = torch.randn(sum(per_sample), 5, generator=g)
+
+    def rows_of(samples: range) -> slice:
+        return slice(sum(per_sample[:samples.start]), sum(per_sample[:samples.stop]))
+
+    def samples_of(grid) -> range:
+        n = len(per_sample) // grid.size("dp")
+        return range(grid.local_rank("dp") * n, (grid.local_rank("dp") + 1) * n)
+
+    enc_rows, lm_rows = rows_of(samples_of(enc)), rows_of(samples_of(lm))
+    coarse = enc if enc.size("dp") <= lm.size("dp") else lm
+    block = samples_of(coarse)
+    step = len(block) // bridge.scale
+    slot_rows = [sum(per_sample[block.start + s * step: block.start + (s + 1) * step]) for s in range(bridge.scale)]
+    mine = x[enc_rows].clone().requires_grad_(True)
+    out = bridge(mine, slot_rows)
+    # under cp each cp rank's loss sees only its share of the rows (its sequence chunks)
+    cp, cp_rank = lm.size("cp"), lm.local_rank("cp")
+    share = torch.zeros(out.shape[0], 1)
+    share[cp_rank::cp] = 1
+    (out * w[lm_rows] * share).sum().backward()
+    result = {"forward": torch.equal(out, x[lm_rows]), "backward": torch.equal(mine.grad, w[enc_rows]),
+              "direction": bridge.direction}
+    bridge.destroy()
+    return result
+
+
+def _bad_layouts() -> list[str]:
+    """Each bad layout raises the same error on every rank before any group exists (no hang)."""
+    messages = []
+    for layout in ({"vision": {"dp": 2}, "language": {"dp": 4}},  # vision spans 2 of 4 ranks
+                   {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}):  # batch 6 not divisible by dp 4
+        try:
+            build_grids([_spec(n, **s) for n, s in layout.items()], CPU, global_batch_size=6)
+        except UserInputError as e:
+            messages.append(str(e))
+    dist.barrier()  # every rank is still in step
+    return messages
+
+
+def _grid_and_bridge_checks() -> dict:
+    cases = {
+        "fan-in": {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}},
+        "fan-out": {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 4}},
+        "equal": {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "cp": 2}},
+        "fan-in-cp2": {"vision": {"dp": 4}, "language": {"dp": 2, "cp": 2}},
+        "fan-out-cp2": {"vision": {"dp": 1, "tp": 4}, "language": {"dp": 2, "cp": 2}},
+    }
+    out = {name: _bridge_case(layout) for name, layout in cases.items()}
+    out["bad_layouts"] = _bad_layouts()
+    # an expert view of the LLM grid (edp x ep x etp == dp x cp x tp, pp shared): its groups are the spec's
+    language = build_grids([_spec("vision", dp=4), _spec("language", dp=2, tp=2)], CPU)["language"]
+    view = language.view("expert", (("pp", 1), ("edp", 2), ("ep", 2), ("etp", 1)), shared=("pp",))
+    out["ep_group"] = dist.get_process_group_ranks(view["ep"].get_group())
+    return out
+
+
+def _check_bridge_results(per_rank: list[dict]) -> None:
+    for rank, result in enumerate(per_rank):
+        for name in ("fan-in", "fan-out", "equal", "fan-in-cp2", "fan-out-cp2"):
+            assert result[name]["forward"] and result[name]["backward"], (rank, name, result[name])
+        assert result["fan-in"]["direction"] == "fan_in" and result["fan-out"]["direction"] == "fan_out"
+        assert result["ep_group"] == [[0, 1], [2, 3]][rank // 2]
+        assert len(result["bad_layouts"]) == 2 and result["bad_layouts"] == per_rank[0]["bad_layouts"]
+    assert "only colocated" in per_rank[0]["bad_layouts"][0]
+    assert "global_batch_size=6" in per_rank[0]["bad_layouts"][1]
+
+
+# ---------------------------------------------------------------- the oracle: 4 layouts in one 4-rank run
+
+
+def _mimo_model(layout: dict, grids: dict | None = None) -> MimoModel:
+    encoders, llm = build_modules(packed=layout["language"].get("cp", 1) > 1)
+    return MimoModel(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH, grids=grids)
+
+
+def _microbatches(model: MimoModel, rows: list[dict], micro: int) -> list[dict]:
+    index, count = model.data_parallel()
+    return [mimo_collate(mb) for mb in split_microbatches(local_slice(rows, index, count), micro)]
+
+
+def _layout_steps(rows: list[dict]) -> dict:
+    results = {}
+    for name, layout, micro in LAYOUTS:
+        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
+        for optimizer, clip in OPTIMIZERS:
+            model = _mimo_model(layout, grids)
+            policy = MimoPolicy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
+            metrics = policy.sft_forward_backward(_microbatches(model, rows, micro))
+            grads = full_grads(model.named_parameters())
+            metrics.update(policy.optimizer_step())
+            params = full_params(model.named_parameters())
+            q = next(p for n, p in model.named_parameters() if n.startswith("vision.") and n.endswith("q_proj.weight"))
+            metrics["vision_q_mesh"] = [getattr(d, "value", d) for d in q.device_mesh.mesh_dim_names]
+            results[name, optimizer] = {**metrics, **({"grads": grads, "params": params} if dist.get_rank() == 0 else {})}
+            model.destroy()
+    # a NaN gradient on one rank: every rank skips the step (world consensus), weights unchanged
+    model = _mimo_model(LAYOUTS[0][1])
+    policy = MimoPolicy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2))
+    before = full_params(model.named_parameters())
+    policy.sft_forward_backward(_microbatches(model, rows, 2))
+    if dist.get_rank() == 2:
+        grad = dict(model.named_parameters())["vision.projector.fc2.bias"].grad
+        grad.to_local().fill_(float("nan"))
+    step = policy.optimizer_step()
+    after = full_params(model.named_parameters())
+    results["nan_step"] = {"skipped": step["skipped"], "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    # a row whose placeholders do not match its images: the same error on every rank, before any forward
+    bad = _microbatches(model, rows, 2)
+    if dist.get_rank() == 3:
+        bad[1]["input_ids"][0, -1] = PLACEHOLDER
+    try:
+        MimoPolicy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2)).sft_forward_backward(bad)
+    except UserInputError as e:
+        results["mismatch"] = str(e)
+    return results
+
+
+def _assert_step_close(got: dict, ref: dict, what: str) -> None:
+    """rel err < TOL for every gradient and post-step weight, except the gradients that are zero in exact
+    math (SigLIP's key biases: the softmax ignores them) and those zero-initialized biases after the step:
+    their rounding noise is compared in absolute terms, below 1e-6 x the largest gradient (weight) norm."""
+    floor = 1e-6 * max(float(g.norm()) for g in ref["grads"].values())
+    zero = {n for n, g in ref["grads"].items() if float(g.norm()) < floor}
+    assert all(float(got["grads"][n].norm()) < floor for n in zero), {n: float(got["grads"][n].norm()) for n in zero}
+    weight_floor = 1e-6 * max(float(p.norm()) for p in ref["params"].values())
+    assert all(float((got["params"][n] - ref["params"][n]).norm()) < weight_floor for n in zero)
+    for kind in ("grads", "params"):
+        assert_tensors_close({n: g for n, g in got[kind].items() if n not in zero},
+                             {n: g for n, g in ref[kind].items() if n not in zero}, f"{what} {kind}")
+
+
+@pytest.fixture(scope="module")
+def mimo_reference():
+    rows = mimo_rows(seed=5)
+    ref = {}
+    for optimizer, clip in OPTIMIZERS:
+        cfg = train_config(optimizer, clip, GLOBAL_BATCH, GLOBAL_BATCH)
+        ref[optimizer] = reference_mimo_step(rows, optimizer, cfg.lr, cfg.eps, cfg.weight_decay, clip)
+    assert ref["adamw"]["grad_norm"] > 0.5, "the clip must be active for the AdamW check to cover it"
+    return rows, ref
+
+
+def test_mimo_oracle_all_layouts(mimo_reference):
+    rows, ref = mimo_reference
+    per_rank = run_ranks(_layout_steps, 4, rows)
+    for name, _, _ in LAYOUTS:
+        for optimizer, _ in OPTIMIZERS:
+            r = ref[optimizer]
+            for result in per_rank:
+                got = result[name, optimizer]
+                assert abs(got["loss"] - r["loss"]) <= TOL * r["loss"], (name, optimizer, got["loss"], r["loss"])
+                assert abs(got["grad_norm"] - r["grad_norm"]) <= TOL * r["grad_norm"], (name, optimizer, got["grad_norm"])
+                assert got["skipped"] == 0
+            got = per_rank[0][name, optimizer]
+            _assert_step_close(got, r, f"{name} {optimizer}")
+    # the vision tower's own TP plan is applied where vision tp=2 (q_proj sharded over FSDP x TP)
+    assert "tp" in per_rank[0]["fan-out", "sgd"]["vision_q_mesh"], per_rank[0]["fan-out", "sgd"]["vision_q_mesh"]
+    assert "tp" not in per_rank[0]["fan-in", "sgd"]["vision_q_mesh"]
+    assert all(result["nan_step"] == {"skipped": 1, "unchanged": True} for result in per_rank), [r["nan_step"] for r in per_rank]
+    messages = {result.get("mismatch") for result in per_rank}
+    assert len(messages) == 1 and "row 0 of microbatch 1 has 5 image placeholder tokens" in messages.pop()
+
+
+# ---------------------------------------------------------------- checkpoint: save fan-in, resume fan-out
+
+
+def _full_optimizer_state(policy: MimoPolicy) -> dict:
+    return {k: full(v) for k, v in policy.optimizer.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _save_and_resume(rows: list[dict], out_dir: str) -> dict:
+    from automodel_mimo.checkpoint import Checkpointer
+
+    saved = {}
+    for name, layout, micro in (LAYOUTS[0], LAYOUTS[3]):  # fan-in saves; cp2 (another layout) resumes
+        model = _mimo_model(layout)
+        policy = MimoPolicy(model, train_config("adamw", 0.5, GLOBAL_BATCH, micro))
+        ckpt = Checkpointer(out_dir)
+        if not saved:
+            policy.sft_train_step(_microbatches(model, rows, micro))
+            ckpt.save(1, model, policy.optimizer)
+            saved = {"model": full_params(model.named_parameters()), "optim": _full_optimizer_state(policy)}
+        else:
+            step = ckpt.load(ckpt.latest(), model, policy.optimizer)
+            resumed = {"model": full_params(model.named_parameters()), "optim": _full_optimizer_state(policy),
+                       "step": step, "lr": policy.optimizer.lr}
+        model.destroy()
+    return {"saved": saved, "resumed": resumed}
+
+
+def _sft_loop(rows: list[dict], out_dir: str) -> list[dict]:
+    """run_mimo_sft: 2 steps on the fan-out layout with the built-in tokenizer + an image token."""
+    import json
+
+    from automodel_mimo.algorithms.mimo_sft import run_mimo_sft
+    from automodel_mimo.config import CheckpointConfig, LoggingConfig, MimoConfig, ModelConfig, RunConfig
+    from automodel_mimo.models.tokenizer import load_tokenizer
+    from tests.unit.oracle import TINY
+
+    tokenizer = load_tokenizer(None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    rows = [dict(r, input_ids=[image_id if i == PLACEHOLDER else i for i in r["input_ids"]]) for r in rows]
+    llm = {k: v for k, v in TINY.items() if k not in ("vocab_size", "pad_token_id")}
+    cfg = RunConfig(output_dir=out_dir, model=ModelConfig(config={"model_type": "llama", **llm}),
+                    train=train_config("adamw", 1.0, GLOBAL_BATCH, 2), logging=LoggingConfig(progress=False, tensorboard=False),
+                    checkpoint=CheckpointConfig(every_steps=2),
+                    mimo=MimoConfig(layout=LAYOUTS[1][1], encoder=VISION, tokens_per_image=TOKENS_PER_IMAGE))
+    cfg.train.max_steps = 2
+    run_mimo_sft(cfg, tokenizer, rows, mimo_collate)
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if dist.get_rank() == 0 else []
+    return [json.loads(line) for line in lines]
+
+
+def _infrastructure(rows: list[dict], out_dir: str) -> dict:
+    return {"bridge": _grid_and_bridge_checks(), "checkpoint": _save_and_resume(rows, out_dir),
+            "sft": _sft_loop(rows, out_dir + "/sft")}
+
+
+def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
+    """One 4-rank run: the bridge cases and bad layouts, then save under fan-in and resume under cp2."""
+    per_rank = run_ranks(_infrastructure, 4, mimo_rows(seed=5), str(tmp_path))
+    _check_bridge_results([r["bridge"] for r in per_rank])
+    result = per_rank[0]["checkpoint"]
+    saved, resumed = result["saved"], result["resumed"]
+    assert resumed["step"] == 1
+    assert any(k.startswith("vision.") for k in saved["optim"]) and any(k.startswith("language.") for k in saved["optim"])
+    assert saved["optim"].keys() == resumed["optim"].keys()
+    for kind in ("model", "optim"):
+        for key, value in saved[kind].items():
+            assert torch.equal(value, resumed[kind][key]), (kind, key)
+    # the SFT loop: 2 steps on one repeated batch, loss going down, a checkpoint at step 2
+    steps = per_rank[0]["sft"]
+    assert [m["step"] for m in steps] == [1, 2] and steps[1]["loss"] < steps[0]["loss"], steps
+    assert (tmp_path / "sft" / "checkpoints" / "step_2" / "trainer_state.pt").is_file()
+
+
+def test_vision_encoder_from_pretrained(tmp_path):
+    """A saved vision tower, and the vision half of a full SigLIP checkpoint, load with their weights."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    from automodel_mimo.mimo.model import build_vision_module
+
+    vision = {k: v for k, v in VISION.items() if k not in ("model_type", "vision_use_head")}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50)
+    for source in (SiglipVisionModel(SiglipVisionConfig(**vision)), SiglipModel(SiglipConfig(text_config=text, vision_config=vision))):
+        source.save_pretrained(tmp_path / type(source).__name__)
+        loaded = build_vision_module({"pretrained": str(tmp_path / type(source).__name__)}, llm_hidden=32, seed=0)
+        expected = getattr(source, "vision_model", source).state_dict()
+        assert isinstance(loaded.encoder, SiglipVisionModel)
+        assert [torch.equal(a, b) for a, b in zip(loaded.encoder.state_dict().values(), expected.values())] == [True] * len(expected)
