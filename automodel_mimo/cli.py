@@ -38,6 +38,10 @@ def _preflight(cfg) -> None:
     p = cfg.parallel
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     hf_config = build_hf_config(cfg.model, tokenizer)
+    if cfg.mimo.layout:
+        from automodel_mimo.mimo.preflight import check_mimo
+
+        check_mimo(cfg, tokenizer, hf_config)
     check_tp_divisibility(hf_config, p.tp)
     check_pipeline_split(hf_config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     if cfg.model.pretrained and cfg.model.config:
@@ -51,9 +55,13 @@ def _run_worker(cfg) -> int:
 
         quiet_third_party()
         from automodel_mimo.algorithms.dpo import run_dpo
+        from automodel_mimo.algorithms.mimo_sft import run_mimo_sft_from_config
         from automodel_mimo.algorithms.sft import run_sft
 
-        {"sft": run_sft, "dpo": run_dpo}[cfg.algo](cfg)
+        if cfg.mimo.layout:  # validate_mimo admits sft only
+            run_mimo_sft_from_config(cfg)
+        else:
+            {"sft": run_sft, "dpo": run_dpo}[cfg.algo](cfg)
         return 0
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
         if rank == 0:
@@ -65,7 +73,7 @@ def _run_worker(cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow --config
     if args.algo not in AVAILABLE:
         print(f"automodel-mimo {args.algo}: not available yet", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from automodel_mimo.config import TrainConfig
 from automodel_mimo.losses import masked_nll, token_logprobs
 from automodel_mimo.mimo.model import MimoModel
 from automodel_mimo.mimo.optimizer import MimoOptimizer
+from policies.lm_policy import _last_position_argmax, _until_stop
 
 
 class MimoPolicy:
@@ -57,3 +58,49 @@ class MimoPolicy:
         metrics = self.sft_forward_backward(microbatches)
         metrics.update(self.optimizer_step())
         return metrics
+
+    @torch.no_grad()
+    def greedy_generate(self, prompts: list[list[int]], pixel_values: torch.Tensor, image_counts: list[int],
+                        rows: int, max_new_tokens: int, stop_ids: set[int], pad_id: int) -> tuple[range, list[list[int]]]:
+        """Greedy continuations of a coarse-block batch (every rank of a dp block of the coarse module passes
+        the same prompts, padded with image-free dummy rows to `rows`, a multiple of the dp ratio).
+
+        Returns the rows this rank's LLM computed (`MimoModel.language_row_range`) and their answers, cut at
+        any of `stop_ids`. Every rank runs the same number of forward passes (FSDP/TP/bridge collectives are
+        shared): the loop ends when no rank has an unfinished row. No KV cache: each step re-runs the encoder
+        and the whole prefix, cheap for the short answers evaluated during training.
+        """
+        model = self.model
+        device = model.device
+        width = max((len(p) for p in prompts), default=1)
+        ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        mask[len(prompts):, -1] = 1  # dummy rows: one pad token (a fully masked row would attend to nothing)
+        for i, p in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
+            ids[i, width - len(p):] = torch.as_tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        counts = torch.tensor(list(image_counts) + [0] * (rows - len(image_counts)), dtype=torch.long)
+        mine = model.language_row_range(rows)
+        done = torch.tensor([r >= len(prompts) for r in mine], dtype=torch.bool, device=device)
+        stops = torch.as_tensor(sorted(stop_ids), device=device)
+        out = []
+        model.eval()
+        for _ in range(max_new_tokens):
+            unfinished = (~done).any().to(torch.int32)
+            dist.all_reduce(unfinished, op=dist.ReduceOp.MAX)
+            if not unfinished:
+                break
+            mb = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                  "loss_mask": torch.zeros_like(ids, dtype=torch.float32), "pixel_values": pixel_values,
+                  "image_counts": counts}
+            logits, _ = model.forward(mb)
+            nxt = torch.where(done, pad_id, _last_position_argmax(logits, mb))
+            out.append(nxt)
+            done |= torch.isin(nxt, stops)
+            column = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+            column[mine.start:mine.stop] = nxt  # other rows belong to sibling LLM ranks: never read here
+            ids = torch.cat([ids, column[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        model.train()
+        tokens = torch.stack(out, 1).tolist() if out else [[] for _ in mine]
+        return mine, [_until_stop(t, stop_ids) for t in tokens]

@@ -171,6 +171,10 @@ class MimoModel:
         fine = slot_range(n_rows, b.scale, b.slot)
         return (fine, range(n_rows)) if b.direction == "fan_in" else (range(n_rows), fine)
 
+    def language_row_range(self, n_rows: int) -> range:
+        """Rows of a coarse-block microbatch of `n_rows` rows whose logits this rank's LLM computes."""
+        return self._rows(n_rows)[1]
+
     def language_rows(self, mb: dict) -> dict:
         """The text of this rank's LLM rows, with `loss_mask`, before any cp sharding."""
         _, rows = self._rows(mb["input_ids"].shape[0])
