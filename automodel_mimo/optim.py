@@ -96,5 +96,12 @@ class PartOptimizers:
         return self.schedulers[0].state_dict()  # identical for every part
 
     def load_scheduler_state(self, state: dict) -> None:
+        """The schedule is a function of the step alone. The saved per-group lists (base_lrs, _last_lr,
+        lr_lambdas) have one entry per param group, whose count depends on the layout (groups are per mesh),
+        so they are rebuilt for this optimizer's groups rather than loaded."""
         for sched in self.schedulers:
-            sched.load_state_dict(state)
+            per_group = {"base_lrs": sched.base_lrs, "lr_lambdas": [None] * len(sched.base_lrs)}
+            sched.load_state_dict({**state, **per_group})
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]

@@ -1,0 +1,164 @@
+"""MIMO layouts benchmark: samples/s of a heterogeneous layout against homogeneous ones, in one run.
+
+A vision-heavy MIMO model, random init from configs (no downloads): a ~300M SigLIP-like tower at 1024
+patches per image (448 / 14) + MLP projector, and a ~1B Llama; bf16 compute, fp32 master weights, AdamW.
+Every layout trains the same global batch (rows of one image and a short text each) on the same ranks;
+for each layout in turn: build, warm up, time the median of a few steps, free the memory. Prints one JSON
+object: samples/s per layout and the speedup of the best heterogeneous layout over the best homogeneous one.
+
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL)
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --tiny     # CPU smoke test (gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from automodel_mimo.config import TrainConfig
+from automodel_mimo.distributed.mesh import init_distributed
+from automodel_mimo.mimo.model import MimoModel, build_vision_module
+from automodel_mimo.quiet import quiet_third_party
+from policies.mimo_policy import MimoPolicy
+
+# name -> (heterogeneous?, layout); every module spans the 4 ranks
+LAYOUTS = {
+    "hetero_vision_dp4_language_tp2dp2": (True, {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}),
+    "hetero_vision_dp4_language_tp4": (True, {"vision": {"dp": 4}, "language": {"tp": 4}}),
+    "homo_dp4": (False, {"vision": {"dp": 4}, "language": {"dp": 4}}),
+    "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
+}
+FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=448, patch_size=14),
+        "llm": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=32000),
+        "text_tokens": 128, "global_batch": 32, "llm_rows_per_microbatch": 4, "dtype": "bfloat16"}
+TINY = {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=16, patch_size=4),
+        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=300),
+        "text_tokens": 16, "global_batch": 16, "llm_rows_per_microbatch": 4, "dtype": "float32"}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models on CPU/gloo (a smoke test of the benchmark)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    return p.parse_args()
+
+
+def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The vision module and the LLM on CPU, identical on every rank; each layout parallelizes a deep copy."""
+    llm = AutoModelForCausalLM.from_config(LlamaConfig(**spec["llm"], max_position_embeddings=8192,
+                                                       tie_word_embeddings=False, pad_token_id=0),
+                                           dtype=torch.float32, attn_implementation="sdpa")
+    llm.config.use_cache = False
+    vision = build_vision_module({"model_type": "siglip_vision_model", "vision_use_head": False, **spec["vision"]},
+                                 spec["llm"]["hidden_size"], seed=0)
+    return vision, llm
+
+
+def microbatches(spec: dict, rows: int, micro: int, tokens_per_image: int, placeholder: int) -> list[dict]:
+    """`rows` rows of one image + text each, split into microbatches of `micro` rows (same on every rank)."""
+    assert rows % micro == 0 and rows >= micro, f"{rows} rows per rank do not split into microbatches of {micro}"
+    g = torch.Generator().manual_seed(0)
+    text = spec["text_tokens"]
+    ids = torch.randint(1, placeholder, (micro, tokens_per_image + text), generator=g)
+    ids[:, 1:1 + tokens_per_image] = placeholder
+    labels = ids.clone()
+    labels[:, :1 + tokens_per_image] = -100
+    size = spec["vision"]["image_size"]
+    mb = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+          "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
+          "pixel_values": torch.randn(micro, 3, size, size, generator=g), "image_counts": torch.ones(micro, dtype=torch.long)}
+    return [mb] * (rows // micro)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
+def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args) -> dict:
+    vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
+    placeholder = spec["llm"]["vocab_size"] - 1
+    tokens_per_image = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
+    model = MimoModel({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
+                      dtype=spec["dtype"], global_batch_size=spec["global_batch"])
+    policy = MimoPolicy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
+                                           micro_batch_size=spec["llm_rows_per_microbatch"], lr=1e-5))
+    index, count = model.data_parallel()
+    # a coarse-block microbatch of m rows gives the LLM m rows (fan-in/equal) or m/scale (fan-out): keep the
+    # LLM's rows per microbatch fixed across layouts
+    micro = spec["llm_rows_per_microbatch"] * (model.bridge.scale if model.bridge.direction == "fan_out" else 1)
+    batch = [{k: v.to(device) for k, v in mb.items()}
+             for mb in microbatches(spec, spec["global_batch"] // count, micro, tokens_per_image, placeholder)]
+    times = []
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        metrics = policy.sft_train_step(batch)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    out = {"step_s": round(step_s, 4), "samples_per_s": round(spec["global_batch"] / step_s, 3),
+           "loss": round(metrics["loss"], 4), "microbatches_per_rank": len(batch), "microbatch_rows": micro}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    model.destroy()
+    del model, policy, batch, vision, llm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_third_party()
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the vision output is a view: harmless here
+    spec = TINY if args.tiny else FULL
+    device = init_distributed("gloo" if args.tiny else "auto")
+    if dist.get_world_size() != 4:
+        raise SystemExit(f"bench/mimo_layouts.py runs on 4 ranks (torchrun --nproc_per_node=4), not {dist.get_world_size()}")
+    torch.manual_seed(0)
+    base = base_modules(spec)
+    params = {"vision": sum(p.numel() for p in base[0].parameters()), "llm": sum(p.numel() for p in base[1].parameters())}
+    began = time.perf_counter()
+    results = {}
+    for name in args.layouts.split(","):
+        results[name] = {**run_layout(LAYOUTS[name][1], base, spec, device, args), "layout": LAYOUTS[name][1]}
+        if dist.get_rank() == 0:
+            print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
+    best = {kind: max((r["samples_per_s"], n) for n, r in results.items() if LAYOUTS[n][0] == kind)
+            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in results)}
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
+               "tokens_per_image": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
+               "global_batch": spec["global_batch"], "results": results,
+               "wall_s": round(time.perf_counter() - began, 1)}
+    if len(best) == 2:
+        summary.update(best_hetero=best[True][1], best_homo=best[False][1],
+                       speedup_hetero_over_best_homo=round(best[True][0] / best[False][0], 3))
+    if dist.get_rank() == 0:
+        print(json.dumps(summary), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

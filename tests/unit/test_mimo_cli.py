@@ -1,0 +1,128 @@
+"""MIMO SFT through the real CLI: the embedded default (shrunk), resume under another layout, an HF-style
+local image dataset, and MIMO config errors (one line, exit 2, no rank started)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import datasets
+import pytest
+
+from automodel_mimo.data.synthetic_images import draw_shape
+from automodel_mimo.models.tokenizer import IMAGE
+from tests.unit.cli_runner import metrics, run_cli
+
+CONFIG = ("--config", "configs/mimo_sft_tiny.yaml")
+# The embedded default, a few steps of it: same model and layout (vision dp2 + language tp2), less data.
+SHORT = ["data.num_train=64", "data.num_eval=6", "train.global_batch_size=8", "train.micro_batch_size=4",
+         "train.warmup_steps=0", "eval.every_steps=2", "eval.max_new_tokens=3", "eval.batch_size=4",
+         "logging.progress=false", "logging.tensorboard=false"]
+TRAIN_KEYS = {"step", "loss", "grad_norm", "lr", "tokens", "loss_tokens", "tokens_per_s", "elapsed_s", "skipped"}
+
+
+def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(tmp_path):
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=2", "checkpoint.every_steps=2",
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vision: dp2 tp1 cp1, language: dp1 tp2 cp1" in r.stdout
+    rows = metrics(tmp_path)
+    train = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in train] == [1, 2] and all(TRAIN_KEYS <= set(row) for row in train)
+    assert all(row["loss"] > 0 and row["grad_norm"] > 0 and row["tokens_per_s"] > 0 for row in train)
+    (ev,) = [row for row in rows if "eval/accuracy" in row]
+    assert ev["step"] == 2 and ev["eval/num_samples"] == 6 and 0 <= ev["eval/accuracy"] <= 1
+    assert (tmp_path / "checkpoints" / "step_2" / "trainer_state.pt").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "language")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf" / "language").convert_tokens_to_ids(IMAGE) is not None
+    assert llm.config.hidden_size == 128
+    vision = AutoModel.from_pretrained(tmp_path / "hf" / "vision")
+    assert vision.config.image_size == 32 and (tmp_path / "hf" / "vision" / "projector.safetensors").is_file()
+
+    # resume at step 2 under the mirrored layout (vision tp2 + language dp2: a fan-out bridge)
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
+                "eval.every_steps=0", "checkpoint.export_hf=false", "mimo.layout.vision={tp: 2}",
+                "mimo.layout.language={dp: 2}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vision: dp1 tp2 cp1, language: dp2 tp1 cp1" in r.stdout and "start step 2" in r.stdout
+    resumed = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in resumed] == [1, 2, 3] and resumed[:2] == train
+
+
+def test_mimo_on_a_local_parquet_image_dataset(tmp_path):
+    """An HF-style parquet file with an image column and a test split, read through `datasets`."""
+    for split, n in (("train", 16), ("test", 4)):
+        ds = datasets.Dataset.from_dict(
+            {"picture": [draw_shape("red" if i % 2 else "blue", "square", 14, i % 8, 3, 32, seed=i) for i in range(n)],
+             "question": [f"{IMAGE}Which colour?"] * n, "answer": ["red" if i % 2 else "blue" for i in range(n)]},
+            features=datasets.Features({"picture": datasets.Image(), "question": datasets.Value("string"),
+                                        "answer": datasets.Value("string")}))
+        ds.to_parquet(tmp_path / f"{split}.parquet")
+    out = tmp_path / "run"
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={out}", "train.max_steps=2", f"data.dataset={tmp_path}",
+                "data.image_key=picture", "data.prompt_key=question", "data.response_key=answer",
+                "data.eval_split=test", "checkpoint.export_hf=false", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "16 train rows / 4 eval rows" in r.stdout
+    rows = metrics(out)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert [row["eval/num_samples"] for row in rows if "eval/accuracy" in row] == [4]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["mimo.layout.language={tq: 2}"], "mimo.layout.language: unknown dims ['tq']; use dp, tp, cp, pp"),
+    (["mimo.layout.language={dp: 2, pp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
+     "mimo.layout.language.pp=2: pipeline parallelism under MIMO is not supported yet"),
+    (["mimo.layout.vision={dp: 1}"], "mimo.layout.vision: spans ranks 0..0 (dp*tp*cp*pp = 1) but launch.nproc = 2; "
+                                     "only colocated layouts"),
+    (["model.tokenizer=__TOKENIZER__"], "mimo.placeholder_token='<|image|>' is not a token of the tokenizer"),
+    (["mimo.tokens_per_image=4"], "mimo.tokens_per_image=4, but the SigLIP encoder yields"),
+    (["mimo.encoder.model_type=no_such_model"], "mimo.encoder: cannot load the encoder config"),
+    (["data.image_size=48"], "data.image_size=48, but the encoder takes 32x32 images"),
+])
+def test_mimo_config_errors_are_one_line(tmp_path, overrides, expected):
+    override = " ".join(overrides)
+    if "__TOKENIZER__" in override:  # a local tokenizer without the image placeholder
+        from automodel_mimo.models.tokenizer import build_default_tokenizer
+
+        tok = build_default_tokenizer()
+        vocab = tok.backend_tokenizer.to_str()
+        (tmp_path / "tok").mkdir()
+        tok.save_pretrained(tmp_path / "tok")
+        data = json.loads(vocab)
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != IMAGE]
+        (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+        config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+        config.pop("extra_special_tokens", None)
+        config["additional_special_tokens"] = [t for t in config.get("additional_special_tokens") or [] if t != IMAGE]
+        (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+        overrides = [o.replace("__TOKENIZER__", str(tmp_path / "tok")) for o in overrides]
+    start = time.monotonic()
+    r = run_cli("sft", *CONFIG, f"output_dir={tmp_path / 'out'}", *overrides, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - start < 45 and not (tmp_path / "out").exists()
+
+
+def test_schedule_resumes_onto_another_param_group_count():
+    """Param groups are per mesh, so a checkpoint from another layout can carry another group count."""
+    import torch
+
+    from automodel_mimo.config import TrainConfig
+    from automodel_mimo.optim import PartOptimizers, lr_factor
+
+    cfg = TrainConfig(max_steps=10, warmup_steps=2, lr=1.0, min_lr=0.1, weight_decay=0.01)
+    saved = PartOptimizers([torch.nn.Linear(3, 3, bias=False)], cfg)  # one group
+    for _ in range(4):
+        saved.step()
+    resumed = PartOptimizers([torch.nn.Linear(3, 3)], cfg)  # two groups (bias without decay)
+    resumed.load_scheduler_state(saved.scheduler_state())
+    assert [g["lr"] for g in resumed.optimizers[0].param_groups] == [lr_factor(4, cfg)] * 2
+    saved.step()
+    resumed.step()
+    assert resumed.lr == saved.lr == lr_factor(5, cfg)
