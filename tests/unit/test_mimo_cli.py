@@ -43,14 +43,15 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     vision = AutoModel.from_pretrained(tmp_path / "hf" / "vision")
     assert vision.config.image_size == 32 and (tmp_path / "hf" / "vision" / "projector.safetensors").is_file()
 
-    # resume at step 2 under the mirrored layout (vision tp2 + language dp2: a fan-out bridge)
+    # resume at step 2 under the mirrored layout (vision tp2 + language dp2: a fan-out bridge); eval at the last step
     r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
-                "eval.every_steps=0", "checkpoint.export_hf=false", "mimo.layout.vision={tp: 2}",
-                "mimo.layout.language={dp: 2}", timeout=300)
+                "checkpoint.export_hf=false", "mimo.layout.vision={tp: 2}", "mimo.layout.language={dp: 2}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "vision: dp1 tp2 cp1, language: dp2 tp1 cp1" in r.stdout and "start step 2" in r.stdout
-    resumed = [row for row in metrics(tmp_path) if "loss" in row]
+    rows = metrics(tmp_path)
+    resumed = [row for row in rows if "loss" in row]
     assert [row["step"] for row in resumed] == [1, 2, 3] and resumed[:2] == train
+    assert [(row["step"], row["eval/num_samples"]) for row in rows if "eval/accuracy" in row] == [(2, 6), (3, 6)]
 
 
 def test_mimo_on_a_local_parquet_image_dataset(tmp_path):
