@@ -100,7 +100,7 @@ def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: 
     for i, prompt in enumerate(eval_ds["prompt_ids"]):
         groups.setdefault(len(prompt), []).append(i)
     correct = {True: 0, False: 0}  # keyed by "row has an image"
-    words = [0, 0]  # image rows whose first (colour) / second (shape) word is right
+    words = [0, 0]  # image rows whose first word (the colour) / the rest (the place) is right
     for indices in groups.values():
         rows = eval_ds[indices]
         ids = torch.tensor(rows["prompt_ids"])
@@ -119,13 +119,13 @@ def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: 
             answer = tokenizer.decode(seq)
             correct[bool(images)] += grade_exact(answer, ref)
             if images:
-                for k, (got, want) in enumerate(zip((answer.split() + ["", ""])[:2], ref.split())):
+                for k, (got, want) in enumerate(zip((answer.strip().split(" ", 1) + [""])[:2], ref.split(" ", 1))):
                     words[k] += got == want
     model.train()
     n_image = sum(n > 0 for n in eval_ds["num_images"])
     return {"eval_accuracy": sum(correct.values()) / len(eval_ds),
             "eval_accuracy_image_rows": correct[True] / max(1, n_image),
-            "colour_ok": words[0] / max(1, n_image), "shape_ok": words[1] / max(1, n_image)}
+            "colour_ok": words[0] / max(1, n_image), "place_ok": words[1] / max(1, n_image)}
 
 
 def main() -> None:
