@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=80)
     p.add_argument("--blind", action="store_true", help="zero every image (the text-only baseline)")
     p.add_argument("--out", default=None, help="write the curve here as JSON lines")
     return p.parse_args()
@@ -100,6 +100,7 @@ def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: 
     for i, prompt in enumerate(eval_ds["prompt_ids"]):
         groups.setdefault(len(prompt), []).append(i)
     correct = {True: 0, False: 0}  # keyed by "row has an image"
+    words = [0, 0]  # image rows whose first word (the colour) / the rest (the place) is right
     for indices in groups.values():
         rows = eval_ds[indices]
         ids = torch.tensor(rows["prompt_ids"])
@@ -115,11 +116,16 @@ def accuracy(model: Mimo, eval_ds, processor: ImageProcessor, tokenizer, blind: 
         out = torch.stack(out, 1).tolist()
         for seq, ref, images in zip(out, rows["reference"], rows["images"]):
             seq = seq[:next((k for k, t in enumerate(seq) if t in stop), len(seq))]
-            correct[bool(images)] += grade_exact(tokenizer.decode(seq), ref)
+            answer = tokenizer.decode(seq)
+            correct[bool(images)] += grade_exact(answer, ref)
+            if images:
+                for k, (got, want) in enumerate(zip((answer.strip().split(" ", 1) + [""])[:2], ref.split(" ", 1))):
+                    words[k] += got == want
     model.train()
     n_image = sum(n > 0 for n in eval_ds["num_images"])
     return {"eval_accuracy": sum(correct.values()) / len(eval_ds),
-            "eval_accuracy_image_rows": correct[True] / max(1, n_image)}
+            "eval_accuracy_image_rows": correct[True] / max(1, n_image),
+            "colour_ok": words[0] / max(1, n_image), "place_ok": words[1] / max(1, n_image)}
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
-"""A synthetic image task drawn in code: "<|image|>What is shown?" -> "red square".
+"""A synthetic image task drawn in code: "<|image|>Colour and place?" -> "red top left".
 
-Each image holds one filled shape of one colour, at a random size and position on a dark, lightly noisy
-background. The answer names colour and shape, so a text-only model can do no better than guessing one of
-len(COLORS) * len(SHAPES) answers; the encoder has to see the image. Rows are distinct (colour, shape,
-size, x, y) tuples sampled without replacement, so train and eval share no image, and everything follows
-from the seed.
+Each image holds one filled shape (square, circle or triangle) of one colour, inside one quadrant, at a
+random size and position on a dark, lightly noisy background. The answer names the colour and the
+quadrant: the prompt is the same for every image row, so a text-only model can do no better than guessing
+one of len(COLORS) * len(QUADRANTS) answers, while a patch encoder whose patches tile the quadrants sees
+both in the patches the shape covers. (Naming the shape instead was far slower to learn for a tiny tower
+trained from scratch: it needs the shape's area, summed over patches, not one patch's content.)
+Rows are distinct (colour, shape, quadrant, size, x, y) tuples sampled without replacement, so train and
+eval share no image, and everything follows from the seed.
 """
 
 from __future__ import annotations
@@ -20,21 +23,19 @@ from automodel_mimo.models.tokenizer import IMAGE
 
 COLORS = {"red": (220, 50, 40), "green": (40, 190, 70), "blue": (50, 90, 230), "yellow": (235, 215, 50)}
 SHAPES = ("square", "circle", "triangle")
-QUESTION = "What is shown?"
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION = "Colour and place?"
 MIN_IMAGE_SIZE = 16
 FEATURES = datasets.Features(
     {"image": datasets.Image(), "prompt": datasets.Value("string"), "response": datasets.Value("string")}
 )
 
 
-def _space(image_size: int) -> tuple[range, range]:
-    """Shape sizes (side of the bounding box), and top-left offsets that fit the largest size.
-
-    Sizes vary little (7/16 to 1/2 of the image), so a shape's area (square > circle > triangle) nearly
-    tells it apart: a tiny vision tower trained from scratch learns that in minutes, shape edges take far longer.
-    """
-    sizes = range(image_size * 7 // 16, image_size // 2 + 1)
-    return sizes, range(image_size - sizes[-1] + 1)
+def _placements(image_size: int) -> list[tuple[int, int, int]]:
+    """(size, dx, dy): shapes of a quarter to three quarters of a quadrant's side, offsets that keep them inside it."""
+    half = image_size // 2
+    return [(size, dx, dy) for size in range(half // 4 + 1, half * 3 // 4 + 1)
+            for dx in range(half - size + 1) for dy in range(half - size + 1)]
 
 
 def draw_shape(color: str, shape: str, size: int, x: int, y: int, image_size: int, seed: int) -> Image.Image:
@@ -54,26 +55,29 @@ def draw_shape(color: str, shape: str, size: int, x: int, y: int, image_size: in
     return image
 
 
-def _decode(code: int, image_size: int) -> tuple[str, str, int, int, int]:
-    sizes, offsets = _space(image_size)
-    code, x = divmod(code, len(offsets))
-    code, y = divmod(code, len(offsets))
-    code, size = divmod(code, len(sizes))
+def _decode(code: int, placements: list[tuple[int, int, int]], image_size: int) -> tuple[str, str, str, int, int, int]:
+    """code -> colour, shape, quadrant, size, x, y (top-left corner in the image)."""
+    code, placement = divmod(code, len(placements))
+    code, quadrant = divmod(code, len(QUADRANTS))
     color, shape = divmod(code, len(SHAPES))
-    return list(COLORS)[color], SHAPES[shape], sizes[size], offsets[x], offsets[y]
+    size, dx, dy = placements[placement]
+    half = image_size // 2
+    x, y = dx + half * (quadrant % 2), dy + half * (quadrant // 2)
+    return list(COLORS)[color], SHAPES[shape], QUADRANTS[quadrant], size, x, y
 
 
 def _rows(codes: list[int], image_size: int, text_only: list[bool], seed: int) -> datasets.Dataset:
+    placements = _placements(image_size)
     images, prompts, responses = [], [], []
     for code, text in zip(codes, text_only):
-        color, shape, size, x, y = _decode(code, image_size)
+        color, shape, quadrant, size, x, y = _decode(code, placements, image_size)
         if text:  # answerable from the text alone: keeps the language side trained on image-free rows
             images.append(None)
-            prompts.append(f"A {color} {shape}. {QUESTION}")
+            prompts.append(f"{color} {shape}, {quadrant}. {QUESTION}")
         else:
             images.append(draw_shape(color, shape, size, x, y, image_size, seed=seed * 1_000_003 + code))
             prompts.append(f"{IMAGE}{QUESTION}")
-        responses.append(f"{color} {shape}")
+        responses.append(f"{color} {quadrant}")
     return datasets.Dataset.from_dict({"image": images, "prompt": prompts, "response": responses}, features=FEATURES)
 
 
@@ -89,8 +93,7 @@ def shapes_dataset(
         )
     if not 0.0 <= text_only_fraction < 1.0:
         raise UserInputError(f"data.text_only_fraction={text_only_fraction}: must be in [0, 1)")
-    sizes, offsets = _space(image_size)
-    total = len(COLORS) * len(SHAPES) * len(sizes) * len(offsets) ** 2
+    total = len(COLORS) * len(SHAPES) * len(QUADRANTS) * len(_placements(image_size))
     if num_train + num_eval > total:
         raise UserInputError(
             f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {total} distinct shape images of "

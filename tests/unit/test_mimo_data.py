@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from automodel_mimo.data.images import ImageProcessor, load_image_dataset
 from automodel_mimo.data.mimo_batching import collate_mimo, mimo_rows, split_mimo_rows
 from automodel_mimo.data.mimo_tokenize import tokenize_mimo_dataset, tokenize_mimo_messages
-from automodel_mimo.data.synthetic_images import COLORS, SHAPES, draw_shape, shapes_dataset
+from automodel_mimo.data.synthetic_images import COLORS, QUADRANTS, draw_shape, shapes_dataset
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.tokenizer import IMAGE, build_default_tokenizer
@@ -56,17 +56,22 @@ def test_shapes_deterministic_disjoint_and_answerable() -> None:
     eval_images = {c[0] for c in content(first["eval"]) if c[0] is not None}
     assert len(train_images) == sum(r["image"] is not None for r in first["train"])  # all distinct
     assert not train_images & eval_images
-    answers = {f"{c} {s}" for c in COLORS for s in SHAPES}
+    answers = {f"{c} {q}" for c in COLORS for q in QUADRANTS}
     rows = list(first["train"]) + list(first["eval"])
     assert {r["response"] for r in rows} <= answers
     with_image = [r for r in rows if r["image"] is not None]
     assert 0 < len(rows) - len(with_image) < len(rows) / 2  # some text-only rows
-    assert {r["prompt"] for r in with_image} == {f"{IMAGE}What is shown?"}  # the text says nothing: the answer is in the image
+    assert {r["prompt"] for r in with_image} == {f"{IMAGE}Colour and place?"}  # the text says nothing: the answer is in the image
     for r in with_image:
         assert r["image"].size == (32, 32) and r["image"].mode == "RGB"
+        color, quadrant = r["response"].split(" ", 1)
+        lit = np.argwhere(np.asarray(r["image"]).max(-1) >= 60)  # the shape's pixels (the background stays < 40)
+        top, left = (lit < 16).all(0)
+        bottom, right = (lit >= 16).all(0)
+        assert quadrant == f"{'top' if top else 'bottom' if bottom else '?'} {'left' if left else 'right' if right else '?'}"
     for r in rows:
         if r["image"] is None:
-            assert IMAGE not in r["prompt"] and r["response"] in r["prompt"]
+            assert IMAGE not in r["prompt"] and all(word in r["prompt"] for word in r["response"].split())
 
 
 def test_shapes_colour_is_in_the_pixels() -> None:
@@ -196,7 +201,7 @@ def test_max_seq_len_and_truncation_never_cut_placeholders(tok) -> None:
 
 def test_tokenize_dataset_keeps_images_and_names_the_row(tok) -> None:
     raw = load_image_dataset("synthetic:shapes", seed=0, num_train=6, num_eval=2, text_only_fraction=0.3)
-    out = tokenize_mimo_dataset(raw["train"], tok, placeholder_id=PH, tokens_per_image=K, max_seq_len=64,
+    out = tokenize_mimo_dataset(raw["train"], tok, placeholder_id=PH, tokens_per_image=K, max_seq_len=80,
                                 use_chat_template=True, truncate=False, split_name="train")
     assert out.column_names == ["images", "input_ids", "labels", "prompt_ids", "reference", "num_images"]
     for row in out:
@@ -247,12 +252,12 @@ def test_config_keys_reach_the_data(tok) -> None:
     from automodel_mimo.data.mimo_tokenize import prepare_mimo_data
 
     cfg = load_config("sft", overrides=["data.dataset=synthetic:shapes", "data.num_train=6", "data.num_eval=2",
-                                        "data.image_size=16", "data.text_only_fraction=0.5", "data.max_seq_len=64",
+                                        "data.image_size=16", "data.text_only_fraction=0.5", "data.max_seq_len=80",
                                         "data.image_mean=[0.0, 0.0, 0.0]", "data.image_std=[1.0, 1.0, 1.0]"])
     data = prepare_mimo_data(cfg, tok, tokens_per_image=4)
     assert (data["train"].num_rows, data["eval"].num_rows) == (6, 2)
-    pixels = ImageProcessor.from_config(cfg.data)(data["train"][0]["images"])
-    assert pixels.shape[1:] == (3, 16, 16) and pixels.min() >= 0 and pixels.max() <= 1
+    pixels = ImageProcessor.from_config(cfg.data)([image for row in data["train"]["images"] for image in row])
+    assert len(pixels) > 0 and pixels.shape[1:] == (3, 16, 16) and pixels.min() >= 0 and pixels.max() <= 1
     for bad, key in (("data.image_std=[1.0, 0.0, 1.0]", "data.image_std"), ("data.image_mean=[0.5]", "data.image_mean"),
                      ("data.text_only_fraction=1.0", "data.text_only_fraction"), ("data.image_size=0", "data.image_size")):
         with pytest.raises(UserInputError, match=key):
