@@ -139,4 +139,4 @@ class VLLMGenerator(Generator):
             self.llm.wake_up()
 
     def shutdown(self) -> None:
-        del self.llm
+        self.llm.llm_engine.engine_core.shutdown()

@@ -32,7 +32,7 @@ from automodel_mimo.generation.bucketing import (
     unpack,
 )
 from automodel_mimo.generation.manifest import Manifest, ManifestEntry, generator_name
-from automodel_mimo.generation.transport import BroadcastTransport
+from automodel_mimo.generation.transport import BroadcastTransport, world_routes
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 
@@ -173,26 +173,56 @@ def broadcast_received(plan: StreamPlan, transport: BroadcastTransport,
         yield bucket, buf
 
 
+def stage_transport(plan: StreamPlan, generator_rank: int = 0) -> BroadcastTransport:
+    """Routes from every other source rank (pipeline stage leaders) to the generator's trainer rank.
+    Collective over the trainer's world, once at setup (empty without pipeline parallelism)."""
+    return BroadcastTransport(world_routes([s for s in plan.sources if s != generator_rank], [generator_rank]))
+
+
 @dataclass
 class WeightStream:
-    """One refit as seen from one trainer rank (every trainer rank builds one and takes part)."""
+    """One refit as seen from one trainer rank (every trainer rank builds one and takes part).
+
+    On the rank that holds the generator, iterating gives the verified (name, tensor) stream: its own
+    buckets straight from its packing buffers (in-process), other stages' buckets received over
+    `transport` (see `stage_transport`). Every other rank calls `participate`.
+    """
 
     plan: StreamPlan
     params: dict[str, torch.Tensor]
     device: torch.device | None = None
+    transport: BroadcastTransport | None = None
 
     @property
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """In-process transport: verified (name, tensor) views of this rank's packed buffers."""
-        return verified(self.plan, in_process(self.plan, self.params, self.device))
+        return verified(self.plan, self._arrivals())
+
+    def _arrivals(self) -> Iterator[tuple[Bucket, torch.Tensor]]:
+        received = None
+        for bucket, buf in packed_buckets(self.plan, self.params, self.device):
+            if bucket.source == self.rank:
+                yield bucket, buf
+                continue
+            if self.transport is None or bucket.source not in self.transport.routes:
+                raise StreamIntegrityError(f"refit: bucket {bucket.index} comes from rank {bucket.source} and no "
+                                           f"transport route from it was given (see stage_transport)")
+            if received is None:
+                device = self.device or next(iter(self.params.values())).device
+                received = torch.empty(buffer_bytes(self.plan.buckets), dtype=torch.uint8, device=device)
+            self.transport.broadcast(received[:bucket.size], bucket.source).wait()
+            yield bucket, received[:bucket.size]
 
     def send(self, transport: BroadcastTransport) -> None:
+        """All buckets of this rank over `transport` (the generator in another process)."""
         send_weights(self.plan, self.params, transport, self.device)
 
     def participate(self) -> None:
-        """A rank without the generator: its share of the gathers, nothing else."""
+        """A rank without the generator: its share of the gathers, and as a stage leader its buckets."""
+        if self.transport is not None:
+            send_weights(self.plan, self.params, self.transport, self.device)
+            return
         for _ in packed_buckets(self.plan, self.params, self.device):
             pass
