@@ -9,6 +9,18 @@ from automodel_mimo.generation.sampling import Generation
 from automodel_mimo.models.tokenizer import build_default_tokenizer
 from tests.unit.oracle import tiny_llama_config
 
+PROMPTS = [[5, 17, 33, 2], [40, 41], [7, 8, 9, 10, 11, 12]]
+
+
+class Trainer:
+    """A single-process stand-in for the trainer's ModelHandle (named_parameters is all a plan needs)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
 
 def tiny_config(**overrides):
     """head_dim 32: vLLM's CPU attention has no kernel for the oracle's head_dim 8."""

@@ -17,9 +17,8 @@ from automodel_mimo.generation.weight_stream import (
     local_parameters,
     verified,
 )
-from tests.unit.generation_fixtures import export, max_abs_rel, tiny_config, tiny_model, trainer_logprobs
+from tests.unit.generation_fixtures import PROMPTS, Trainer, export, max_abs_rel, tiny_config, tiny_model, trainer_logprobs
 from tests.unit.multirank import run_ranks
-from tests.unit.test_vllm_generator import PROMPTS, Trainer
 
 
 @pytest.fixture(scope="module")
