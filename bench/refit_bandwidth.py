@@ -7,8 +7,8 @@ transport, checksum-verified unpack into a receiver's own parameter tensors.
 In-process: one device; the result is reported as a fraction of a plain device-to-device copy of the
 same number of bytes measured in the same run (the streaming path does two copies, pack and unpack,
 plus two checksum reads: 6 passes over the bytes against the copy's 2, so ~1/3 is its ceiling).
-Broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the fraction is against a plain broadcast of one buffer of the
-model's size between the same ranks. Median of --repeat timed refits after one warm-up.
+Broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the
+fraction is against a plain broadcast of one buffer of the model's size between the same ranks. Median of --repeat timed refits after one warm-up.
 """
 
 from __future__ import annotations
