@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from automodel_mimo.config import TrainConfig
 from automodel_mimo.losses import masked_nll, token_logprobs
 from automodel_mimo.mimo.model import MimoModel
 from automodel_mimo.mimo.optimizer import MimoOptimizer
-from policies.lm_policy import _last_position_argmax, _until_stop
+from policies.lm_policy import _until_stop
 
 
 class MimoPolicy:
@@ -66,9 +67,10 @@ class MimoPolicy:
         the same prompts, padded with image-free dummy rows to `rows`, a multiple of the dp ratio).
 
         Returns the rows this rank's LLM computed (`MimoModel.language_row_range`) and their answers, cut at
-        any of `stop_ids`. Every rank runs the same number of forward passes (FSDP/TP/bridge collectives are
-        shared): the loop ends when no rank has an unfinished row. No KV cache: each step re-runs the encoder
-        and the whole prefix, cheap for the short answers evaluated during training.
+        any of `stop_ids`; the image placeholder is never generated (no encoder rows would fill it). Every
+        rank runs the same number of forward passes (FSDP/TP/bridge collectives are shared): the loop ends
+        when no rank has an unfinished row. No KV cache: each step re-runs the encoder and the whole prefix,
+        cheap for the short answers evaluated during training.
         """
         model = self.model
         device = model.device
@@ -94,7 +96,10 @@ class MimoPolicy:
                   "loss_mask": torch.zeros_like(ids, dtype=torch.float32), "pixel_values": pixel_values,
                   "image_counts": counts}
             logits, _ = model.forward(mb)
-            nxt = torch.where(done, pad_id, _last_position_argmax(logits, mb))
+            last = logits[:, -1]
+            last = last.full_tensor() if isinstance(last, DTensor) else last.clone()  # vocab-sharded under TP
+            last[:, model.placeholder_id] = -torch.inf  # a placeholder has no image rows to fill it
+            nxt = torch.where(done, pad_id, last.argmax(-1))
             out.append(nxt)
             done |= torch.isin(nxt, stops)
             column = torch.full((rows,), pad_id, dtype=torch.long, device=device)

@@ -7,6 +7,7 @@ import json
 import time
 
 import datasets
+import torch
 import pytest
 
 from automodel_mimo.data.synthetic_images import draw_shape
@@ -127,3 +128,72 @@ def test_schedule_resumes_onto_another_param_group_count():
     saved.step()
     resumed.step()
     assert resumed.lr == saved.lr == lr_factor(5, cfg)
+
+
+# --- greedy generation through the parallel MIMO model equals a single-process decode ------------------
+
+GEN_COUNTS, GEN_TOKENS = [1, 0, 2, 1], 5
+
+
+def _generation_prompts() -> tuple[list[list[int]], torch.Tensor]:
+    from tests.unit.mimo_oracle import IMAGE as SIZE
+    from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, PLACEHOLDER, (2 + i,), generator=g).tolist() + [PLACEHOLDER] * (k * TOKENS_PER_IMAGE)
+               + torch.randint(1, PLACEHOLDER, (2,), generator=g).tolist() for i, k in enumerate(GEN_COUNTS)]
+    return prompts, torch.randn(sum(GEN_COUNTS), 3, SIZE, SIZE, generator=g)
+
+
+@torch.no_grad()
+def _reference_generation() -> list[list[int]]:
+    """One prompt at a time, one process: encoder -> projector -> splice -> LLM, greedy, placeholder banned."""
+    from tests.unit.mimo_oracle import PLACEHOLDER, build_modules
+
+    encoders, llm = build_modules()
+    prompts, pixels = _generation_prompts()
+    answers, first = [], 0
+    for prompt, k in zip(prompts, GEN_COUNTS):
+        rows = encoders["vision"](pixels[first:first + k]).reshape(-1, llm.config.hidden_size) if k else None
+        first += k
+        ids = torch.tensor([prompt])
+        out = []
+        for _ in range(GEN_TOKENS):
+            embeds = llm.get_input_embeddings()(ids)
+            if rows is not None:
+                embeds = embeds.masked_scatter((ids == PLACEHOLDER)[..., None], rows)
+            logits = llm(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+            logits[PLACEHOLDER] = -torch.inf
+            out.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
+        answers.append(out)
+    return answers
+
+
+def _parallel_generation(layout: dict) -> dict:
+    from automodel_mimo.config import TrainConfig
+    from automodel_mimo.mimo.model import MimoModel
+    from policies.mimo_policy import MimoPolicy
+    from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules
+
+    encoders, llm = build_modules()
+    model = MimoModel(encoders, llm, layout, torch.device("cpu"), PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=4)
+    prompts, pixels = _generation_prompts()
+    rows, answers = MimoPolicy(model, TrainConfig()).greedy_generate(prompts, pixels, GEN_COUNTS, 4, GEN_TOKENS,
+                                                                      set(), pad_id=0)
+    model.destroy()
+    return dict(zip(rows, answers))
+
+
+def _both_layouts() -> list[dict]:
+    return [_parallel_generation({"vision": {"dp": 2}, "language": {"tp": 2}}),
+            _parallel_generation({"vision": {"tp": 2}, "language": {"dp": 2}})]
+
+
+def test_greedy_generation_matches_single_process_under_fan_in_and_fan_out():
+    from tests.unit.multirank import run_ranks
+
+    reference = _reference_generation()
+    fan_in, fan_out = zip(*run_ranks(_both_layouts, 2))
+    assert [fan_in[0][r] for r in range(4)] == [fan_in[1][r] for r in range(4)] == reference  # tp: both ranks, all rows
+    assert {**fan_out[0], **fan_out[1]} == dict(enumerate(reference)) and len(fan_out[0]) == 2  # dp: one slot each
