@@ -204,7 +204,11 @@ def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float
         sizes = ParallelismSizes(dp_size=spec.dim_size("dp"), tp_size=spec.dim_size("tp"),
                                  cp_size=spec.dim_size("cp"), pp_size=spec.dim_size("pp"))
         ranks = list(range(spec.offset, spec.offset + spec.size))
-        ctx = MeshContext.build(strategy, sizes, world_size=spec.size, ranks=ranks)
+        # A whole-world grid takes nemo's plain init_device_mesh path (the LM's): its explicit-ranks path
+        # registers flattened dims that torch 2.11 refuses to slice ("only allows slicing out a contiguous
+        # flattened dim", seen on 4 x H200); torch 2.13 accepts both.
+        ctx = MeshContext.build(strategy, sizes, world_size=spec.size,
+                                ranks=None if ranks == list(range(world)) else ranks)
         grids[spec.name] = Grid(spec, ctx, device)
     return grids
 
