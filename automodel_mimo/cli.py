@@ -15,7 +15,7 @@ import traceback
 from automodel_mimo.errors import UserInputError
 
 ALGOS = ("sft", "dpo", "grpo")
-AVAILABLE = {"sft"}
+AVAILABLE = {"sft", "dpo"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +50,10 @@ def _run_worker(cfg) -> int:
         from automodel_mimo.quiet import quiet_third_party
 
         quiet_third_party()
+        from automodel_mimo.algorithms.dpo import run_dpo
         from automodel_mimo.algorithms.sft import run_sft
 
-        {"sft": run_sft}[cfg.algo](cfg)
+        {"sft": run_sft, "dpo": run_dpo}[cfg.algo](cfg)
         return 0
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
         if rank == 0:

@@ -112,6 +112,18 @@ class LoggingConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # scale of the reward difference inside -logsigmoid
+    sft_weight: float = 0.0  # > 0 adds sft_weight * NLL of the chosen responses
+    average_logprobs: bool = False  # sequence reward averaged over its tokens instead of summed
+    reference: str = "initial"  # initial (the weights training starts from) | path to an HF model directory
+    chosen_key: str = "chosen"  # dataset column of the preferred response (text, or a list of chat messages)
+    rejected_key: str = "rejected"  # ... and of the dispreferred one
+    warmup_sft_steps: int = 0  # SFT steps on the chosen responses before DPO (synthetic tasks' built-in warm start)
+    warmup_sft_lr: float = 3.0e-3  # learning rate of those steps
+
+
+@dataclass
 class RunConfig:
     algo: str = "sft"
     seed: int = 1234
@@ -124,6 +136,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,3 +314,23 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                  "logging.wandb_project is set but wandb is not installed: pip install 'automodel-mimo[wandb]'")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be >= 1")
+    if cfg.algo == "dpo":
+        validate_dpo(cfg)
+
+
+def validate_dpo(cfg: RunConfig) -> None:
+    """DPO rows come in (chosen, rejected) pairs that must stay together in every split of the batch."""
+    d, t, p = cfg.dpo, cfg.train, cfg.parallel
+    _require(d.beta > 0, f"dpo.beta={d.beta}: must be > 0")
+    _require(d.sft_weight >= 0, f"dpo.sft_weight={d.sft_weight}: must be >= 0")
+    _require(d.warmup_sft_steps >= 0, f"dpo.warmup_sft_steps={d.warmup_sft_steps}: must be >= 0")
+    _require(d.warmup_sft_lr > 0, f"dpo.warmup_sft_lr={d.warmup_sft_lr}: must be > 0")
+    _require(d.reference == "initial" or Path(d.reference).expanduser().is_dir(),
+             f"dpo.reference={d.reference}: use 'initial' or the path of an existing HF model directory")
+    _require(t.micro_batch_size % 2 == 0,
+             f"train.micro_batch_size={t.micro_batch_size} counts sequences and DPO needs whole (chosen, rejected) "
+             "pairs in each micro batch: make it even")
+    _require(p.pp == 1 or p.pp_microbatch_size % 2 == 0,
+             f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch must hold whole "
+             "(chosen, rejected) pairs under dpo; make it even")
+    _require(not cfg.data.packing, "data.packing=true is not supported by dpo (pairs are rows); set data.packing=false")

@@ -1,4 +1,5 @@
 """Rank 0's metric sinks: metrics.jsonl (one row per step / eval), TensorBoard, wandb, a progress bar.
+Also the rule that combines per-microbatch metric shares (combine_metrics).
 
 All values arrive already reduced over ranks (NUMERICS.md), so only rank 0 writes. On resume the rows of
 steps after the checkpoint are dropped, so metrics.jsonl reads as one uninterrupted run.
@@ -76,3 +77,20 @@ def _start_wandb(cfg: RunConfig):
 
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name, config=cfg.to_dict(),
                       dir=cfg.output_dir)
+
+
+def combine_metrics(metrics: list[dict]) -> dict:
+    """Per-microbatch metric dicts -> one: `*_min` by min, `*_max` by max, everything else summed."""
+    out: dict = {}
+    for m in metrics:
+        for k, v in m.items():
+            v = float(v)
+            if k not in out:
+                out[k] = v
+            elif k.endswith("_min"):
+                out[k] = min(out[k], v)
+            elif k.endswith("_max"):
+                out[k] = max(out[k], v)
+            else:
+                out[k] += v
+    return out

@@ -1,4 +1,5 @@
-"""LMPolicy: the training-side worker of one causal LM — train steps, logprobs, greedy generation.
+"""LMPolicy: the training-side worker of one causal LM — train steps, logprobs, reference logprobs,
+greedy generation.
 
 It owns the optimizer and LR schedule and talks to the model only through ModelHandle, so the same
 policy drives a plain module and pipeline stages, with or without context parallelism. Every method is collective: all ranks call it
@@ -7,23 +8,33 @@ with their own data-parallel share of the same global batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from automodel_mimo.config import TrainConfig
+from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.losses import masked_nll, token_logprobs
+from automodel_mimo.metrics import combine_metrics
 from automodel_mimo.models.handle import ModelHandle
 from automodel_mimo.optim import PartOptimizers
-from automodel_mimo.parallel.context_parallel import cp_attention
+from automodel_mimo.parallel.context_parallel import cp_attention, gather_to_original_order
+from policies.reference import ReferenceWeights
+
+# loss_fn(logprobs, microbatch) -> (loss, metrics): logprobs [B, S] of whole rows (context-parallel shards
+# gathered back in row order) and the microbatch with `loss_mask` in the same whole-row layout.
+LogprobLossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
 class LMPolicy:
     def __init__(self, handle: ModelHandle, state: ParallelState, cfg: TrainConfig):
         self.handle, self.state, self.cfg = handle, state, cfg
         self.optimizer = PartOptimizers(handle.parts, cfg)
+        self.reference: ReferenceWeights | None = None
 
     def sum_over_data_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to(self.state.device, torch.float64)
@@ -49,6 +60,66 @@ class LMPolicy:
         # cp ranks share rows and each counts the whole row's tokens (cu_seqlens are not sharded)
         return {"loss": loss, "tokens": int(tokens) // self.state.cp_size, "loss_tokens": int(global_tokens)}
 
+    def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn) -> dict:
+        """Accumulate gradients of loss_fn over this rank's microbatches; returns the metrics reduced over
+        all data ranks (NUMERICS.md: shares summed, `*_min`/`*_max` by min/max).
+
+        loss_fn sees whole rows: under cp, the per-token logprobs are gathered to the original order (their
+        backward hands each rank its own slice) and `loss_mask` is replaced by its whole-row version; any
+        other per-token side data (old / reference logprobs) must already be in whole-row order, as
+        `logprobs()` returns it. Every cp rank then computes the same loss, so metrics are divided by cp.
+        """
+        group = self.state.cp_group if self.state.cp_size > 1 else None
+
+        def on_logits(logits: torch.Tensor, mb: dict):
+            lp = token_logprobs(logits, mb["labels"])
+            if group is not None:
+                lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group)
+                mb = {**mb, "loss_mask": self.whole_rows(mb["loss_mask"], mb)}
+            return loss_fn(lp, mb)
+
+        self.handle.train()
+        with cp_attention(group):
+            per_mb = self.handle.forward_backward(microbatches, on_logits)
+        return self.reduce_metrics(per_mb)
+
+    def reduce_metrics(self, per_mb: list[dict]) -> dict:
+        """This rank's per-microbatch metric shares -> global values, identical on every rank."""
+        local = combine_metrics(per_mb)
+        keys = sorted(local)
+        out = {}
+        for op, pick in ((dist.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max"))),
+                         (dist.ReduceOp.MIN, lambda k: k.endswith("_min")), (dist.ReduceOp.MAX, lambda k: k.endswith("_max"))):
+            names = [k for k in keys if pick(k)]
+            if not names:
+                continue
+            values = torch.tensor([local[k] for k in names], dtype=torch.float64, device=self.state.device)
+            dist.all_reduce(values, op=op, group=self.state.dp_cp_group)
+            if op == dist.ReduceOp.SUM:
+                values = values / self.state.cp_size  # cp ranks computed the same whole-row shares
+            out.update(zip(names, values.tolist()))
+        return out
+
+    def whole_rows(self, values: torch.Tensor, mb: dict) -> torch.Tensor:
+        """Per-token values of this rank's cp shard -> whole rows in original order (no gradient)."""
+        if self.state.cp_size == 1:
+            return values
+        with torch.no_grad():
+            return gather_to_original_order(values.float(), mb["cu_seqlens_padded"], self.state.cp_group)
+
+    def global_counts(self, microbatches: list[dict]) -> dict:
+        """Global denominators over every microbatch of every dp x cp rank (each at least 1): loss-bearing
+        `tokens`, `seqs` (rows with a loss token), `pairs` ((chosen, rejected) rows 2i, 2i+1 both with loss
+        tokens) and `chosen_tokens` (loss tokens of those pairs' chosen rows)."""
+        counts = torch.zeros(4, dtype=torch.float64)
+        for mb in microbatches:
+            per_row = self.whole_rows(mb["loss_mask"], mb).sum(-1).double().cpu()
+            pair = (per_row[0::2] > 0) & (per_row[1::2] > 0) if per_row.shape[0] % 2 == 0 else per_row[:0] > 0
+            counts += torch.stack([per_row.sum(), (per_row > 0).sum(), pair.sum(), (per_row[0::2] * pair).sum()])
+        # each cp rank counted the same whole rows
+        total = self.sum_over_data_ranks(counts / self.state.cp_size)
+        return dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total.clamp(min=1).float()))
+
     def optimizer_step(self) -> dict:
         """Global grad norm (before clipping), clip, step, advance the LR schedule."""
         params = self.handle.parameters()
@@ -67,6 +138,40 @@ class LMPolicy:
         return metrics
 
     # ------------------------------------------------------------ inference
+    @torch.no_grad()
+    def logprobs(self, microbatches: list[dict]) -> list[torch.Tensor]:
+        """Per-token logprobs of each microbatch's labels, [B, S] fp32 whole rows (cp shards gathered back
+        to the original order), 0 where labels are ignored; on every rank, for this rank's rows."""
+        group = self.state.cp_group if self.state.cp_size > 1 else None
+
+        def capture(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+            lp = token_logprobs(logits, mb["labels"])
+            return gather_to_original_order(lp, mb["cu_seqlens_padded"], group) if group is not None else lp
+
+        n = len(microbatches)  # every data rank runs the same number of passes (FSDP collectives)
+        padded = equal_step_count(list(microbatches), weightless(microbatches[0]), self.state.dp_cp_group, self.state.device)
+        self.handle.eval()
+        with cp_attention(group):
+            out = [self.handle.forward_capture(mb, capture, (mb["input_ids"].shape[1] * self.state.cp_size,), torch.float32)
+                   for mb in padded]
+        self.handle.reshard()  # parameters written after this pass (optimizer, swap) must not meet stale gathers
+        self.handle.train()
+        return out[:n]
+
+    def init_reference(self, full_state: dict | None = None) -> ReferenceWeights:
+        """Freeze the reference policy: the current weights, or `full_state` (full tensors, e.g. another
+        checkpoint). Kept in CPU memory as this rank's shards; see policies/reference.py."""
+        self.reference = (ReferenceWeights(self.handle) if full_state is None
+                          else ReferenceWeights.from_full_state_dict(self.handle, full_state))
+        return self.reference
+
+    def reference_logprobs(self, microbatches: list[dict]) -> list[torch.Tensor]:
+        """`logprobs()` under the reference weights (swapped in and back out)."""
+        if self.reference is None:
+            raise RuntimeError("reference_logprobs needs init_reference() first")
+        with self.reference.swapped_in():
+            return self.logprobs(microbatches)
+
     @torch.no_grad()
     def greedy_generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int) -> list[list[int]]:
         """Greedy continuations of this rank's prompts, stopping at any of `stop_ids`.

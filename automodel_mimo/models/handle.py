@@ -64,6 +64,15 @@ class ModelHandle:
         for part in self.parts:
             yield from part.named_parameters()
 
+    def reshard(self) -> None:
+        """Drop the full parameters FSDP gathered for a forward. A forward without a backward (inference)
+        leaves some gathered (the root, or every layer under pp), and the next forward would reuse them
+        instead of the shards: call this before writing parameters in place (reference swap, refit)."""
+        for part in self.parts:
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     # ------------------------------------------------------------ compute
     def _logits(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

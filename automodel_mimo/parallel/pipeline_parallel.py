@@ -25,6 +25,7 @@ from automodel_mimo.data.batching import split_rows
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.metrics import combine_metrics
 
 SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B"}
 ROW_IDS = "row_ids"
@@ -149,8 +150,7 @@ def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype, pp_grou
 
 
 def sum_metrics(metrics: list[dict]) -> dict:
-    keys = sorted(metrics[0]) if metrics else []
-    return {k: sum(float(m[k]) for m in metrics) for k in keys}
+    return dict(sorted(combine_metrics(metrics).items()))
 
 
 def broadcast_metrics(metrics: dict | None, keys: list[str], pp_group, last_stage_rank: int, device) -> dict:

@@ -1,0 +1,206 @@
+"""Direct preference optimization: the SPMD loop every rank runs.
+
+data (seed, step) -> global batch of (chosen, rejected) pairs -> this DP rank's pairs -> microbatches
+(rows 2i, 2i+1 are pair i; a pair never splits) -> reference logprobs (reference weights swapped in) ->
+DPO train step -> metrics / held-out preference accuracy / checkpoint; at the end an HF export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import datasets
+import torch
+import torch.distributed as dist
+
+from automodel_mimo.checkpoint import Checkpointer, export_hf
+from automodel_mimo.config import DPOConfig, RunConfig
+from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
+from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
+from automodel_mimo.faults import fault_point
+from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.models.build import build_handle, build_hf_config, build_model
+from automodel_mimo.models.tokenizer import load_tokenizer
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
+from automodel_mimo.rl_losses import dpo_loss, sequence_logprobs
+from policies.lm_policy import LMPolicy
+
+
+# ---------------------------------------------------------------- the step
+
+
+def attach_reference(policy: LMPolicy, microbatches: list[dict]) -> None:
+    """Each microbatch gets `ref_seq_logprobs` [B]: the reference policy's summed response logprobs."""
+    for mb, lp in zip(microbatches, policy.reference_logprobs(microbatches)):
+        mb["ref_seq_logprobs"] = (lp * policy.whole_rows(mb["loss_mask"], mb)).sum(-1)
+
+
+def dpo_loss_fn(cfg: DPOConfig, counts: dict):
+    """LMPolicy.forward_backward loss: DPO over the microbatch's pairs with the global denominators."""
+
+    def loss_fn(logprobs: torch.Tensor, mb: dict):
+        seq, tokens = sequence_logprobs(logprobs, mb["loss_mask"])
+        return dpo_loss(seq, mb["ref_seq_logprobs"], tokens, beta=cfg.beta, global_pairs=counts["pairs"],
+                        average_logprobs=cfg.average_logprobs, sft_weight=cfg.sft_weight,
+                        global_chosen_tokens=counts["chosen_tokens"])
+
+    return loss_fn
+
+
+def dpo_train_step(policy: LMPolicy, microbatches: list[dict], cfg: DPOConfig) -> dict:
+    """Reference logprobs, one DPO forward/backward over the global batch, one optimizer step."""
+    attach_reference(policy, microbatches)
+    counts = policy.global_counts(microbatches)
+    policy.optimizer.zero_grad()
+    metrics = policy.forward_backward(microbatches, dpo_loss_fn(cfg, counts))
+    metrics.update(policy.optimizer_step())
+    return metrics
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_dpo_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
+    """Load and tokenize the pairs; deterministic, so every rank computes (and rejects) the same rows."""
+    d = cfg.data
+    raw = load_preference_dataset(cfg)
+    return datasets.DatasetDict({
+        split: tokenize_pairs(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+                              truncate=d.truncate, split_name=split)
+        for split, ds in raw.items()})
+
+
+def to_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int, micro_rows: int) -> list[dict]:
+    """Rows (pairs adjacent) -> padded microbatches of `micro_rows` rows (even: pairs stay whole), sharded
+    over cp like SFT's."""
+    microbatches = [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, micro_rows)]
+    if cfg.parallel.cp > 1:
+        microbatches = [shard_batch(as_single_segments(mb, cfg.parallel.cp, pad_id), cfg.parallel.cp, state.cp_rank)
+                        for mb in microbatches]
+    return microbatches
+
+
+def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
+    """This DP rank's microbatches of the global batch of `step`: train.global_batch_size rows = half as
+    many pairs, drawn by (seed, step) like SFT's; each DP rank gets a contiguous block of whole pairs."""
+    t = cfg.train
+    pairs = global_batch_indices(step, len(train), t.global_batch_size // 2, cfg.seed)
+    mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
+    return to_microbatches(cfg, pair_rows(mine), state, pad_id, t.micro_batch_size)
+
+
+def warmup_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
+    """SFT warm-up batches: the chosen responses of train.global_batch_size pairs drawn by (seed, step)."""
+    t = cfg.train
+    pairs = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed + 1)
+    mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(mine["chosen_input_ids"], mine["chosen_labels"])]
+    return to_microbatches(cfg, rows, state, pad_id, t.micro_batch_size)
+
+
+def sft_warmup(cfg: RunConfig, handle, state, train: datasets.Dataset, pad_id: int) -> None:
+    """dpo.warmup_sft_steps SFT steps on the chosen responses, with an optimizer of their own (constant
+    dpo.warmup_sft_lr after a short warm-up), so DPO starts from (and, with dpo.reference=initial, is
+    anchored to) a model that already writes answers. Deterministic: a resumed run repeats it."""
+    d = cfg.dpo
+    sft_cfg = dataclasses.replace(cfg.train, lr=d.warmup_sft_lr, min_lr=0.0, max_steps=d.warmup_sft_steps,
+                                  warmup_steps=min(20, d.warmup_sft_steps), lr_decay="constant")
+    warm = LMPolicy(handle, state, sft_cfg)
+    for step in range(d.warmup_sft_steps):
+        metrics = warm.sft_train_step(warmup_microbatches(cfg, train, step, state, pad_id))
+        if state.is_rank0 and (step + 1) % 50 == 0:
+            print(f"[dpo] sft warm-up step {step + 1}/{d.warmup_sft_steps}: loss {metrics['loss']:.4f}", flush=True)
+
+
+def eval_microbatches(cfg: RunConfig, eval_ds: datasets.Dataset, state, pad_id: int) -> list[dict]:
+    """This rank's share of the held-out pairs (ceil(n / dp) each; a rank left without pairs gets one
+    weight-0 pair so every rank runs the same passes)."""
+    n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
+    per_rank = math.ceil(n / cfg.dp)
+    start = min(n, state.dp_rank * per_rank)
+    rows = pair_rows(eval_ds.select(range(start, min(n, start + per_rank))))
+    if not rows:
+        rows = [dict(r, labels=[IGNORE_INDEX] * len(r["labels"])) for r in pair_rows(eval_ds.select([0]))]
+    return to_microbatches(cfg, rows, state, pad_id, 2 * cfg.eval.batch_size)
+
+
+def sequence_sums(policy: LMPolicy, microbatches: list[dict], logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [(lp * policy.whole_rows(mb["loss_mask"], mb)).sum(-1) for mb, lp in zip(microbatches, logprobs)]
+
+
+def evaluate_preferences(cfg: RunConfig, policy: LMPolicy, microbatches: list[dict], ref_sums: list[torch.Tensor]) -> dict:
+    """Held-out DPO loss, preference accuracy (r_chosen > r_rejected) and reward margin."""
+    counts = policy.global_counts(microbatches)
+    per_mb = []
+    for mb, seq, ref in zip(microbatches, sequence_sums(policy, microbatches, policy.logprobs(microbatches)), ref_sums):
+        tokens = policy.whole_rows(mb["loss_mask"], mb).sum(-1)
+        _, m = dpo_loss(seq, ref, tokens, beta=cfg.dpo.beta, global_pairs=counts["pairs"],
+                        average_logprobs=cfg.dpo.average_logprobs)
+        per_mb.append(m)
+    m = policy.reduce_metrics(per_mb)
+    return {"eval/preference_accuracy": m["preference_accuracy"], "eval/reward_margin": m["reward_margin"],
+            "eval/loss": m["dpo_loss"], "eval/num_pairs": int(m["pairs"])}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def init_reference(cfg: RunConfig, policy: LMPolicy) -> None:
+    """dpo.reference: the weights training starts from, or an HF model directory's weights."""
+    if cfg.dpo.reference == "initial":
+        policy.init_reference()
+        return
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(cfg.dpo.reference, dtype=torch.float32).state_dict()
+    policy.init_reference(state)
+
+
+def run_dpo(cfg: RunConfig) -> None:
+    device = init_distributed(cfg.launch.backend)
+    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    data = prepare_dpo_data(cfg, tokenizer)
+    hf_config = build_hf_config(cfg.model, tokenizer)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.parallel.cp > 1), state,
+                          tokenizer.pad_token_id)
+    policy = LMPolicy(handle, state, cfg.train)
+    pad = tokenizer.pad_token_id
+    if cfg.dpo.warmup_sft_steps:
+        sft_warmup(cfg, handle, state, data["train"], pad)
+    init_reference(cfg, policy)  # before a resume: "initial" means the weights of step 0
+
+    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
+    start = 0
+    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
+        start = ckpt.load(latest, handle, policy.optimizer)
+    eval_mbs = eval_microbatches(cfg, data["eval"], state, pad) if cfg.eval.every_steps else []
+    eval_ref = sequence_sums(policy, eval_mbs, policy.reference_logprobs(eval_mbs)) if eval_mbs else []
+    if state.is_rank0:
+        print(f"[dpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} pp={cfg.parallel.pp}, "
+              f"{len(data['train'])} train / {len(data['eval'])} eval pairs, reference {cfg.dpo.reference}, "
+              f"start step {start}", flush=True)
+    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+
+    began = time.perf_counter()
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        microbatches = step_microbatches(cfg, data["train"], step, state, pad)
+        metrics = dpo_train_step(policy, microbatches, cfg.dpo)
+        done = step + 1
+        logger.log({"step": done, **metrics, "step_s": time.perf_counter() - t0, "elapsed_s": time.perf_counter() - began})
+        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
+            logger.log({"step": done, **evaluate_preferences(cfg, policy, eval_mbs, eval_ref)})
+        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+            ckpt.save(done, handle, policy.optimizer)
+            fault_point("after_checkpoint", done)
+    if cfg.checkpoint.export_hf:
+        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
+    logger.close()
+    if state.is_rank0:
+        print(f"[dpo] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
+    dist.barrier()

@@ -1,0 +1,119 @@
+"""Preference pairs for DPO: synthetic (a right and a wrong sum), local files or hub datasets, as
+(chosen, rejected) chat conversations, tokenized into two SFT-style rows per pair.
+
+Columns accepted: `prompt` (text, or a list of chat messages, or absent) with `chosen` / `rejected` (text,
+or a list of messages ending with the assistant answer). Key names come from data.prompt_key,
+dpo.chosen_key and dpo.rejected_key.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import datasets
+
+from automodel_mimo.data.sources import _load_raw, _train_eval
+from automodel_mimo.data.synthetic import _sample_pairs
+from automodel_mimo.data.tokenize import tokenize_messages
+from automodel_mimo.errors import UserInputError
+
+SYNTHETIC_PREFIX = "synthetic:"
+_IDS = datasets.List(datasets.Value("int64"))
+TOKENIZED = datasets.Features({f"{side}_{key}": _IDS for side in ("chosen", "rejected") for key in ("input_ids", "labels")})
+
+
+def wrong_sum(a: int, b: int, digits: int, rng: random.Random) -> str:
+    """The fixed-width sum of a and b with one digit replaced by a different one: wrong, but plausible."""
+    right = f"{a + b:0{digits + 1}d}"
+    pos = rng.randrange(len(right))
+    digit = rng.choice([d for d in "0123456789" if d != right[pos]])
+    return right[:pos] + digit + right[pos + 1:]
+
+
+def addition_preferences(num_train: int, num_eval: int, digits: int, seed: int) -> datasets.DatasetDict:
+    """"a+b=" with the right sum chosen and a one-digit-wrong sum rejected; train and eval share no (a, b)."""
+    if num_train < 1 or num_eval < 0:
+        raise UserInputError(f"data.num_train={num_train}, data.num_eval={num_eval}: set data.num_train >= 1 and data.num_eval >= 0")
+    pairs = _sample_pairs(num_train + num_eval, digits, seed)
+    rng = random.Random(seed + 1)
+    rows = {"prompt": [f"{a:0{digits}d}+{b:0{digits}d}=" for a, b in pairs],
+            "chosen": [f"{a + b:0{digits + 1}d}" for a, b in pairs],
+            "rejected": [wrong_sum(a, b, digits, rng) for a, b in pairs]}
+    full = datasets.Dataset.from_dict(rows)
+    return datasets.DatasetDict({"train": full.select(range(num_train)), "eval": full.select(range(num_train, len(full)))})
+
+
+SYNTHETIC_PREFERENCES = {"addition": addition_preferences}
+
+
+def load_preference_dataset(cfg) -> datasets.DatasetDict:
+    """Splits "train" and "eval" with columns `chosen` and `rejected`: lists of chat messages."""
+    d = cfg.data
+    if d.dataset.startswith(SYNTHETIC_PREFIX):
+        task = d.dataset[len(SYNTHETIC_PREFIX):]
+        if task not in SYNTHETIC_PREFERENCES:
+            raise UserInputError(f"data.dataset={d.dataset}: dpo's synthetic tasks are "
+                                 + ", ".join(f"synthetic:{t}" for t in SYNTHETIC_PREFERENCES))
+        raw = SYNTHETIC_PREFERENCES[task](d.num_train, d.num_eval, d.digits, cfg.seed)
+        keys = ("prompt", "chosen", "rejected")
+    else:
+        raw = _train_eval(_load_raw(d.dataset, d.name), train_split=d.train_split, eval_split=d.eval_split,
+                          eval_fraction=d.eval_fraction, seed=cfg.seed)
+        keys = (d.prompt_key, cfg.dpo.chosen_key, cfg.dpo.rejected_key)
+    return datasets.DatasetDict({split: _to_conversations(ds, split, *keys) for split, ds in raw.items()})
+
+
+def _messages(value: Any, key: str, row: int, split: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserInputError(f"{key}: row {row} of the {split} split holds {type(value).__name__}, not text or a list of "
+                         "{role, content} messages; fix the data or the key")
+
+
+def _to_conversations(ds: datasets.Dataset, split: str, prompt_key: str, chosen_key: str, rejected_key: str) -> datasets.Dataset:
+    for column, key in ((chosen_key, "dpo.chosen_key"), (rejected_key, "dpo.rejected_key")):
+        if column not in ds.column_names:
+            raise UserInputError(f"{key}={column} is not a column of the {split} split; set {key} to one of "
+                                 f"{', '.join(ds.column_names)}")
+    has_prompt = prompt_key in ds.column_names
+    out = {"chosen": [], "rejected": []}
+    for i, row in enumerate(ds):
+        prompt = row[prompt_key] if has_prompt else []
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "data.prompt_key", i, split)
+        for side, column, key in (("chosen", chosen_key, "dpo.chosen_key"), ("rejected", rejected_key, "dpo.rejected_key")):
+            messages = _messages(row[column], key, i, split)
+            if all(m["role"] == "assistant" for m in messages):  # the answer only; else a whole conversation
+                messages = prompt + messages
+            if messages[-1]["role"] != "assistant":
+                raise UserInputError(f"{key}: row {i} of the {split} split does not end with an assistant message")
+            out[side].append(messages)
+    return datasets.Dataset.from_dict(out)
+
+
+def tokenize_pairs(ds: datasets.Dataset, tokenizer, *, max_seq_len: int, use_chat_template: bool, truncate: bool,
+                   split_name: str) -> datasets.Dataset:
+    """Each pair as two rows' input_ids / labels (response tokens only), prefixed chosen_ and rejected_."""
+    out = {name: [] for name in TOKENIZED}
+    for i, row in enumerate(ds):
+        for side in ("chosen", "rejected"):
+            try:
+                t = tokenize_messages(row[side], tokenizer, max_seq_len=max_seq_len, use_chat_template=use_chat_template,
+                                      truncate=truncate)
+            except UserInputError as err:
+                raise UserInputError(f"{side} of row {i} of the {split_name} split: {err}") from err
+            out[f"{side}_input_ids"].append(t["input_ids"])
+            out[f"{side}_labels"].append(t["labels"])
+    return datasets.Dataset.from_dict(out, features=TOKENIZED)
+
+
+def pair_rows(ds: datasets.Dataset) -> list[dict]:
+    """Tokenized pairs -> rows in pair order: chosen, rejected, chosen, rejected, ..."""
+    rows = []
+    for pair in ds:
+        for side in ("chosen", "rejected"):
+            rows.append({"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]})
+    return rows

@@ -1,0 +1,177 @@
+"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2 and
+1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
+weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap."""
+
+import pytest
+import torch
+
+from automodel_mimo.config import DPOConfig, ModelConfig, ParallelConfig, RunConfig
+from automodel_mimo.data.batching import collate, local_slice, split_microbatches
+from automodel_mimo.distributed.mesh import build_parallel_state
+from automodel_mimo.models.build import build_handle, build_model
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
+from automodel_mimo.algorithms.dpo import attach_reference, dpo_loss_fn, dpo_train_step
+from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, dpo_loss
+from policies.lm_policy import LMPolicy
+from tests.unit.multirank import run_ranks
+from tests.unit.oracle import TOL, assert_tensors_close, full_grads, full_params, random_rows, rel_err, tiny_llama_config, train_config
+
+ROWS = 8
+SEED = 11
+DPO = DPOConfig(beta=0.5, sft_weight=0.3, average_logprobs=True)
+PG = {
+    "token": PGLossConfig(eps_low=0.05, eps_high=0.1, dual_clip=1.05, kl_beta=0.1, kl_type="k3", truncated_is_cap=1.02),
+    "gspo-seq": PGLossConfig(eps_low=0.005, eps_high=0.01, gspo=True, sequence_level=True, kl_beta=0.1, kl_type="k1"),
+}
+
+
+def _model(packed: bool = False):
+    return build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(), seed=SEED, packed=packed)
+
+
+def _side(n: int, width: int, scale: float, seed: int) -> torch.Tensor:
+    """Per-token noise for rows 0..n-1 (fixed per row and position, whatever the layout's padding)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(ROWS, 64, generator=g) * 2 - 1)[:n, :width] * scale
+
+
+def _pg_inputs(lp: torch.Tensor, rows: slice) -> dict:
+    """Old / reference / generator logprobs near the current ones, and per-sequence advantages."""
+    width = lp.shape[1]
+    noise = {k: _side(ROWS, width, s, seed)[rows] for k, s, seed in (("old", 0.1, 1), ("ref", 0.5, 2), ("gen", 0.05, 3))}
+    adv = torch.linspace(-1.5, 2.0, ROWS)[rows]
+    return {"old_logprobs": lp + noise["old"], "ref_logprobs": lp + noise["ref"], "gen_logprobs": lp + noise["old"] + noise["gen"],
+            "advantages": adv}
+
+
+def _pg_loss_fn(cfg: PGLossConfig, counts: dict):
+    def loss_fn(lp, mb):
+        return clipped_pg_loss(lp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], cfg,
+                               global_valid_tokens=counts["tokens"], global_valid_seqs=counts["seqs"],
+                               ref_logprobs=mb["ref_logprobs"], gen_logprobs=mb["gen_logprobs"])
+    return loss_fn
+
+
+def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
+    parallel = ParallelConfig(**parallel)
+    state = build_parallel_state(parallel, torch.device("cpu"))
+    cfg = RunConfig(parallel=parallel, train=train_config("sgd", 0.0, ROWS, micro))
+    per_rank = ROWS // parallel.dp
+    mine = slice(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
+    local = local_slice(rows, state.dp_rank, parallel.dp)
+    results = {}
+
+    cp = parallel.cp
+
+    def fresh():
+        handle = build_handle(cfg, _model(packed=cp > 1), state, pad_id=0)
+        return handle, LMPolicy(handle, state, cfg.train)
+
+    def microbatches():  # under cp: padded rows as single segments, this rank's dual-chunk shard
+        mbs = [collate(mb, 0) for mb in split_microbatches(local, micro)]
+        return [shard_batch(as_single_segments(mb, cp, 0), cp, state.cp_rank) for mb in mbs] if cp > 1 else mbs
+
+    def perturbed():  # the reference is the initial model; scaled training weights make rewards non-zero
+        handle, policy = fresh()
+        policy.init_reference()
+        handle.reshard()  # in-place writes must reach the shards the next forward gathers
+        with torch.no_grad():
+            for p in handle.parameters():
+                p.mul_(1.05)
+        return handle, policy, microbatches()
+
+    handle, policy, mbs = perturbed()  # the whole step: reference pass, loss, SGD
+    metrics = dpo_train_step(policy, mbs, DPO)
+    results["dpo"] = {"loss": metrics["loss"], "accuracy": metrics["preference_accuracy"],
+                      "params": full_params(handle.named_parameters())}
+    handle, policy, mbs = perturbed()  # the same step stopped before the optimizer, for the gradients
+    attach_reference(policy, mbs)
+    policy.forward_backward(mbs, dpo_loss_fn(DPO, policy.global_counts(mbs)))
+    results["dpo"]["grads"] = full_grads(handle.named_parameters())
+
+    for name, pg_cfg in PG.items():
+        handle, policy = fresh()
+        mbs = microbatches()
+        start = mine.start
+        for mb, lp in zip(mbs, policy.logprobs(mbs)):
+            n = lp.shape[0]
+            mb.update(_pg_inputs_rows(lp, start, n))
+            start += n
+        metrics = policy.forward_backward(mbs, _pg_loss_fn(pg_cfg, policy.global_counts(mbs)))
+        grads = full_grads(handle.named_parameters())
+        metrics.update(policy.optimizer_step())
+        results[name] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
+    return results
+
+
+def _pg_inputs_rows(lp: torch.Tensor, start: int, n: int) -> dict:
+    full = torch.zeros(ROWS, lp.shape[1])
+    full[start:start + n] = lp
+    return {k: v[start:start + n] for k, v in _pg_inputs(full, slice(None)).items()}
+
+
+def _reference(rows: list[dict]) -> dict:
+    """Single process, whole global batch in one forward, plain model (no FSDP, no LMPolicy)."""
+    batch = collate(rows, 0)
+    mask = batch["loss_mask"]
+    lr = train_config("sgd", 0.0, ROWS, ROWS).lr
+
+    def logprobs(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
+        return lp * mask
+
+    def finish(model, loss, extra):
+        loss.backward()
+        grads = full_grads(model.named_parameters())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+        return {"loss": float(loss), **extra, "grads": grads, "params": full_params(model.named_parameters())}
+
+    out = {}
+    model = _model()
+    with torch.no_grad():
+        ref_seq = logprobs(model).sum(-1)
+        for p in model.parameters():
+            p.mul_(1.05)
+    seq, tokens = (logprobs(model)).sum(-1), mask.sum(-1)
+    valid = (tokens[0::2] > 0) & (tokens[1::2] > 0)
+    pairs, chosen_tokens = valid.sum(), (tokens[0::2] * valid).sum()
+    loss, m = dpo_loss(seq, ref_seq, tokens, beta=DPO.beta, global_pairs=pairs, average_logprobs=True,
+                       sft_weight=DPO.sft_weight, global_chosen_tokens=chosen_tokens)
+    out["dpo"] = finish(model, loss, {"accuracy": float(m["preference_accuracy"])})
+    for name, pg_cfg in PG.items():
+        model = _model()
+        lp = logprobs(model)
+        side = _pg_inputs(lp.detach(), slice(None))
+        loss, m = clipped_pg_loss(lp, side["old_logprobs"], side["advantages"], mask, pg_cfg,
+                                  global_valid_tokens=mask.sum(), global_valid_seqs=(tokens > 0).sum(),
+                                  ref_logprobs=side["ref_logprobs"], gen_logprobs=side["gen_logprobs"])
+        out[name] = finish(model, loss, {k: float(v) for k, v in m.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rows = random_rows(ROWS, seed=5)
+    return rows, _reference(rows)
+
+
+@pytest.mark.parametrize("parallel,micro", [({"dp": 1}, 2), ({"dp": 2}, 4), ({"dp": 1, "cp": 2}, 4)], ids=["mb4", "dp2", "cp2"])
+def test_rl_losses_match_single_process(reference, parallel, micro):
+    rows, ref = reference
+    got = run_ranks(_layout, parallel["dp"] * parallel.get("cp", 1), parallel, micro, rows)
+    for rank in got:
+        for name, r in ref.items():
+            g = rank[name]
+            assert abs(g["loss"] - r["loss"]) <= TOL * abs(r["loss"]), (name, g["loss"], r["loss"])
+            assert_tensors_close(g["grads"], r["grads"], f"{name} gradients")
+            assert_tensors_close(g["params"], r["params"], f"{name} post-step weights (SGD)")
+        assert abs(rank["dpo"]["accuracy"] - ref["dpo"]["accuracy"]) < 1e-9
+        for name in PG:  # the globally reduced metrics equal the whole-batch ones, min/max included
+            for key in ("kl", "clip_fraction", "ratio_min", "ratio_max", "gen_kl_error", "pg_loss"):
+                assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[name][key])) < TOL, (name, key)
+    # the options are exercised: some tokens clipped, not all
+    for name in PG:
+        assert 0 < ref[name]["clip_fraction"] < 1, (name, ref[name]["clip_fraction"])
