@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 
 from automodel_mimo.config import RunConfig
 
@@ -54,8 +55,9 @@ def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
     if started:
         extra = 0 if cfg.algo != "grpo" or cfg.generation.colocated else cfg.generation.num_cpus
         kwargs = {"address": cfg.launch.ray_address} if cfg.launch.ray_address else {"num_cpus": n + extra}
-        # The workers import this package: ship the working tree's import path to them.
-        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # The workers import this package (and `policies`) from the same tree as the driver.
+        root = str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         ray.init(**kwargs, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     pg = placement_group([{"CPU": 1, **({"GPU": 1} if gpus else {})}] * n, strategy="PACK")
     actors = []
