@@ -63,7 +63,7 @@ def _runs(tmp_path_factory, backend: str, steps: int, *extra: str) -> dict:
 def vllm_runs(tmp_path_factory):
     """Two steps (the second after a refit) with eval at steps 0 and 2."""
     _needs_vllm()
-    return _runs(tmp_path_factory, "vllm", 2, "eval.every_steps=2", "checkpoint.export_hf=false")
+    return _runs(tmp_path_factory, "vllm", 2, "eval.every_steps=2")
 
 
 def test_vllm_first_step_parity_and_metric_rows(vllm_runs):
@@ -92,6 +92,8 @@ def test_vllm_in_a_ray_actor_matches_colocated(vllm_runs):
         assert a["reward"] == b["reward"]
         for key in ("loss", "grad_norm", "kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    weights = {k: load_file(vllm_runs[k] / "hf" / "model.safetensors") for k in ("colocated", "ray")}
+    assert_tensors_close(weights["ray"], weights["colocated"], "weights after 2 steps (ray vs colocated)")
 
 
 @pytest.fixture(scope="module")
