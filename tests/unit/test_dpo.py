@@ -86,6 +86,28 @@ def test_short_dpo_run_writes_metric_rows(tmp_path):
             assert isinstance(row[key], float), key
         assert row["pairs"] == 4  # global batch of 8 sequences
         assert 0 <= row["preference_accuracy"] <= 1
+    # the reference is the model after the warm-up, so the first DPO forward sees policy == reference
+    assert abs(train[0]["chosen_reward"]) < 1e-4 and abs(train[0]["reward_margin"]) < 1e-4
+    assert train[-1]["reward_margin"] != 0
     evals = [row for row in rows if "eval/preference_accuracy" in row]
     assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["eval/num_pairs"] == 6
     assert 0 <= evals[0]["eval/preference_accuracy"] <= 1
+
+
+def test_reference_from_an_hf_directory(tmp_path):
+    """dpo.reference=<dir>: another model's weights are the reference (rewards are non-zero at step 1)."""
+    from transformers import AutoModelForCausalLM
+
+    from automodel_mimo.config import ModelConfig
+    from automodel_mimo.models.build import build_hf_config
+
+    config = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    hf_config = build_hf_config(ModelConfig(config=config), build_default_tokenizer())
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "ref")
+    out = tmp_path / "run"
+    r = run_cli("dpo", *TINY, f"output_dir={out}", f"dpo.reference={tmp_path / 'ref'}", "dpo.warmup_sft_steps=0",
+                "train.max_steps=1", "checkpoint.export_hf=false", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = [row for row in metrics(out) if "loss" in row][0]
+    assert abs(first["chosen_reward"]) > 1e-2

@@ -1,5 +1,5 @@
-"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2 and
-1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
+"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2, pp2
+and 1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
 weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap."""
 
 import pytest
@@ -158,16 +158,25 @@ def reference():
     return rows, _reference(rows)
 
 
-@pytest.mark.parametrize("parallel,micro", [({"dp": 1}, 2), ({"dp": 2}, 4), ({"dp": 1, "cp": 2}, 4)], ids=["mb4", "dp2", "cp2"])
+@pytest.mark.parametrize("parallel,micro", [
+    ({"dp": 1}, 2), ({"dp": 2}, 4), ({"dp": 1, "cp": 2}, 4),
+    ({"dp": 1, "pp": 2, "pp_microbatch_size": 2}, 4),  # 2 pipeline microbatches of one pair each per schedule step
+], ids=["mb4", "dp2", "cp2", "pp2"])
 def test_rl_losses_match_single_process(reference, parallel, micro):
     rows, ref = reference
-    got = run_ranks(_layout, parallel["dp"] * parallel.get("cp", 1), parallel, micro, rows)
+    world = parallel["dp"] * parallel.get("cp", 1) * parallel.get("pp", 1)
+    got = run_ranks(_layout, world, parallel, micro, rows)
+    for name, r in ref.items():  # pipeline stages each hold part of the parameters: merge over ranks
+        grads, params = {}, {}
+        for rank in got:
+            grads.update(rank[name]["grads"])
+            params.update(rank[name]["params"])
+        assert_tensors_close(grads, r["grads"], f"{name} gradients")
+        assert_tensors_close(params, r["params"], f"{name} post-step weights (SGD)")
     for rank in got:
         for name, r in ref.items():
             g = rank[name]
             assert abs(g["loss"] - r["loss"]) <= TOL * abs(r["loss"]), (name, g["loss"], r["loss"])
-            assert_tensors_close(g["grads"], r["grads"], f"{name} gradients")
-            assert_tensors_close(g["params"], r["params"], f"{name} post-step weights (SGD)")
         assert abs(rank["dpo"]["accuracy"] - ref["dpo"]["accuracy"]) < 1e-9
         for name in PG:  # the globally reduced metrics equal the whole-batch ones, min/max included
             for key in ("kl", "clip_fraction", "ratio_min", "ratio_max", "gen_kl_error", "pg_loss"):
