@@ -6,9 +6,9 @@ transport, checksum-verified unpack into a receiver's own parameter tensors.
 
 In-process: one device; the result is reported as a fraction of a plain device-to-device copy of the
 same number of bytes measured in the same run (the streaming path does two copies, pack and unpack,
-plus two checksum reads, so ~0.5 is its ceiling). Broadcast: rank 0 holds the trainer weights, rank 1
-receives (NCCL on 2 GPUs, gloo on CPU); the fraction is against a plain broadcast of one buffer of the
-model's size between the same ranks. Median of --repeat timed refits after one warm-up.
+plus two checksum reads: 6 passes over the bytes against the copy's 2, so ~1/3 is its ceiling).
+Broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the
+fraction is against a plain broadcast of one buffer of the model's size between the same ranks. Median of --repeat timed refits after one warm-up.
 """
 
 from __future__ import annotations
@@ -77,6 +77,17 @@ def _timed(fn, device, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _copy_seconds(nbytes: int, device: torch.device, repeat: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _timed(lambda: dst.copy_(src), device, repeat)
+
+
+def _broadcast_seconds(nbytes: int, device: torch.device, repeat: int) -> float:
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return _timed(lambda: dist.broadcast(buf, src=0), device, repeat)
+
+
 def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sender = Weights(model, dtype, device, seed=0)
@@ -88,9 +99,7 @@ def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -
         for name, tensor in WeightStream(plan, sender.tensors):
             receiver[name].copy_(tensor)
 
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = _timed(lambda: dst.copy_(src), device, repeat)
+    copy_s = _copy_seconds(nbytes, device, repeat)  # its buffers are freed before the refit runs
     refit_s = _timed(refit, device, repeat)
     assert all(torch.equal(receiver[n], t) for n, t in sender.tensors.items())
     return _result("in_process", model, dtype, bucket_bytes, plan, nbytes, refit_s, copy_s, "d2d copy", device)
@@ -107,6 +116,8 @@ def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2, device_id=device if cuda else None)
@@ -123,8 +134,7 @@ def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket
                 weights.tensors[name].copy_(tensor)
 
     nbytes = plan.manifest.nbytes
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    base_s = _timed(lambda: dist.broadcast(buf, src=0), device, repeat)
+    base_s = _broadcast_seconds(nbytes, device, repeat)
     refit_s = _timed(refit, device, repeat)
     check = torch.stack([torch.stack([t.float().sum() for t in weights.tensors.values()]).sum()])
     gathered = [torch.empty_like(check) for _ in range(2)]
@@ -162,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # CPU smoke runs: no OMP thread wake-ups inside the timed copies
     bucket_bytes = int(args.bucket_mb * 2**20)
     for model in args.model or ["1b", "8b"]:
         for transport in args.transport or ["in_process", "broadcast"]:
