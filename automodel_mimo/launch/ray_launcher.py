@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from automodel_mimo.config import RunConfig
 
 _POLL_S = 0.5
+_LOG_FLUSH_S = 1.0
 
 
 class RankActor:
@@ -80,22 +82,26 @@ def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
             ray.shutdown()
 
 
-def _supervise(runs: dict) -> int:
-    """Wait for every rank; the first non-zero exit (or actor death) stops the job."""
+def _supervise(runs: dict, grace_s: float = 5.0) -> int:
+    """Wait for every rank. After the first non-zero exit (or actor death) the others get `grace_s` to finish
+    on their own (a user error is raised on every rank, and rank 0 is the one that prints it) before the
+    caller kills them; the returned code is the first failure's."""
     import ray
 
-    pending = list(runs)
-    while pending:
+    pending, failure = list(runs), None
+    deadline = None
+    while pending and (deadline is None or time.monotonic() < deadline):
         done, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
         for ref in done:
             try:
-                rc = ray.get(ref)
+                rc, why = ray.get(ref), None
             except ray.exceptions.RayError as e:
-                print(f"[launcher] rank {runs[ref]} died ({type(e).__name__}); stopping the other ranks",
+                rc, why = 1, f"died ({type(e).__name__})"
+            if rc != 0 and failure is None:
+                failure = rc
+                deadline = time.monotonic() + grace_s
+                print(f"[launcher] rank {runs[ref]} {why or f'failed (exit code {rc})'}; stopping the other ranks",
                       file=sys.stderr, flush=True)
-                return 1
-            if rc != 0:
-                print(f"[launcher] rank {runs[ref]} failed (exit code {rc}); stopping the other ranks",
-                      file=sys.stderr, flush=True)
-                return rc
-    return 0
+    if failure is not None:
+        time.sleep(_LOG_FLUSH_S)  # Ray forwards the ranks' output asynchronously: let their last lines arrive
+    return failure or 0

@@ -6,6 +6,7 @@ colocated one under the local launcher (loss, grad norm, post-step weights); con
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -150,3 +151,14 @@ def test_config_error_through_the_cli_is_one_line(tmp_path):
     r = run_cli("sft", *TINY, f"output_dir={tmp_path}", "launch.backend=nccl", timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "launch.dist_backend=nccl" in r.stderr
+
+
+def test_ray_launcher_runs_any_algorithm_and_stops_on_a_rank_error(tmp_path):
+    """The Ray launcher runs the same entry for sft; an error the ranks find (data longer than
+    data.max_seq_len) ends the job with the ranks' exit code and message instead of hanging."""
+    pytest.importorskip("ray")
+    r = run_cli("sft", *TINY, f"output_dir={tmp_path}", "launch.backend=ray", "launch.nproc=2", "data.max_seq_len=8",
+                env=ENV, timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "data.max_seq_len=8" in r.stderr, r.stderr[-3000:]  # rank 0's message reaches the driver
+    assert re.search(r"\[launcher\] rank [01] failed \(exit code 2\)", r.stderr), r.stderr[-3000:]
