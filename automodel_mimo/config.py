@@ -394,7 +394,9 @@ def validate_grpo(cfg: RunConfig) -> None:
     _require(gen.top_p == 1.0, f"generation.top_p={gen.top_p}: only 1.0 is supported (the trainer's logprobs do not "
              "apply top-p truncation, so the importance ratio would be off)")
     _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens}: must be >= 1")
-    _require(gen.max_model_len >= 2, f"generation.max_model_len={gen.max_model_len}: must be >= 2")
+    _require(gen.max_model_len > gen.max_new_tokens,
+             f"generation.max_model_len={gen.max_model_len} must exceed generation.max_new_tokens={gen.max_new_tokens} "
+             "(it holds prompt + response); raise generation.max_model_len")
     _require(gen.gpu_memory_utilization is None or 0 < gen.gpu_memory_utilization <= 1,
              f"generation.gpu_memory_utilization={gen.gpu_memory_utilization}: must be in (0, 1] (or null)")
     _require(gen.bucket_bytes >= 1024, f"generation.bucket_bytes={gen.bucket_bytes}: must be >= 1024")

@@ -136,6 +136,7 @@ def test_ray_disaggregated_step_equals_colocated(hf_runs):
     ("generation.temperature=0", "generation.temperature=0.0: must be > 0"),
     ("generation.top_p=0.9", "generation.top_p=0.9: only 1.0 is supported"),
     ("generation.colocated=false", "generation.colocated=false runs the generator as a Ray actor: set launch.backend=ray"),
+    ("generation.max_model_len=4", "generation.max_model_len=4 must exceed generation.max_new_tokens=4"),
     ("generation.gpu_memory_utilization=2", "generation.gpu_memory_utilization=2.0: must be in (0, 1]"),
     ("parallel.cp=2", "parallel.cp=2: grpo does not support context parallelism yet"),
     ("parallel.pp=2 parallel.pp_microbatch_size=1", "parallel.pp=2: grpo does not support pipeline parallelism yet"),
