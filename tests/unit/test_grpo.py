@@ -99,7 +99,8 @@ def test_vllm_in_a_ray_actor_matches_colocated(vllm_runs):
 
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory):
-    return _runs(tmp_path_factory, "hf", 1)
+    """One step at temperature 0.7: the trainer's logprobs must use the sampling temperature too."""
+    return _runs(tmp_path_factory, "hf", 1, "generation.temperature=0.7")
 
 
 def test_hf_first_step_parity(hf_runs):
