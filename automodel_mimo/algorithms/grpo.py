@@ -131,6 +131,8 @@ def build_generator(cfg: RunConfig, folder: str, state) -> Colocated:
             kwargs.update(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
                           seed=cfg.seed)
         if gen.colocated:
+            if gen.backend == "hf":
+                kwargs["device"] = state.device  # the trainer rank's accelerator
             from automodel_mimo.generation import build_generator as build_backend
 
             backend = build_backend(gen.backend, folder, **kwargs)

@@ -30,6 +30,8 @@ class GeneratorActor:
         from automodel_mimo.quiet import quiet_third_party
 
         quiet_third_party()
+        if backend == "hf" and torch.cuda.is_available():
+            kwargs = {**kwargs, "device": "cuda"}  # the actor's own GPU
         self.name = backend
         self.engine = build_generator(backend, model_path, **kwargs)
         self.transport: BroadcastTransport | None = None
