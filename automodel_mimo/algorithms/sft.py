@@ -90,7 +90,7 @@ def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Datase
 
 
 def run_sft(cfg: RunConfig) -> None:
-    device = init_distributed(cfg.launch.backend)
+    device = init_distributed(cfg.launch.dist_backend)
     state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_sft_data(cfg, tokenizer)

@@ -52,7 +52,7 @@ class Colocated:
     WeightStream. The owner generates for all prompts and the results are broadcast (each rank then
     takes its data-parallel slice); refits stream once into the one engine. One engine rather than one
     per data-parallel rank: one engine start, one refit, and vLLM batches all prompts itself; a
-    disaggregated generator (Ray actors, later) replaces the owner with a remote engine reached through
+    disaggregated generator (generation/remote.py, a Ray actor) is a backend on the owner that reaches a remote engine through
     the same broadcast transport.
     """
 

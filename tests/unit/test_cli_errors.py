@@ -46,9 +46,3 @@ def test_data_error_inside_ranks_stops_every_rank(tmp_path):
     assert r.returncode != 0
     assert "data.max_seq_len=8" in r.stderr and "Traceback" not in r.stderr
     assert _no_process_mentions(str(tmp_path))
-
-
-@pytest.mark.parametrize("algo", ["grpo"])
-def test_unavailable_algorithms_say_so(algo):
-    r = run_cli(algo, timeout=60)
-    assert r.returncode != 0 and r.stderr.strip() == f"automodel-mimo {algo}: not available yet"

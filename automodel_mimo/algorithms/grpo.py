@@ -1,0 +1,259 @@
+"""Group relative policy optimization: the SPMD loop every rank runs.
+
+Per step: prompts drawn by (seed, step) -> n samples each from the generator (one engine, colocated on
+rank 0 or a Ray actor) -> exact-match reward against the reference answer -> group advantages -> this DP
+rank's samples as microbatches -> old logprobs (trainer) and reference logprobs (reference weights swapped
+in) -> one clipped policy-gradient step over the microbatches (global token / sequence normalization) ->
+refit the generator (weight streaming). Held-out greedy accuracy, through the generator, at step 0 and
+every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps of SFT (the embedded default's start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed as dist
+
+from automodel_mimo.algorithms import sft
+from automodel_mimo.checkpoint import export_hf
+from automodel_mimo.config import RunConfig
+from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.synthetic import grade_exact
+from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
+from automodel_mimo.generation import Colocated, Generation, SamplingParams
+from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
+from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.models.build import build_handle, build_hf_config, build_model
+from automodel_mimo.models.tokenizer import load_tokenizer
+from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
+from policies.lm_policy import LMPolicy
+
+
+# ---------------------------------------------------------------- rollouts -> microbatches
+
+
+def sample_rows(prompts: list[list[int]], samples: list[Generation]) -> list[dict]:
+    """One training row per sample: prompt + response ids, labels on the response tokens only, and the
+    generator's logprobs at the same (shifted) positions as the labels."""
+    rows = []
+    for s in samples:
+        prompt = prompts[s.prompt_index]
+        ids = prompt + s.token_ids
+        labels = [IGNORE_INDEX] * (len(prompt) - 1) + s.token_ids + [IGNORE_INDEX]
+        gen_lp = [0.0] * (len(prompt) - 1) + s.logprobs + [0.0]
+        rows.append({"input_ids": ids, "labels": labels, "gen_logprobs": gen_lp})
+    return rows
+
+
+def rewards_of(samples: list[Generation], references: list[str], tokenizer) -> torch.Tensor:
+    """1 when the decoded response equals the prompt's reference answer (grade_exact), else 0."""
+    return torch.tensor([float(grade_exact(tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                           references[s.prompt_index])) for s in samples])
+
+
+def to_microbatches(rows: list[dict], advantages: torch.Tensor, micro_batch_size: int, pad_id: int,
+                    device: torch.device) -> list[dict]:
+    """Padded microbatches carrying `gen_logprobs` [B, S] and `advantages` [B] beside the usual keys."""
+    microbatches = []
+    for start, chunk in zip(range(0, len(rows), micro_batch_size), split_microbatches(rows, micro_batch_size)):
+        mb = collate(chunk, pad_id, device)
+        gen = torch.zeros(mb["input_ids"].shape, dtype=torch.float32)
+        for i, r in enumerate(chunk):
+            gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
+        mb["gen_logprobs"] = gen.to(device)
+        mb["advantages"] = advantages[start:start + len(chunk)].to(device, torch.float32)
+        microbatches.append(mb)
+    return microbatches
+
+
+# ---------------------------------------------------------------- the step
+
+
+def pg_config(cfg: RunConfig) -> PGLossConfig:
+    g = cfg.grpo
+    return PGLossConfig(eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip, kl_beta=g.kl_beta,
+                        kl_type=g.kl_type, sequence_level=g.sequence_level, gspo=g.gspo,
+                        truncated_is_cap=g.truncated_is_cap)
+
+
+def grpo_loss_fn(loss_cfg: PGLossConfig, counts: dict):
+    """LMPolicy.forward_backward loss: clipped PG with the global denominators; kl to the reference is
+    reported even when it is not part of the loss (kl_beta = 0)."""
+
+    def loss_fn(logprobs: torch.Tensor, mb: dict):
+        loss, metrics = clipped_pg_loss(
+            logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], loss_cfg,
+            global_valid_tokens=counts["tokens"], global_valid_seqs=counts["seqs"],
+            ref_logprobs=mb["ref_logprobs"], gen_logprobs=mb["gen_logprobs"])
+        mask = mb["loss_mask"]
+        if "kl" not in metrics:
+            kl = kl_penalty(logprobs.detach(), mb["ref_logprobs"], loss_cfg.kl_type, loss_cfg.kl_input_clamp,
+                            loss_cfg.kl_output_clamp)
+            metrics["kl"] = (kl * mask).sum() / counts["tokens"]
+        metrics["entropy"] = -(mb["old_logprobs"] * mask).sum() / counts["tokens"]  # sampled-token estimate
+        return loss, metrics
+
+    return loss_fn
+
+
+def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
+    """Old and reference logprobs, one clipped-PG forward/backward over the global batch, one optimizer step.
+    Returns the reduced metrics and the seconds spent on logprobs and on training."""
+    t0 = time.perf_counter()
+    for mb, old, ref in zip(microbatches, policy.logprobs(microbatches, temperature),
+                            policy.reference_logprobs(microbatches, temperature)):
+        mb["old_logprobs"], mb["ref_logprobs"] = old, ref
+    counts = policy.global_counts(microbatches)
+    t1 = time.perf_counter()
+    policy.optimizer.zero_grad()
+    metrics = policy.forward_backward(microbatches, grpo_loss_fn(loss_cfg, counts), temperature)
+    metrics.update(policy.optimizer_step())
+    metrics.update({"timing/logprobs_s": t1 - t0, "timing/training_s": time.perf_counter() - t1})
+    return metrics
+
+
+# ---------------------------------------------------------------- generator
+
+
+def build_generator(cfg: RunConfig, folder: str, state) -> Colocated:
+    """The one engine of this job behind `Colocated`: in rank 0's process, or (generation.colocated=false)
+    a Ray actor that rank 0 drives and refits over a broadcast group."""
+    gen = cfg.generation
+    backend = None
+    if state.is_rank0:
+        kwargs = {"dtype": DTYPES[cfg.model.dtype]}
+        if gen.backend == "vllm":
+            kwargs.update(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
+                          seed=cfg.seed)
+        if gen.colocated:
+            if gen.backend == "hf":
+                kwargs["device"] = state.device  # the trainer rank's accelerator
+            from automodel_mimo.generation import build_generator as build_backend
+
+            backend = build_backend(gen.backend, folder, **kwargs)
+        else:
+            from automodel_mimo.generation.remote import RemoteGenerator
+
+            backend = RemoteGenerator(gen.backend, folder, num_cpus=gen.num_cpus, **kwargs)
+    return Colocated(backend)
+
+
+def sampling_params(cfg: RunConfig, tokenizer, step: int) -> SamplingParams:
+    gen = cfg.generation
+    return SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                          n=cfg.grpo.num_generations, stop_token_ids=tuple(tokenizer.all_special_ids),
+                          seed=cfg.seed * 100_003 + step)
+
+
+def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Dataset, tokenizer) -> dict:
+    """Exact-match accuracy of the generator's greedy answers on the held-out prompts (the generator holds
+    the trainer's current weights after each refit); every rank gets the same result."""
+    n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
+    rows = eval_ds.select(range(n))
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, n=1,
+                              stop_token_ids=tuple(tokenizer.all_special_ids))
+    samples = generator.generate(rows["prompt_ids"], sampling)
+    correct = rewards_of(samples, rows["reference"], tokenizer).sum()
+    return {"eval/accuracy": float(correct) / max(1, n), "eval/num_samples": n}
+
+
+# ---------------------------------------------------------------- setup
+
+
+def sft_warmup(cfg: RunConfig, policy_state, handle, train: datasets.Dataset, pad_id: int) -> None:
+    """grpo.warmup_sft_steps SFT steps on the task's answers with an optimizer of their own (constant
+    grpo.warmup_sft_lr after a short warm-up): the starting policy, deliberately under-trained in the
+    embedded default so that GRPO has room to improve it. Deterministic."""
+    g = cfg.grpo
+    train_cfg = dataclasses.replace(cfg.train, lr=g.warmup_sft_lr, min_lr=0.0, max_steps=g.warmup_sft_steps,
+                                    warmup_steps=min(20, g.warmup_sft_steps), lr_decay="constant")
+    warm = LMPolicy(handle, policy_state, train_cfg)
+    warm_cfg = dataclasses.replace(cfg, train=train_cfg, seed=cfg.seed + 1)
+    for step in range(g.warmup_sft_steps):
+        metrics = warm.sft_train_step(sft.step_microbatches(warm_cfg, train, step, policy_state, pad_id))
+        if policy_state.is_rank0 and (step + 1) % 50 == 0:
+            print(f"[grpo] sft warm-up step {step + 1}/{g.warmup_sft_steps}: loss {metrics['loss']:.4f}", flush=True)
+
+
+def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[list[list[int]], list[str]]:
+    """The global batch's prompts (same on every rank): grpo.prompts_per_step rows drawn by (seed, step)."""
+    rows = train.select(global_batch_indices(step, len(train), cfg.grpo.prompts_per_step, cfg.seed + 2))
+    return rows["prompt_ids"], rows["reference"]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_grpo(cfg: RunConfig) -> None:
+    device = init_distributed(cfg.launch.dist_backend)
+    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    pad = tokenizer.pad_token_id
+    data = sft.prepare_sft_data(cfg, tokenizer)
+    hf_config = build_hf_config(cfg.model, tokenizer)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed), state, pad)
+    began = time.perf_counter()
+    if cfg.grpo.warmup_sft_steps:
+        sft_warmup(cfg, state, handle, data["train"], pad)
+    warmup_s = time.perf_counter() - began
+    policy = LMPolicy(handle, state, cfg.train)
+    policy.init_reference()  # the starting weights
+
+    # the generator starts from an HF export of the starting weights; later refits stream in place
+    init_folder = export_hf(handle, tokenizer, Path(cfg.output_dir) / "init_hf")
+    generator = build_generator(cfg, str(init_folder), state)
+    plan = build_stream_plan(handle, DTYPES[cfg.model.dtype], cfg.generation.bucket_bytes)
+    transport = stage_transport(plan)
+    generator.validate_manifest(plan.manifest)
+    loss_cfg = pg_config(cfg)
+    g, t = cfg.grpo, cfg.train
+    if state.is_rank0:
+        where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
+        print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, {cfg.generation.backend} "
+              f"generator {where}, {g.prompts_per_step} prompts x {g.num_generations} samples per step, "
+              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s", flush=True)
+    logger = MetricsLogger(cfg, 0, enabled=state.is_rank0)
+    initial_accuracy = None
+    if cfg.eval.every_steps:
+        first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
+        initial_accuracy = first["eval/accuracy"]
+        logger.log({"step": 0, **first, "eval/accuracy_gain": 0.0})
+
+    began = time.perf_counter()
+    for step in range(t.max_steps):
+        t0 = time.perf_counter()
+        prompts, references = step_prompts(cfg, data["train"], step)
+        samples = generator.generate(prompts, sampling_params(cfg, tokenizer, step))
+        t_gen = time.perf_counter() - t0
+        rewards = rewards_of(samples, references, tokenizer)
+        advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
+        mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
+        rows = sample_rows(prompts, [samples[i] for i in mine])
+        microbatches = to_microbatches(rows, advantages[mine], t.micro_batch_size, pad, device)
+        metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
+        t1 = time.perf_counter()
+        generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))
+        t_refit = time.perf_counter() - t1
+        step_s = time.perf_counter() - t0
+        tokens = sum(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)
+        done = step + 1
+        logger.log({"step": done, **metrics, "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+                    "response_len": sum(len(s.token_ids) for s in samples) / len(samples),
+                    "tokens_per_s": tokens / step_s, "timing/generation_s": t_gen, "timing/refit_s": t_refit,
+                    "step_s": step_s, "elapsed_s": time.perf_counter() - began})
+        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == t.max_steps):
+            result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
+            logger.log({"step": done, **result, "eval/accuracy_gain": result["eval/accuracy"] - initial_accuracy})
+    if cfg.checkpoint.export_hf:
+        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
+    logger.close()
+    if generator.backend is not None:
+        generator.backend.shutdown()
+    if state.is_rank0:
+        print(f"[grpo] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
+    dist.barrier()
