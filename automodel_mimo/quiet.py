@@ -19,6 +19,8 @@ _HARMLESS = (
 
 def quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM logs INFO lines per refit and per generate call (engine processes inherit this); warnings stay.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     for text in _HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
     # torchao (imported by nemo-automodel) logs a warning per CUDA-only kernel it cannot load on CPU.
