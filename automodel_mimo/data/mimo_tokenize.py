@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from automodel_mimo.data.images import _UNDECODED, load_image_dataset
 from automodel_mimo.data.tokenize import FEATURES as TEXT_FEATURES
-from automodel_mimo.data.tokenize import Message, _chat_ids, _plain_ids, _shifted_labels
+from automodel_mimo.data.tokenize import Message, _chat_ids, _plain_ids, _shifted_labels, map_tokenized
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.tokenizer import image_token_id
@@ -100,26 +100,16 @@ def tokenize_mimo_dataset(
     split_name: str,
 ) -> datasets.Dataset:
     """tokenize_mimo_messages over an `images` + `messages` dataset (data/images.py); keeps `images`."""
-
-    def tokenize_row(row: dict[str, Any], idx: int) -> dict[str, Any]:
-        try:
-            return tokenize_mimo_messages(
-                row["messages"], len(row["images"]), tokenizer, placeholder_id=placeholder_id,
-                tokens_per_image=tokens_per_image, max_seq_len=max_seq_len,
-                use_chat_template=use_chat_template, truncate=truncate,
-            )
-        except UserInputError as err:
-            raise UserInputError(f"row {idx} of the {split_name} split: {err}") from err
-
     images = ds.features["images"]
     features = datasets.Features({"images": _UNDECODED["images"], **FEATURES})
-    if len(ds) == 0:
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features).cast_column("images", images)
     # Undecoded while mapping: only the image count matters here, and decoding every image would be slow.
-    out = ds.cast_column("images", _UNDECODED["images"]).map(
-        tokenize_row, with_indices=True, remove_columns=["messages"], features=features,
-        load_from_cache_file=False, keep_in_memory=True,
-    )
+    undecoded = ds.cast_column("images", _UNDECODED["images"]) if len(ds) else ds
+    out = map_tokenized(
+        undecoded, lambda row: tokenize_mimo_messages(
+            row["messages"], len(row["images"]), tokenizer, placeholder_id=placeholder_id,
+            tokens_per_image=tokens_per_image, max_seq_len=max_seq_len,
+            use_chat_template=use_chat_template, truncate=truncate),
+        features, split_name)
     return out.cast_column("images", images)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -123,18 +124,23 @@ def tokenize_dataset(
     split_name: str,
 ) -> datasets.Dataset:
     """tokenize_messages over a `messages` dataset, in memory; errors name the split and row."""
+    kept = {name: feature for name, feature in ds.features.items() if name != "messages"}
+    return map_tokenized(
+        ds, lambda row: tokenize_messages(row["messages"], tokenizer, max_seq_len=max_seq_len,
+                                          use_chat_template=use_chat_template, truncate=truncate),
+        datasets.Features({**kept, **FEATURES}), split_name)
+
+
+def map_tokenized(ds: datasets.Dataset, tokenize_one: Callable[[dict[str, Any]], dict[str, Any]],
+                  features: datasets.Features, split_name: str) -> datasets.Dataset:
+    """`tokenize_one(row)` over every row, in memory, replacing `messages`; errors name the split and row."""
 
     def tokenize_row(row: dict[str, Any], idx: int) -> dict[str, Any]:
         try:
-            return tokenize_messages(
-                row["messages"], tokenizer,
-                max_seq_len=max_seq_len, use_chat_template=use_chat_template, truncate=truncate,
-            )
+            return tokenize_one(row)
         except UserInputError as err:
             raise UserInputError(f"row {idx} of the {split_name} split: {err}") from err
 
-    kept = {name: feature for name, feature in ds.features.items() if name != "messages"}
-    features = datasets.Features({**kept, **FEATURES})
     if len(ds) == 0:  # map on an empty dataset would not produce the new columns
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     return ds.map(
