@@ -1,14 +1,20 @@
-"""Refit bandwidth of the weight-streaming path (no vLLM needed): manifest, gather, bucket pack,
-transport, checksum-verified unpack into a receiver's own parameter tensors.
+"""Refit bandwidth of the weight-streaming path (no vLLM needed): manifest, gather, transport, verified
+load into a receiver's own parameter tensors.
 
   python bench/refit_bandwidth.py --model 1b --model 8b             # GPU: colocated (in-process) + 2-rank NCCL
   python bench/refit_bandwidth.py --model tiny --dtype float32      # CPU: the same paths, gloo
 
-In-process: one device; the result is reported as a fraction of a plain device-to-device copy of the
-same number of bytes measured in the same run (the streaming path does two copies, pack and unpack,
-plus two checksum reads: 6 passes over the bytes against the copy's 2, so ~1/3 is its ceiling).
-Broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the
-fraction is against a plain broadcast of one buffer of the model's size between the same ranks. Median of --repeat timed refits after one warm-up.
+Transports (--transport, repeatable; default in_process and broadcast):
+- in_process: the receiver lives in the trainer's process and reads the trainer's tensors directly
+  (WeightStream.__iter__): its copy into its own weights is the one pass over the bytes. Reported as a
+  fraction of one device-to-device copy of the model's bytes measured in the same run.
+- in_process_packed: the same consumer fed through flat buffers (pack, checksum, unpack), i.e. what
+  bytes cost when they must travel: 6 passes over the bytes against the copy's 2.
+- broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the
+  fraction is against a plain broadcast of one buffer of the model's size between the same ranks.
+- broadcast_same_gpu: the broadcast path between two processes on ONE GPU (how a colocated vLLM engine,
+  which runs in its own process, would be refit over NCCL); reports the error if NCCL refuses it.
+Median of --repeat timed refits after one warm-up.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ def _broadcast_seconds(nbytes: int, device: torch.device, repeat: int) -> float:
     return _timed(lambda: dist.broadcast(buf, src=0), device, repeat)
 
 
-def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, packed: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sender = Weights(model, dtype, device, seed=0)
     receiver = Weights(model, dtype, device, seed=1).tensors
@@ -96,13 +102,19 @@ def in_process(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -
     nbytes = plan.manifest.nbytes
 
     def refit():
-        for name, tensor in WeightStream(plan, sender.tensors):
+        stream = WeightStream(plan, sender.tensors)
+        for name, tensor in verified(plan, stream.arrivals(packed=True)) if packed else stream:
             receiver[name].copy_(tensor)
 
     copy_s = _copy_seconds(nbytes, device, repeat)  # its buffers are freed before the refit runs
     refit_s = _timed(refit, device, repeat)
     assert all(torch.equal(receiver[n], t) for n, t in sender.tensors.items())
-    return _result("in_process", model, dtype, bucket_bytes, plan, nbytes, refit_s, copy_s, "d2d copy", device)
+    kind = "in_process_packed" if packed else "in_process"
+    return _result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, copy_s, "d2d copy", device)
+
+
+def in_process_packed(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+    return in_process(model, dtype, bucket_bytes, repeat, packed=True)
 
 
 def _result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, base_name, device) -> dict:
@@ -112,10 +124,11 @@ def _result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, bas
             "fraction": base_s / refit_s, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
-def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, out: dict):
+def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, out: dict,
+                    same_gpu: bool = False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", 0 if same_gpu else rank) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(1)
     if cuda:
@@ -141,9 +154,18 @@ def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket
     dist.all_gather(gathered, check)
     assert torch.equal(gathered[0], gathered[1]), "receiver weights differ from the sender's"
     if rank == 1:
-        out.update(_result("broadcast", model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, "plain broadcast",
-                           device))
+        out.update(_result("broadcast_same_gpu" if same_gpu else "broadcast", model, dtype, bucket_bytes, plan, nbytes,
+                           refit_s, base_s, "plain broadcast", device))
     dist.destroy_process_group()
+
+
+def _guarded_rank(rank: int, *args):
+    """_broadcast_rank that reports its failure instead of dying (NCCL may refuse two ranks on one GPU)."""
+    out = args[-2]
+    try:
+        _broadcast_rank(rank, *args)
+    except Exception as e:  # noqa: BLE001 - the failure is the measurement
+        out[f"error_rank{rank}"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 class _NoParams:
@@ -153,14 +175,22 @@ class _NoParams:
         return iter(())
 
 
-def broadcast(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+def broadcast(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, same_gpu: bool = False) -> dict:
     from tests.unit.multirank import free_port
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_broadcast_rank, args=(free_port(), model, dtype, bucket_bytes, repeat, out),
+        mp.start_processes(_guarded_rank, args=(free_port(), model, dtype, bucket_bytes, repeat, out, same_gpu),
                            nprocs=2, start_method="spawn")
-        return dict(out)
+        return {"transport": "broadcast_same_gpu" if same_gpu else "broadcast", "model": model, **dict(out)}
+
+
+def broadcast_same_gpu(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
+    return broadcast(model, dtype, bucket_bytes, repeat, same_gpu=True)
+
+
+TRANSPORTS = {"in_process": in_process, "in_process_packed": in_process_packed, "broadcast": broadcast,
+              "broadcast_same_gpu": broadcast_same_gpu}
 
 
 def main() -> None:
@@ -168,7 +198,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default 1b and 8b")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--bucket-mb", type=float, default=512)
-    parser.add_argument("--transport", action="append", choices=["in_process", "broadcast"])
+    parser.add_argument("--transport", action="append", choices=sorted(TRANSPORTS))
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -177,8 +207,7 @@ def main() -> None:
     bucket_bytes = int(args.bucket_mb * 2**20)
     for model in args.model or ["1b", "8b"]:
         for transport in args.transport or ["in_process", "broadcast"]:
-            run = in_process if transport == "in_process" else broadcast
-            print(json.dumps(run(model, dtype, bucket_bytes, args.repeat)), flush=True)
+            print(json.dumps(TRANSPORTS[transport](model, dtype, bucket_bytes, args.repeat)), flush=True)
 
 
 if __name__ == "__main__":

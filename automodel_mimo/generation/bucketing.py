@@ -89,8 +89,7 @@ def pack(bucket: Bucket, tensors: list[torch.Tensor], buf: torch.Tensor) -> torc
     out = buf[:bucket.size]
     for slot, t in zip(bucket.slots, tensors, strict=True):
         e = slot.entry
-        if tuple(t.shape) != e.shape:
-            raise StreamIntegrityError(f"{e.name}: trainer tensor shape {list(t.shape)} != manifest {list(e.shape)}")
+        _check_shape(e, t)
         out[slot.offset:slot.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(t)
         pad = _aligned(e.nbytes) - e.nbytes
         if pad:  # padding bytes are part of the checksummed payload: keep them deterministic
@@ -99,6 +98,18 @@ def pack(bucket: Bucket, tensors: list[torch.Tensor], buf: torch.Tensor) -> torc
     trailer[0] = bucket.index
     trailer[1:] = checksum(out[:bucket.payload_bytes])
     return out
+
+
+def named_tensors(bucket: Bucket, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) for a bucket's unpacked tensors (one per slot), shapes checked against the manifest."""
+    for slot, t in zip(bucket.slots, tensors, strict=True):
+        _check_shape(slot.entry, t)
+    return [(s.entry.name, t) for s, t in zip(bucket.slots, tensors)]
+
+
+def _check_shape(entry: ManifestEntry, t: torch.Tensor) -> None:
+    if tuple(t.shape) != entry.shape:
+        raise StreamIntegrityError(f"{entry.name}: trainer tensor shape {list(t.shape)} != manifest {list(entry.shape)}")
 
 
 def unpack(bucket: Bucket, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

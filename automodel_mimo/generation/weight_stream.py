@@ -5,12 +5,14 @@ ones), orders them by stage and module order into a `Manifest` in the generator'
 entry with its source (the lowest global rank of the owning stage) and cuts it into buckets. The
 generator validates the manifest once against its own parameters.
 
-Each refit: `packed_buckets` runs on EVERY trainer rank: for each bucket of its stage, all ranks of the
-stage gather the bucket's sharded parameters (FSDP/TP DTensors) to full tensors together, and the source
-packs them into one of two alternating buffers; only one bucket of full tensors exists at a time, never
-the whole model. `send_weights` puts the buffers on a broadcast transport; `receive_weights` (generator
-side) yields (name, tensor) after checking each bucket's index and checksum, and raises if any manifest
-entry did not arrive exactly once.
+Each refit: `gathered_buckets` runs on EVERY trainer rank: for each bucket of its stage, all ranks of the
+stage gather the bucket's sharded parameters (FSDP/TP DTensors) to full tensors together; only one bucket
+of full tensors exists at a time, never the whole model. Bytes that travel (`send_weights`, a broadcast
+transport) are packed by the source into one of two alternating flat buffers, and the generator side
+(`verified`) checks each bucket's index and checksum. A generator in the source rank's own process reads
+the gathered tensors directly (`WeightStream.__iter__`): no flat buffer, no checksum, since no bytes move;
+its one pass over the bytes is its own copy into its weights. Either way the stream raises unless every
+manifest entry arrived exactly once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from automodel_mimo.generation.bucketing import (
     Bucket,
     StreamIntegrityError,
     buffer_bytes,
+    named_tensors,
     pack,
     plan_buckets,
     unpack,
@@ -81,7 +84,25 @@ def local_parameters(handle) -> dict[str, torch.Tensor]:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """The whole tensor of a parameter; a DTensor whose local shard already is whole (one-rank mesh, or
+    replicated) is not gathered again (no copy)."""
+    if not isinstance(t, DTensor):
+        return t
+    if t.device_mesh.size() == 1 or all(p.is_replicate() for p in t.placements):
+        return t.to_local()
+    return t.full_tensor()
+
+
+@torch.no_grad()
+def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Iterator[tuple[Bucket, list | None]]:
+    """Every trainer rank iterates this in step (the gathers are collective over the stage): each bucket
+    of this rank's stage with its full tensors at the manifest dtype, (bucket, None) for other stages'."""
+    for bucket in plan.buckets:
+        names = [s.entry.name for s in bucket.slots]
+        if names[0] not in params:  # another pipeline stage's bucket
+            yield bucket, None
+            continue
+        yield bucket, [_full(params[n]).to(dtype=s.entry.dtype) for n, s in zip(names, bucket.slots)]
 
 
 @torch.no_grad()
@@ -93,13 +114,8 @@ def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = device or next(iter(params.values())).device
     buffers = None
-    for bucket in plan.buckets:
-        names = [s.entry.name for s in bucket.slots]
-        if names[0] not in params:  # another pipeline stage's bucket
-            yield bucket, None
-            continue
-        tensors = [_full(params[n]).to(dtype=s.entry.dtype) for n, s in zip(names, bucket.slots)]
-        if rank != bucket.source:
+    for bucket, tensors in gathered_buckets(plan, params):
+        if tensors is None or rank != bucket.source:
             yield bucket, None
             continue
         if buffers is None:
@@ -124,15 +140,19 @@ def send_weights(plan: StreamPlan, params: dict[str, torch.Tensor], transport: B
         work.wait()
 
 
-def verified(plan: StreamPlan, received: Iterable[tuple[Bucket, torch.Tensor]],
+def verified(plan: StreamPlan, received: Iterable[tuple[Bucket, torch.Tensor | list]],
              clone: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of each received bucket after its index and checksum check; at the end, raises
-    unless every manifest entry arrived exactly once. `clone` copies tensors out of the (reused) buffer
-    for consumers that keep references (vLLM buffers a layer's weights until the layer is complete)."""
+    """(name, tensor) of each arrived bucket; at the end, raises unless every manifest entry arrived
+    exactly once. A bucket arrives as bytes (a flat buffer: its index and checksum are checked first) or,
+    in process, as its list of gathered tensors. `clone` copies tensors out of a (reused) byte buffer for
+    consumers that keep references (vLLM buffers a layer's weights until the layer is complete)."""
     arrived = [0] * len(plan.buckets)
-    for bucket, buf in received:
+    for bucket, data in received:
         arrived[bucket.index] += 1
-        for name, tensor in unpack(bucket, buf):
+        if isinstance(data, list):  # the trainer's own tensors: nothing was copied, nothing to clone
+            yield from named_tensors(bucket, data)
+            continue
+        for name, tensor in unpack(bucket, data):
             yield name, tensor.clone() if clone else tensor
     wrong = [b for b, n in zip(plan.buckets, arrived) if n != 1]
     if wrong:
@@ -184,8 +204,8 @@ class WeightStream:
     """One refit as seen from one trainer rank (every trainer rank builds one and takes part).
 
     On the rank that holds the generator, iterating gives the verified (name, tensor) stream: its own
-    buckets straight from its packing buffers (in-process), other stages' buckets received over
-    `transport` (see `stage_transport`). Every other rank calls `participate`.
+    buckets as the gathered tensors (in process), other stages' buckets received over `transport` (see
+    `stage_transport`). Every other rank calls `participate`.
     """
 
     plan: StreamPlan
@@ -198,13 +218,19 @@ class WeightStream:
         return dist.get_rank() if dist.is_initialized() else 0
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return verified(self.plan, self._arrivals())
+        """The verified stream for a consumer in this (the source's) process: its own buckets as the
+        gathered tensors themselves (valid during the refit only: consumers copy them)."""
+        return verified(self.plan, self.arrivals(packed=False))
 
-    def _arrivals(self) -> Iterator[tuple[Bucket, torch.Tensor]]:
+    def arrivals(self, packed: bool = True) -> Iterator[tuple[Bucket, torch.Tensor | list]]:
+        """Every bucket on the generator's rank in manifest order: this rank's own ones packed (a flat
+        buffer, `packed`) or as gathered tensors, other stages' received over `transport`. A buffer is
+        reused: finish with a bucket before asking for the next but one."""
         received = None
-        for bucket, buf in packed_buckets(self.plan, self.params, self.device):
+        own = packed_buckets(self.plan, self.params, self.device) if packed else gathered_buckets(self.plan, self.params)
+        for bucket, data in own:
             if bucket.source == self.rank:
-                yield bucket, buf
+                yield bucket, data
                 continue
             if self.transport is None or bucket.source not in self.transport.routes:
                 raise StreamIntegrityError(f"refit: bucket {bucket.index} comes from rank {bucket.source} and no "

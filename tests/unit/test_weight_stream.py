@@ -96,6 +96,24 @@ def test_corrupted_missing_and_repeated_buckets_are_caught():
         consume(repeat)
 
 
+def test_in_process_stream_hands_over_the_trainer_tensors_and_checks_coverage():
+    """A consumer in the trainer's process reads the trainer's own tensors (no flat buffer, no copy):
+    same storage, every manifest entry exactly once, in manifest order; a lost bucket is still caught."""
+    trainer = tiny_model(seed=1)
+    plan = build_stream_plan(Trainer(trainer), torch.float32, bucket_bytes=16384)
+    params = local_parameters(Trainer(trainer))
+    streamed = list(WeightStream(plan, params))
+    assert [n for n, _ in streamed] == [e.name for e in plan.manifest.entries]
+    assert all(t.data_ptr() == params[n].data_ptr() for n, t in streamed)
+    # bf16 generator weights from an fp32 trainer: converted once (the manifest dtype), shapes intact
+    half = build_stream_plan(Trainer(trainer), torch.bfloat16, bucket_bytes=16384)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, params[n].bfloat16()) for n, t in WeightStream(half, params))
+    own = WeightStream(plan, params).arrivals(packed=False)
+    with pytest.raises(StreamIntegrityError, match=r"coverage: 1 bucket\(s\)"):
+        for _ in verified(plan, ((b, data) for b, data in own if b.index != 0)):
+            pass
+
+
 def _refit_from_layout(parallel: dict, hf_folder: str) -> dict:
     from automodel_mimo.config import ModelConfig, ParallelConfig, RunConfig
     from automodel_mimo.distributed.mesh import build_parallel_state
