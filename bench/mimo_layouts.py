@@ -8,6 +8,7 @@ object: samples/s per layout and the speedup of the best heterogeneous layout ov
 
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL)
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --tiny     # CPU smoke test (gloo)
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --llm 8b   # a Llama-3-8B-shaped LLM instead
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_laye
         "llm": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=32000),
         "text_tokens": 128, "global_batch": 32, "llm_rows_per_microbatch": 4, "dtype": "bfloat16"}
+LLM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, vocab_size=32000)
 TINY = {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        image_size=16, patch_size=4),
         "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -55,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    p.add_argument("--llm", choices=["1b", "8b"], default="1b", help="LLM of the GPU config (~1.2B or 8B Llama)")
     return p.parse_args()
 
 
@@ -131,7 +135,7 @@ def main() -> None:
     args = parse_args()
     quiet_third_party()
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the vision output is a view: harmless here
-    spec = TINY if args.tiny else FULL
+    spec = TINY if args.tiny else {**FULL, "llm": LLM_8B} if args.llm == "8b" else FULL
     device = init_distributed("gloo" if args.tiny else "auto")
     if dist.get_world_size() != 4:
         raise SystemExit(f"bench/mimo_layouts.py runs on 4 ranks (torchrun --nproc_per_node=4), not {dist.get_world_size()}")

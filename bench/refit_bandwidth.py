@@ -12,14 +12,17 @@ Transports (--transport, repeatable; default in_process and broadcast):
   bytes cost when they must travel: 6 passes over the bytes against the copy's 2.
 - broadcast: rank 0 holds the trainer weights, rank 1 receives (NCCL on 2 GPUs, gloo on CPU); the
   fraction is against a plain broadcast of one buffer of the model's size between the same ranks.
-- broadcast_same_gpu: the broadcast path between two processes on ONE GPU (how a colocated vLLM engine,
-  which runs in its own process, would be refit over NCCL); reports the error if NCCL refuses it.
+- broadcast_same_gpu: the broadcast path between two processes on ONE GPU over NCCL (a colocated vLLM
+  engine runs in its own process on the trainer's GPU); reports the error when NCCL refuses it.
+- gloo_same_gpu: the same over gloo, which stages the CUDA buffers through host memory: the transport
+  VLLMGenerator picks when the engine shares the trainer's GPU.
 Median of --repeat timed refits after one warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -125,15 +128,16 @@ def _result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, bas
 
 
 def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, out: dict,
-                    same_gpu: bool = False):
+                    kind: str = "broadcast"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0 if same_gpu else rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", rank if kind == "broadcast" else 0) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(1)
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2, device_id=device if cuda else None)
+    nccl = cuda and kind != "gloo_same_gpu"
+    dist.init_process_group("nccl" if nccl else "gloo", rank=rank, world_size=2, device_id=device if nccl else None)
     # rank 0 is the trainer (source), rank 1 the generator; the generator's weights start different
     weights = Weights(model, dtype, device, seed=rank)
     plan = build_stream_plan(weights if rank == 0 else _NoParams(), dtype, bucket_bytes)
@@ -154,8 +158,7 @@ def _broadcast_rank(rank: int, port: int, model: str, dtype: torch.dtype, bucket
     dist.all_gather(gathered, check)
     assert torch.equal(gathered[0], gathered[1]), "receiver weights differ from the sender's"
     if rank == 1:
-        out.update(_result("broadcast_same_gpu" if same_gpu else "broadcast", model, dtype, bucket_bytes, plan, nbytes,
-                           refit_s, base_s, "plain broadcast", device))
+        out.update(_result(kind, model, dtype, bucket_bytes, plan, nbytes, refit_s, base_s, "plain broadcast", device))
     dist.destroy_process_group()
 
 
@@ -175,22 +178,18 @@ class _NoParams:
         return iter(())
 
 
-def broadcast(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, same_gpu: bool = False) -> dict:
+def broadcast(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int, kind: str = "broadcast") -> dict:
     from tests.unit.multirank import free_port
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_guarded_rank, args=(free_port(), model, dtype, bucket_bytes, repeat, out, same_gpu),
+        mp.start_processes(_guarded_rank, args=(free_port(), model, dtype, bucket_bytes, repeat, out, kind),
                            nprocs=2, start_method="spawn")
-        return {"transport": "broadcast_same_gpu" if same_gpu else "broadcast", "model": model, **dict(out)}
-
-
-def broadcast_same_gpu(model: str, dtype: torch.dtype, bucket_bytes: int, repeat: int) -> dict:
-    return broadcast(model, dtype, bucket_bytes, repeat, same_gpu=True)
+        return {"transport": kind, "model": model, **dict(out)}
 
 
 TRANSPORTS = {"in_process": in_process, "in_process_packed": in_process_packed, "broadcast": broadcast,
-              "broadcast_same_gpu": broadcast_same_gpu}
+              **{kind: functools.partial(broadcast, kind=kind) for kind in ("broadcast_same_gpu", "gloo_same_gpu")}}
 
 
 def main() -> None:

@@ -105,9 +105,18 @@ class VLLMGenerator(Generator):
         return result
 
     # ------------------------------------------------------------ refit
+    def _group_backend(self) -> str:
+        """nccl between two GPUs; gloo on CPU, and when the engine's worker runs on the trainer rank's own GPU
+        (colocated): NCCL refuses two ranks on one device ("Duplicate GPU detected", seen on H200), while
+        gloo broadcasts CUDA tensors by staging them through host memory."""
+        if self.on_cpu:
+            return "gloo"
+        engine_gpu = self.llm.collective_rpc("device_uuid")[0]
+        return "gloo" if engine_gpu == str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) else "nccl"
+
     def _connect(self, sources: list[int]) -> None:
         """Standalone groups (trainer source rank = 0, engine worker = 1), one per source, joined together."""
-        backend = "gloo" if self.on_cpu else "nccl"
+        backend = self._group_backend()
         port = _free_ports(len(sources))
         with ThreadPoolExecutor(1) as pool:
             joined = pool.submit(self.llm.collective_rpc, "join_refit_group", args=("127.0.0.1", port, sources, backend))

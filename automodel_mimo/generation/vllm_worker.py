@@ -34,9 +34,16 @@ class RefitWorkerExtension:
         self._refit_transport = BroadcastTransport({
             src: Route(standalone_group(host, port + i, 1, 2, backend), 0) for i, src in enumerate(sources)})
 
+    def device_uuid(self) -> str:
+        """The engine's GPU, so the trainer can tell whether it shares it (see VLLMGenerator._group_backend)."""
+        return str(torch.cuda.get_device_properties(self._device()).uuid)
+
+    def _device(self) -> torch.device:
+        return next(self.model_runner.get_model().parameters()).device
+
     def receive_refit(self, wire_plan: tuple) -> int:
         plan = plan_from_wire(wire_plan)
-        device = next(self.model_runner.get_model().parameters()).device
+        device = self._device()
         stream = verified(plan, broadcast_received(plan, self._refit_transport, device), clone=True)
         self.model_runner.reload_weights(weights_iterator=stream)
         return len(plan.buckets)
