@@ -15,12 +15,12 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.checkpoint import Checkpointer, export_hf
+from automodel_mimo.algorithms.loop import finish, resume, run_steps
+from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import DPOConfig, RunConfig
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
-from automodel_mimo.faults import fault_point
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_handle, build_hf_config, build_model
@@ -174,10 +174,7 @@ def run_dpo(cfg: RunConfig) -> None:
         sft_warmup(cfg, handle, state, data["train"], pad)
     init_reference(cfg, policy)  # before a resume: "initial" means the weights of step 0
 
-    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
-    start = 0
-    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, handle, policy.optimizer)
+    ckpt, start = resume(cfg, handle, policy.optimizer)
     eval_mbs = eval_microbatches(cfg, data["eval"], state, pad) if cfg.eval.every_steps else []
     eval_ref = sequence_sums(policy, eval_mbs, policy.reference_logprobs(eval_mbs)) if eval_mbs else []
     if state.is_rank0:
@@ -186,21 +183,11 @@ def run_dpo(cfg: RunConfig) -> None:
               f"start step {start}", flush=True)
     logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
 
-    began = time.perf_counter()
-    for step in range(start, cfg.train.max_steps):
+    def step(i: int) -> dict:
         t0 = time.perf_counter()
-        microbatches = step_microbatches(cfg, data["train"], step, state, pad)
-        metrics = dpo_train_step(policy, microbatches, cfg.dpo)
-        done = step + 1
-        logger.log({"step": done, **metrics, "step_s": time.perf_counter() - t0, "elapsed_s": time.perf_counter() - began})
-        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
-            logger.log({"step": done, **evaluate_preferences(cfg, policy, eval_mbs, eval_ref)})
-        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            ckpt.save(done, handle, policy.optimizer)
-            fault_point("after_checkpoint", done)
-    if cfg.checkpoint.export_hf:
-        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
-    logger.close()
-    if state.is_rank0:
-        print(f"[dpo] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
-    dist.barrier()
+        metrics = dpo_train_step(policy, step_microbatches(cfg, data["train"], i, state, pad), cfg.dpo)
+        return {**metrics, "step_s": time.perf_counter() - t0}
+
+    run_steps(cfg, start, logger, step, evaluate=lambda done: evaluate_preferences(cfg, policy, eval_mbs, eval_ref),
+              save=lambda done: ckpt.save(done, handle, policy.optimizer))
+    finish(cfg, logger, "dpo", lambda folder: export_hf(handle, tokenizer, folder))

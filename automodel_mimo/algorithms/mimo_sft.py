@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from automodel_mimo.checkpoint import Checkpointer
+from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.config import RunConfig
 from automodel_mimo.data.batching import global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.images import ImageProcessor
@@ -33,7 +33,6 @@ from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.grids import LANGUAGE
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.mimo.model import MimoModel, build_vision_module
 from automodel_mimo.models.build import build_hf_config, build_model
@@ -169,10 +168,7 @@ def run_mimo_sft(cfg: RunConfig, tokenizer, dataset: Sequence, collate_fn: Colla
     device = init_distributed(cfg.launch.dist_backend)
     model = build_mimo(cfg, tokenizer, device)
     policy = MimoPolicy(model, cfg.train)
-    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
-    start = 0
-    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, model, policy.optimizer)
+    ckpt, start = resume(cfg, model, policy.optimizer)
     rank0 = dist.get_rank() == 0
     if rank0:
         sizes = ", ".join(f"{n}: " + " ".join(f"{d}{g.size(d)}" for d in ("dp", "tp", "cp")) for n, g in model.grids.items())
@@ -181,25 +177,13 @@ def run_mimo_sft(cfg: RunConfig, tokenizer, dataset: Sequence, collate_fn: Colla
               + (f" / {len(eval_ds)} eval rows" if eval_ds is not None else "")
               + f", parameters {n_params}, start step {start}", flush=True)
     logger = MetricsLogger(cfg, start, enabled=rank0)
-    evaluate = cfg.eval.every_steps > 0 and eval_ds is not None
-    began = time.perf_counter()
-    for step in range(start, cfg.train.max_steps):
+
+    def step(i: int) -> dict:
         t0 = time.perf_counter()
-        metrics = policy.sft_train_step(step_microbatches(cfg, dataset, collate_fn, model, step))
-        done = step + 1
-        logger.log({"step": done, **metrics, "tokens_per_s": metrics["tokens"] / (time.perf_counter() - t0),
-                    "elapsed_s": time.perf_counter() - began})
-        if evaluate and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
-            logger.log({"step": done, **evaluate_accuracy(cfg, policy, eval_ds, processor, tokenizer),
-                        "elapsed_s": time.perf_counter() - began})
-        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            ckpt.save(done, model, policy.optimizer)
-            fault_point("after_checkpoint", done)
-    if cfg.checkpoint.export_hf:
-        export_mimo_hf(model, tokenizer, f"{cfg.output_dir}/hf")
-    logger.close()
-    if rank0:
-        print(f"[mimo_sft] done: {cfg.output_dir}/metrics.jsonl"
-              + (f", HF export in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
+        metrics = policy.sft_train_step(step_microbatches(cfg, dataset, collate_fn, model, i))
+        return {**metrics, "tokens_per_s": metrics["tokens"] / (time.perf_counter() - t0)}
+
+    evaluate = (lambda done: evaluate_accuracy(cfg, policy, eval_ds, processor, tokenizer)) if eval_ds is not None else None
+    run_steps(cfg, start, logger, step, evaluate, save=lambda done: ckpt.save(done, model, policy.optimizer))
+    finish(cfg, logger, "mimo_sft", lambda folder: export_mimo_hf(model, tokenizer, folder))
     model.destroy()
-    dist.barrier()

@@ -13,7 +13,8 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.checkpoint import Checkpointer, export_hf
+from automodel_mimo.algorithms.loop import finish, resume, run_steps
+from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import RunConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
 from automodel_mimo.data.packing import collate_packed, pack
@@ -22,7 +23,6 @@ from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.data.tokenize import tokenize_dataset
 from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
-from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_handle, build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
@@ -93,44 +93,28 @@ def run_sft(cfg: RunConfig) -> None:
     device = init_distributed(cfg.launch.dist_backend)
     state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    pad = tokenizer.pad_token_id
     data = prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1), state, tokenizer.pad_token_id)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
+                          state, pad)
     policy = LMPolicy(handle, state, cfg.train)
-
-    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
-    start = 0
-    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, handle, policy.optimizer)
+    ckpt, start = resume(cfg, handle, policy.optimizer)
     n_params = _count_parameters(handle, device)
     if state.is_rank0:
         print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} pp={cfg.parallel.pp}, "
-              f"{len(data['train'])} train / {len(data['eval'])} eval rows, "
-              f"{n_params:,} parameters, start step {start}",
+              f"{len(data['train'])} train / {len(data['eval'])} eval rows, {n_params:,} parameters, start step {start}",
               flush=True)
     logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
 
-    began = time.perf_counter()
-    for step in range(start, cfg.train.max_steps):
+    def step(i: int) -> dict:
         t0 = time.perf_counter()
-        microbatches = step_microbatches(cfg, data["train"], step, state, tokenizer.pad_token_id)
-        metrics = policy.sft_train_step(microbatches)
-        elapsed = time.perf_counter() - t0
-        done = step + 1
-        logger.log({"step": done, **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
-                    "elapsed_s": time.perf_counter() - began})
-        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.train.max_steps):
-            logger.log({"step": done, **evaluate_accuracy(cfg, policy, data["eval"], tokenizer)})
-        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            ckpt.save(done, handle, policy.optimizer)
-            fault_point("after_checkpoint", done)
-    if cfg.checkpoint.export_hf:
-        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
-    logger.close()
-    n_params = _count_parameters(handle, device)
-    if state.is_rank0:
-        print(f"[sft] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
-    dist.barrier()
+        metrics = policy.sft_train_step(step_microbatches(cfg, data["train"], i, state, pad))
+        return {**metrics, "tokens_per_s": metrics["tokens"] / (time.perf_counter() - t0)}
+
+    run_steps(cfg, start, logger, step, evaluate=lambda done: evaluate_accuracy(cfg, policy, data["eval"], tokenizer),
+              save=lambda done: ckpt.save(done, handle, policy.optimizer))
+    finish(cfg, logger, "sft", lambda folder: export_hf(handle, tokenizer, folder))
 
 
 def _count_parameters(handle, device) -> int:
