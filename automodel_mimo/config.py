@@ -40,6 +40,9 @@ class ParallelConfig:
     pp_microbatch_size: int = 1  # rows per pipeline microbatch; train.micro_batch_size rows go through one schedule step
     layers_per_stage: int | None = None  # None: layers split evenly over pp (x2 virtual stages when interleaved)
     sequence_parallel: bool = False
+    # recompute each decoder layer's activations in backward: the activations of a layer's inputs only are
+    # kept (far less memory on long sequences) for about a third more compute
+    activation_checkpointing: bool = False
 
 
 @dataclass

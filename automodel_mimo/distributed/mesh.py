@@ -100,5 +100,6 @@ def build_parallel_state(parallel: ParallelConfig, device: torch.device, dtype: 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
     strategy = FSDP2Config(mp_policy=policy, sequence_parallel=parallel.sequence_parallel)
     sizes = ParallelismSizes(dp_size=parallel.dp, tp_size=parallel.tp, cp_size=parallel.cp, pp_size=parallel.pp)
-    ctx = MeshContext.build(strategy, sizes, world_size=dist.get_world_size())
+    ctx = MeshContext.build(strategy, sizes, world_size=dist.get_world_size(),
+                            activation_checkpointing=parallel.activation_checkpointing)
     return ParallelState(mesh_context=ctx, device=device)

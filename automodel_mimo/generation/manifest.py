@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Wrappers that activation checkpointing / torch.compile put into parameter names; the generator
-# knows the model without them.
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
+from automodel_mimo.models.names import canonical_name
 
 class ManifestMismatchError(ValueError):
     """The trainer's manifest and the generator's parameters disagree (names, shapes or dtypes)."""
@@ -76,6 +73,4 @@ class Manifest:
 
 def generator_name(trainer_name: str) -> str:
     """A trainer parameter name in the generator's (HF checkpoint) naming."""
-    for part in _WRAPPER_PARTS:
-        trainer_name = trainer_name.replace(part, "")
-    return trainer_name
+    return canonical_name(trainer_name)

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
+from automodel_mimo.models.names import canonical_name
 
 # loss_fn(logits, microbatch) -> (loss to backpropagate, metrics of this microbatch)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
@@ -61,8 +62,10 @@ class ModelHandle:
         return [p for part in self.parts for p in part.parameters()]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's own names (activation-checkpointing wrappers left out: see models/names.py)."""
         for part in self.parts:
-            yield from part.named_parameters()
+            for name, param in part.named_parameters():
+                yield canonical_name(name), param
 
     def reshard(self) -> None:
         """Drop the full parameters FSDP gathered for a forward. A forward without a backward (inference)
@@ -155,7 +158,7 @@ class PipelineModelHandle(ModelHandle):
         local = {}
         for part in self.parts:
             for name, value in part.state_dict().items():
-                local[name] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+                local[canonical_name(name)] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
         group = self.driver.pp_group
         if 0 not in dist.get_process_group_ranks(group):
             return {}

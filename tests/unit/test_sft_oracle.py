@@ -1,5 +1,5 @@
-"""SFT oracle: one step under dp2, tp2, dp2 x tp2, pp2 (1F1B and interleaved), dp2 x pp2 and 1 vs 4
-microbatches equals the single-process reference
+"""SFT oracle: one step under dp2, tp2, dp2 x tp2, pp2 (1F1B and interleaved), dp2 x pp2, activation
+checkpointing and 1 vs 4 microbatches equals the single-process reference
 (loss, grad norm, every gradient, post-step weights with SGD and with clipped AdamW), on non-uniform masks."""
 
 import pytest
@@ -35,6 +35,7 @@ def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "ll
     for optimizer, clip in OPTIMIZERS:
         cfg = RunConfig(parallel=parallel, train=train_config(optimizer, clip, GLOBAL_BATCH, micro))
         handle = build_handle(cfg, _model(family), state, pad_id=0)
+        assert _recomputes(handle) == parallel.activation_checkpointing
         policy = LMPolicy(handle, state, cfg.train)
         local = local_slice(rows, state.dp_rank, parallel.dp)
         metrics = policy.sft_forward_backward([collate(mb, 0) for mb in split_microbatches(local, micro)])
@@ -42,6 +43,12 @@ def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "ll
         metrics.update(policy.optimizer_step())
         results[optimizer] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
     return results  # every rank: pipeline stages each hold part of the parameters
+
+
+def _recomputes(handle) -> bool:
+    """Activation checkpointing is on: layers wrapped for recompute, or HF's own gradient checkpointing."""
+    return any("CheckpointWrapper" in type(m).__name__ or getattr(m, "gradient_checkpointing", False) is True
+               for part in handle.parts for m in part.modules())
 
 
 def _reference(family: str):
@@ -67,7 +74,9 @@ PP = {"pp": 2, "pp_microbatch_size": 1}
     ({"dp": 1, **PP}, 4),  # 1F1B: 2 schedule steps of 4 pipeline microbatches
     ({"dp": 1, **PP, "pp_schedule": "interleaved1f1b", "pp_microbatch_size": 2}, 8),  # 2 virtual stages per rank
     ({"dp": 2, **PP}, 2),
-], ids=["mb4", "dp2", "tp2", "tp2-sp", "dp2xtp2-mb4", "pp2", "pp2-interleaved", "dp2xpp2"])
+    ({"dp": 1, "activation_checkpointing": True}, 2),  # one rank: HF's own gradient checkpointing
+    ({"dp": 2, "activation_checkpointing": True}, 4),  # FSDP: nemo's checkpoint wrapper per decoder layer
+], ids=["mb4", "dp2", "tp2", "tp2-sp", "dp2xtp2-mb4", "pp2", "pp2-interleaved", "dp2xpp2", "ac", "dp2-ac"])
 def test_one_step_matches_single_process(reference, parallel, micro):
     rows, ref = reference
     world = parallel["dp"] * parallel.get("tp", 1) * parallel.get("pp", 1)
