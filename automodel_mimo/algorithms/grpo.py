@@ -6,6 +6,9 @@ rank's samples as microbatches -> old logprobs (trainer) and reference logprobs 
 in) -> one clipped policy-gradient step over the microbatches (global token / sequence normalization) ->
 refit the generator (weight streaming). Held-out greedy accuracy, through the generator, at step 0 and
 every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps of SFT (the embedded default's start).
+Checkpoints hold the policy, optimizer, schedule, RNG and the reference weights; a resume skips the warm-up,
+loads them and starts the generator from the resumed weights, so it continues exactly (batches and sampling
+seeds depend on (seed, step) only).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
-from automodel_mimo.checkpoint import export_hf
+from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
+from automodel_mimo.faults import fault_point
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
@@ -210,14 +214,21 @@ def run_grpo(cfg: RunConfig) -> None:
     data = sft.prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
     handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.parallel.cp > 1), state, pad)
+    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
     began = time.perf_counter()
-    if cfg.grpo.warmup_sft_steps:
+    if cfg.grpo.warmup_sft_steps and latest is None:  # a resume loads the reference and the policy instead
         sft_warmup(cfg, state, handle, data["train"], pad)
     warmup_s = time.perf_counter() - began
     policy = LMPolicy(handle, state, cfg.train)
     policy.init_reference()  # the starting weights
+    start, initial_accuracy = 0, None
+    if latest is not None:
+        ckpt.load_reference(latest, handle, policy.reference)
+        start = ckpt.load(latest, handle, policy.optimizer)
+        initial_accuracy = ckpt.extra(latest).get("initial_accuracy")
 
-    # the generator starts from an HF export of the starting weights; later refits stream in place
+    # the generator starts from an HF export of the current (starting or resumed) weights; refits stream in place
     init_folder = export_hf(handle, tokenizer, Path(cfg.output_dir) / "init_hf")
     generator = build_generator(cfg, str(init_folder), state)
     plan = build_stream_plan(handle, DTYPES[cfg.model.dtype], cfg.generation.bucket_bytes)
@@ -230,16 +241,16 @@ def run_grpo(cfg: RunConfig) -> None:
         print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
               f"pp={cfg.parallel.pp}, {cfg.generation.backend} "
               f"generator {where}, {g.prompts_per_step} prompts x {g.num_generations} samples per step, "
-              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s", flush=True)
-    logger = MetricsLogger(cfg, 0, enabled=state.is_rank0)
-    initial_accuracy = None
-    if cfg.eval.every_steps:
+              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, "
+              f"start step {start}", flush=True)
+    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    if cfg.eval.every_steps and start == 0:
         first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
         initial_accuracy = first["eval/accuracy"]
         logger.log({"step": 0, **first, "eval/accuracy_gain": 0.0})
 
     began = time.perf_counter()
-    for step in range(t.max_steps):
+    for step in range(start, t.max_steps):
         t0 = time.perf_counter()
         prompts, references = step_prompts(cfg, data["train"], step)
         samples = generator.generate(prompts, sampling_params(cfg, tokenizer, step))
@@ -262,7 +273,13 @@ def run_grpo(cfg: RunConfig) -> None:
                     "step_s": step_s, "elapsed_s": time.perf_counter() - began})
         if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == t.max_steps):
             result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
-            logger.log({"step": done, **result, "eval/accuracy_gain": result["eval/accuracy"] - initial_accuracy})
+            if initial_accuracy is not None:  # None after resuming a run that had no step-0 eval
+                result["eval/accuracy_gain"] = result["eval/accuracy"] - initial_accuracy
+            logger.log({"step": done, **result})
+        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+            ckpt.save(done, handle, policy.optimizer, reference=policy.reference,
+                      extra={"initial_accuracy": initial_accuracy})
+            fault_point("after_checkpoint", done)
     if cfg.checkpoint.export_hf:
         export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
     logger.close()
