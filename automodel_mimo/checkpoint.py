@@ -2,7 +2,8 @@
 
 Layout of `<output_dir>/checkpoints/step_<N>/`:
   model + optimizer   DCP shards (resharded on load, so a checkpoint resumes under another layout)
-  trainer_state.pt    step and LR-scheduler state
+  reference/          RL only: the frozen reference policy's weights, DCP shards like the model's
+  trainer_state.pt    step, LR-scheduler state and the loop's `extra` values
   rng_rank<R>.pt      each rank's torch / CUDA RNG state
 Everything is written into `step_<N>.partial/` and renamed to `step_<N>/` by rank 0 once every rank has
 finished; a crash mid-save leaves only a `.partial` directory, which resume ignores and the next save of
@@ -50,8 +51,10 @@ class Checkpointer:
         return {"model": handle.state_dict(), "optim": optimizers.state_dict()}
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, handle: ModelHandle, optimizers: PartOptimizers) -> Path:
-        """Collective: every rank calls it. Returns the final directory."""
+    def save(self, step: int, handle: ModelHandle, optimizers: PartOptimizers, reference=None,
+             extra: dict | None = None) -> Path:
+        """Collective: every rank calls it. Returns the final directory. `reference`: a ReferenceWeights
+        (policies/reference.py) saved beside the model; `extra`: small values the loop needs on resume."""
         final, partial = self.root / f"step_{step}", self.root / f"step_{step}.partial"
         rank = dist.get_rank()
         if rank == 0:
@@ -59,9 +62,13 @@ class Checkpointer:
             partial.mkdir(parents=True)
         dist.barrier()
         dcp.save(self._train_state(handle, optimizers), checkpoint_id=str(partial))
+        if reference is not None:  # swapped into the parameters, so it saves (and reshards) like the model
+            with reference.swapped_in():
+                dcp.save({"model": handle.state_dict()}, checkpoint_id=str(partial / "reference"))
         torch.save(_rng_state(), partial / f"rng_rank{rank}.pt")
         if rank == 0:
-            torch.save({"step": step, "scheduler": optimizers.scheduler_state()}, partial / "trainer_state.pt")
+            torch.save({"step": step, "scheduler": optimizers.scheduler_state(), "extra": extra or {}},
+                       partial / "trainer_state.pt")
         dist.barrier()
         fault_point("before_checkpoint_rename", step)
         if rank == 0:
@@ -101,6 +108,18 @@ class Checkpointer:
         if rng.is_file():  # absent when resuming with more ranks than were saved
             _set_rng_state(torch.load(rng, weights_only=False))
         return int(trainer["step"])
+
+    def load_reference(self, path: Path, handle: ModelHandle, reference) -> None:
+        """The reference weights saved at `path` into `reference`; the handle's own weights are unchanged."""
+        with reference.swapped_in():
+            state = {"model": handle.state_dict()}
+            dcp.load(state, checkpoint_id=str(path / "reference"))
+            handle.load_state_dict(state["model"])
+            reference.capture()
+
+    def extra(self, path: Path) -> dict:
+        """The `extra` values saved at `path`."""
+        return torch.load(path / "trainer_state.pt", weights_only=False).get("extra", {})
 
 
 def export_hf(handle: ModelHandle, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path | None:

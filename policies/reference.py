@@ -60,6 +60,13 @@ class ReferenceWeights:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned source may be rewritten right after
 
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Take the parameters' current values as the reference (inside `swapped_in`: values loaded into the
+        parameters become the reference, and the training weights come back on exit)."""
+        for copy, p in zip(self.weights, self.params):
+            copy.copy_(_local(p))
+
     @contextmanager
     def swapped_in(self):
         """Within the block the parameters hold the reference weights; afterwards the training weights."""

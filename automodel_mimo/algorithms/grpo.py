@@ -6,6 +6,9 @@ rank's samples as microbatches -> old logprobs (trainer) and reference logprobs 
 in) -> one clipped policy-gradient step over the microbatches (global token / sequence normalization) ->
 refit the generator (weight streaming). Held-out greedy accuracy, through the generator, at step 0 and
 every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps of SFT (the embedded default's start).
+Checkpoints hold the policy, optimizer, schedule, RNG and the reference weights; a resume skips the warm-up,
+loads them and starts the generator from the resumed weights, so it continues exactly (batches and sampling
+seeds depend on (seed, step) only).
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
-from automodel_mimo.checkpoint import export_hf
+from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
+from automodel_mimo.faults import fault_point
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_handle, build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
+from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
 from policies.lm_policy import LMPolicy
 
@@ -56,17 +61,21 @@ def rewards_of(samples: list[Generation], references: list[str], tokenizer) -> t
                                            references[s.prompt_index])) for s in samples])
 
 
-def to_microbatches(rows: list[dict], advantages: torch.Tensor, micro_batch_size: int, pad_id: int,
-                    device: torch.device) -> list[dict]:
-    """Padded microbatches carrying `gen_logprobs` [B, S] and `advantages` [B] beside the usual keys."""
+def to_microbatches(rows: list[dict], advantages: torch.Tensor, micro_batch_size: int, pad_id: int, state) -> list[dict]:
+    """Padded microbatches carrying `gen_logprobs` [B, S] and `advantages` [B] beside the usual keys. Under
+    cp the usual keys are this rank's shard of each row, one segment padded to a multiple of 2*cp (as DPO's);
+    `gen_logprobs` stays whole-row at the padded width S, the layout LMPolicy's loss sees."""
+    cp = state.cp_size
     microbatches = []
     for start, chunk in zip(range(0, len(rows), micro_batch_size), split_microbatches(rows, micro_batch_size)):
-        mb = collate(chunk, pad_id, device)
-        gen = torch.zeros(mb["input_ids"].shape, dtype=torch.float32)
+        mb = collate(chunk, pad_id, state.device)
+        if cp > 1:  # before the side data: as_single_segments pads the last dim of every key
+            mb = shard_batch(as_single_segments(mb, cp, pad_id), cp, state.cp_rank)
+        gen = torch.zeros(len(chunk), mb["input_ids"].shape[1] * cp, dtype=torch.float32)
         for i, r in enumerate(chunk):
             gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
-        mb["gen_logprobs"] = gen.to(device)
-        mb["advantages"] = advantages[start:start + len(chunk)].to(device, torch.float32)
+        mb["gen_logprobs"] = gen.to(state.device)
+        mb["advantages"] = advantages[start:start + len(chunk)].to(state.device, torch.float32)
         microbatches.append(mb)
     return microbatches
 
@@ -101,9 +110,9 @@ def grpo_loss_fn(loss_cfg: PGLossConfig, counts: dict):
     return loss_fn
 
 
-def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
-    """Old and reference logprobs, one clipped-PG forward/backward over the global batch, one optimizer step.
-    Returns the reduced metrics and the seconds spent on logprobs and on training."""
+def grpo_forward_backward(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
+    """Old and reference logprobs, then the clipped-PG gradients of the global batch (no optimizer step).
+    Returns the reduced metrics and the seconds spent on logprobs and on the backward pass."""
     t0 = time.perf_counter()
     for mb, old, ref in zip(microbatches, policy.logprobs(microbatches, temperature),
                             policy.reference_logprobs(microbatches, temperature)):
@@ -112,8 +121,16 @@ def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLoss
     t1 = time.perf_counter()
     policy.optimizer.zero_grad()
     metrics = policy.forward_backward(microbatches, grpo_loss_fn(loss_cfg, counts), temperature)
-    metrics.update(policy.optimizer_step())
     metrics.update({"timing/logprobs_s": t1 - t0, "timing/training_s": time.perf_counter() - t1})
+    return metrics
+
+
+def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
+    """`grpo_forward_backward` and one optimizer step."""
+    metrics = grpo_forward_backward(policy, microbatches, loss_cfg, temperature)
+    t1 = time.perf_counter()
+    metrics.update(policy.optimizer_step())
+    metrics["timing/training_s"] += time.perf_counter() - t1
     return metrics
 
 
@@ -196,15 +213,22 @@ def run_grpo(cfg: RunConfig) -> None:
     pad = tokenizer.pad_token_id
     data = sft.prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed), state, pad)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.parallel.cp > 1), state, pad)
+    ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
     began = time.perf_counter()
-    if cfg.grpo.warmup_sft_steps:
+    if cfg.grpo.warmup_sft_steps and latest is None:  # a resume loads the reference and the policy instead
         sft_warmup(cfg, state, handle, data["train"], pad)
     warmup_s = time.perf_counter() - began
     policy = LMPolicy(handle, state, cfg.train)
     policy.init_reference()  # the starting weights
+    start, initial_accuracy = 0, None
+    if latest is not None:
+        ckpt.load_reference(latest, handle, policy.reference)
+        start = ckpt.load(latest, handle, policy.optimizer)
+        initial_accuracy = ckpt.extra(latest).get("initial_accuracy")
 
-    # the generator starts from an HF export of the starting weights; later refits stream in place
+    # the generator starts from an HF export of the current (starting or resumed) weights; refits stream in place
     init_folder = export_hf(handle, tokenizer, Path(cfg.output_dir) / "init_hf")
     generator = build_generator(cfg, str(init_folder), state)
     plan = build_stream_plan(handle, DTYPES[cfg.model.dtype], cfg.generation.bucket_bytes)
@@ -214,18 +238,19 @@ def run_grpo(cfg: RunConfig) -> None:
     g, t = cfg.grpo, cfg.train
     if state.is_rank0:
         where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
-        print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp}, {cfg.generation.backend} "
+        print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
+              f"pp={cfg.parallel.pp}, {cfg.generation.backend} "
               f"generator {where}, {g.prompts_per_step} prompts x {g.num_generations} samples per step, "
-              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s", flush=True)
-    logger = MetricsLogger(cfg, 0, enabled=state.is_rank0)
-    initial_accuracy = None
-    if cfg.eval.every_steps:
+              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, "
+              f"start step {start}", flush=True)
+    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    if cfg.eval.every_steps and start == 0:
         first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
         initial_accuracy = first["eval/accuracy"]
         logger.log({"step": 0, **first, "eval/accuracy_gain": 0.0})
 
     began = time.perf_counter()
-    for step in range(t.max_steps):
+    for step in range(start, t.max_steps):
         t0 = time.perf_counter()
         prompts, references = step_prompts(cfg, data["train"], step)
         samples = generator.generate(prompts, sampling_params(cfg, tokenizer, step))
@@ -234,7 +259,7 @@ def run_grpo(cfg: RunConfig) -> None:
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
         mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
         rows = sample_rows(prompts, [samples[i] for i in mine])
-        microbatches = to_microbatches(rows, advantages[mine], t.micro_batch_size, pad, device)
+        microbatches = to_microbatches(rows, advantages[mine], t.micro_batch_size, pad, state)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
         generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))
@@ -248,7 +273,13 @@ def run_grpo(cfg: RunConfig) -> None:
                     "step_s": step_s, "elapsed_s": time.perf_counter() - began})
         if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == t.max_steps):
             result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
-            logger.log({"step": done, **result, "eval/accuracy_gain": result["eval/accuracy"] - initial_accuracy})
+            if initial_accuracy is not None:  # None after resuming a run that had no step-0 eval
+                result["eval/accuracy_gain"] = result["eval/accuracy"] - initial_accuracy
+            logger.log({"step": done, **result})
+        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+            ckpt.save(done, handle, policy.optimizer, reference=policy.reference,
+                      extra={"initial_accuracy": initial_accuracy})
+            fault_point("after_checkpoint", done)
     if cfg.checkpoint.export_hf:
         export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
     logger.close()

@@ -15,7 +15,7 @@ import torch
 
 from automodel_mimo.generation.generator import Generator
 from automodel_mimo.generation.sampling import Generation, SamplingParams
-from automodel_mimo.generation.transport import BroadcastTransport, Route, standalone_group
+from automodel_mimo.generation.transport import BroadcastTransport, generator_link
 
 
 def _group_backend() -> str:
@@ -46,8 +46,7 @@ class GeneratorActor:
         if self.name == "vllm":  # the engine's worker process is the receiving end
             self.engine.llm.collective_rpc("join_refit_group", args=(host, port, sources, backend))
             return
-        self.transport = BroadcastTransport({
-            src: Route(standalone_group(host, port + i, 1, 2, backend), 0) for i, src in enumerate(sources)})
+        self.transport = generator_link(host, port, 1, sources, backend)
 
     def receive_refit(self, wire_plan: tuple) -> None:
         if self.name == "vllm":
@@ -90,24 +89,21 @@ class RemoteGenerator(Generator):
     def _connect(self, sources: list[int]) -> None:
         import ray
 
-        from automodel_mimo.generation.vllm_backend import _free_ports
+        from automodel_mimo.generation.vllm_backend import free_port
 
         host, backend = ray.util.get_node_ip_address(), _group_backend()
-        port = _free_ports(len(sources))
+        port = free_port()
         joined = self.actor.join_refit_group.remote(host, port, sources, backend)
-        routes = {src: Route(standalone_group(host, port + i, 0, 2, backend), 0) for i, src in enumerate(sources)}
+        self._transport = generator_link(host, port, 0, sources, backend)
         ray.get(joined)
-        self._transport = BroadcastTransport(routes)
 
     def update_weights(self, stream) -> None:
-        """On the trainer's source rank, while the other ranks run `stream.participate()`."""
+        """On the trainer's generator rank, while the other ranks run `stream.participate()` (under pp this
+        rank relays the other stages' buckets)."""
         import ray
 
         from automodel_mimo.generation.vllm_worker import plan_to_wire
 
-        if stream.plan.sources != [stream.rank]:
-            raise NotImplementedError(f"remote refit from sources {stream.plan.sources}: streaming from other ranks "
-                                      f"(pipeline stages) into a remote generator is not wired yet")
         if self._transport is None:
             self._connect(stream.plan.sources)
         received = self.actor.receive_refit.remote(plan_to_wire(stream.plan))

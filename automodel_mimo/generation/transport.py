@@ -53,6 +53,14 @@ class BroadcastTransport:
         return route.group.broadcast([buf], opts)
 
 
+def generator_link(host: str, port: int, rank: int, sources: list[int], backend: str = "gloo") -> BroadcastTransport:
+    """The link between the trainer's generator rank (rank 0 here, hosting the store) and a generator end in
+    another process (rank 1): one standalone 2-member group that carries every source's buckets; buckets of
+    other pipeline stages are relayed by the trainer's generator rank (WeightStream.send)."""
+    route = Route(standalone_group(host, port, rank, 2, backend), 0)
+    return BroadcastTransport({source: route for source in sources})
+
+
 def world_routes(sources: list[int], generator_ranks: list[int]) -> dict[int, Route]:
     """Routes over subgroups of the trainer's world (collective: every world rank calls it, in one order)."""
     routes = {}

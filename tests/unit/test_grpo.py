@@ -1,12 +1,15 @@
 """GRPO end to end through `automodel-mimo grpo` (2 gloo ranks, tiny models): the first step's importance
 ratio is 1 and the trainer's logprobs match the generator's (fp32, vllm and hf backends); the metric rows;
 a disaggregated generator (Ray actor, refit by broadcast) under the Ray launcher gives the same step as the
-colocated one under the local launcher (loss, grad norm, post-step weights); config errors before spawn."""
+colocated one under the local launcher (loss, grad norm, post-step weights); cp2 and pp2 trainers (hf generator,
+refit from both pipeline stages) give the dp2 run's first step; a resumed run continues exactly; config errors
+before spawn."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -109,6 +112,61 @@ def test_hf_first_step_parity(hf_runs):
     assert row["grad_norm"] > 0 and row["loss"] != 0, row  # mixed rewards: the step has a signal to compare
 
 
+HF_T07 = ["generation.backend=hf", "generation.temperature=0.7"]
+PP2 = ["parallel.pp=2", "parallel.pp_microbatch_size=2", "train.max_steps=4", "checkpoint.every_steps=2",
+       "eval.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cp_pp_runs(tmp_path_factory):
+    """hf_runs' colocated run (dp2) as cp2 (2 steps) and as pp2 (2 pipeline microbatches per schedule step; 4
+    steps with checkpoints and eval every 2, for the resume test)."""
+    outs = {}
+    for name, layout in (("cp2", ["parallel.cp=2", "train.max_steps=2"]), ("pp2", PP2)):
+        out = tmp_path_factory.mktemp(f"hf_{name}")
+        r = run_cli("grpo", *RUN, f"output_dir={out}", *HF_T07, *layout, env=ENV, timeout=300)
+        assert r.returncode == 0, f"{name}:\n{r.stderr[-4000:]}"
+        outs[name] = out
+    return outs
+
+
+@pytest.mark.parametrize("layout", ["cp2", "pp2"])
+def test_cp_and_pp_trainers_match_dp(hf_runs, cp_pp_runs, layout):
+    """The same rollouts and first step as dp2 (the SFT warm-up differs by rounding only, hence rel 1e-3 on the
+    step; the on-policy checks are exact to fp32); step 2's generator logprobs match the trainer's, so the refit
+    delivered every stage's (pp) or every shard's (cp) weights."""
+    dp, got = _train_rows(hf_runs["colocated"])[0], _train_rows(cp_pp_runs[layout])[:2]
+    assert [row["step"] for row in got] == [1, 2]
+    _assert_first_step_on_policy(got[0])
+    assert got[0]["reward"] == dp["reward"] and got[0]["response_len"] == dp["response_len"]
+    for key in ("grad_norm", "entropy"):
+        assert got[0][key] == pytest.approx(dp[key], rel=1e-3), key
+    assert got[0]["loss"] == pytest.approx(dp["loss"], abs=1e-6)
+    assert got[1]["gen_kl_error"] < 1e-5 and got[1]["kl"] > 0, got[1]
+
+
+def test_resume_continues_exactly(cp_pp_runs, tmp_path):
+    """pp2: a new job resuming from the step-2 checkpoint (policy, optimizer, schedule, RNG, reference weights and
+    step-0 accuracy; no warm-up; the generator started from the resumed weights) runs steps 3-4 bit for bit like
+    the straight 4-step run: metrics, eval, final weights."""
+    straight, out = cp_pp_runs["pp2"], tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    r = run_cli("grpo", *RUN, f"output_dir={out}", *HF_T07, *PP2, "checkpoint.resume=true", env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "start step 2" in r.stdout
+    got, ref = _train_rows(out), _train_rows(straight)[2:]
+    assert [row["step"] for row in got] == [3, 4] and ref[1]["kl"] > 0  # the reference weights matter
+    for a, b in zip(got, ref):
+        for key in ("loss", "grad_norm", "kl", "entropy", "reward", "gen_kl_error", "lr"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    evals = {k: [row for row in metrics(o) if "eval/accuracy" in row] for k, o in (("got", out), ("ref", straight))}
+    assert [e["step"] for e in evals["ref"]] == [0, 2, 4] and [e["step"] for e in evals["got"]] == [4]
+    assert evals["got"][0]["eval/accuracy_gain"] == evals["ref"][-1]["eval/accuracy_gain"]
+    weights = {k: load_file(o / "hf" / "model.safetensors") for k, o in (("got", out), ("ref", straight))}
+    assert weights["got"].keys() == weights["ref"].keys()
+    assert all(torch.equal(weights["got"][n], weights["ref"][n]) for n in weights["ref"])
+
+
 def test_ray_disaggregated_step_equals_colocated(hf_runs):
     local, remote = (_train_rows(hf_runs[k])[0] for k in ("colocated", "ray"))
     _assert_first_step_on_policy(remote)
@@ -139,9 +197,9 @@ def test_ray_disaggregated_step_equals_colocated(hf_runs):
     ("generation.colocated=false", "generation.colocated=false runs the generator as a Ray actor: set launch.backend=ray"),
     ("generation.max_model_len=4", "generation.max_model_len=4 must exceed generation.max_new_tokens=4"),
     ("generation.gpu_memory_utilization=2", "generation.gpu_memory_utilization=2.0: must be in (0, 1]"),
-    ("parallel.cp=2", "parallel.cp=2: grpo does not support context parallelism yet"),
-    ("parallel.pp=2 parallel.pp_microbatch_size=1", "parallel.pp=2: grpo does not support pipeline parallelism yet"),
-    ("checkpoint.every_steps=5", "checkpoint.every_steps / checkpoint.resume are not supported by grpo yet"),
+    ("data.packing=true", "data.packing=true is not supported by grpo"),
+    ("parallel.pp=2 parallel.pp_microbatch_size=4", "train.micro_batch_size / parallel.pp_microbatch_size = 1 pipeline "
+                                                    "microbatches, fewer than parallel.pp=2 stages"),
 ])
 def test_grpo_config_errors(override, expected):
     with pytest.raises(UserInputError) as err:

@@ -1,6 +1,8 @@
 """RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2, pp2
 and 1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
-weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap."""
+weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap. The GRPO
+step as run_grpo wires it (grpo.to_microbatches from rollout rows, old / reference logprobs at the sampling
+temperature, clipped PG with the generator's logprobs) is checked the same way."""
 
 import pytest
 import torch
@@ -8,9 +10,11 @@ import torch
 from automodel_mimo.config import DPOConfig, ModelConfig, ParallelConfig, RunConfig
 from automodel_mimo.data.batching import collate, local_slice, split_microbatches
 from automodel_mimo.distributed.mesh import build_parallel_state
+from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.build import build_handle, build_model
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.algorithms.dpo import attach_reference, dpo_loss_fn, dpo_train_step
+from automodel_mimo.algorithms.grpo import grpo_forward_backward, to_microbatches
 from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, dpo_loss
 from policies.lm_policy import LMPolicy
 from tests.unit.multirank import run_ranks
@@ -23,6 +27,8 @@ PG = {
     "token": PGLossConfig(eps_low=0.05, eps_high=0.1, dual_clip=1.05, kl_beta=0.1, kl_type="k3", truncated_is_cap=1.02),
     "gspo-seq": PGLossConfig(eps_low=0.005, eps_high=0.01, gspo=True, sequence_level=True, kl_beta=0.1, kl_type="k1"),
 }
+GRPO = PGLossConfig(eps_low=0.2, eps_high=0.2, kl_beta=0.1, kl_type="k3", truncated_is_cap=1.02)
+TEMPERATURE = 0.7
 
 
 def _model(packed: bool = False):
@@ -42,6 +48,18 @@ def _pg_inputs(lp: torch.Tensor, rows: slice) -> dict:
     adv = torch.linspace(-1.5, 2.0, ROWS)[rows]
     return {"old_logprobs": lp + noise["old"], "ref_logprobs": lp + noise["ref"], "gen_logprobs": lp + noise["old"] + noise["gen"],
             "advantages": adv}
+
+
+def _rollout_rows(rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    """The rows as grpo.sample_rows makes them (per-token generator logprobs, 0 off the response) and
+    per-sequence advantages."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for r in rows:
+        noise = -4.2 + 0.3 * torch.randn(len(r["input_ids"]), generator=g)
+        gen = torch.where(torch.tensor(r["labels"]) != IGNORE_INDEX, noise, 0.0)
+        out.append({**r, "gen_logprobs": gen.tolist()})
+    return out, torch.linspace(-1.5, 2.0, ROWS)
 
 
 def _pg_loss_fn(cfg: PGLossConfig, counts: dict):
@@ -101,6 +119,14 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
         grads = full_grads(handle.named_parameters())
         metrics.update(policy.optimizer_step())
         results[name] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
+
+    handle, policy, _ = perturbed()  # GRPO: the reference is the initial model, the policy has moved
+    rollout, advantages = _rollout_rows(rows)
+    mbs = to_microbatches(local_slice(rollout, state.dp_rank, parallel.dp), advantages[mine], micro, 0, state)
+    metrics = grpo_forward_backward(policy, mbs, GRPO, TEMPERATURE)
+    grads = full_grads(handle.named_parameters())
+    metrics.update(policy.optimizer_step())
+    results["grpo"] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
     return results
 
 
@@ -116,8 +142,8 @@ def _reference(rows: list[dict]) -> dict:
     mask = batch["loss_mask"]
     lr = train_config("sgd", 0.0, ROWS, ROWS).lr
 
-    def logprobs(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    def logprobs(model, temperature: float = 1.0):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float() / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
         return lp * mask
 
@@ -149,6 +175,21 @@ def _reference(rows: list[dict]) -> dict:
                                   global_valid_tokens=mask.sum(), global_valid_seqs=(tokens > 0).sum(),
                                   ref_logprobs=side["ref_logprobs"], gen_logprobs=side["gen_logprobs"])
         out[name] = finish(model, loss, {k: float(v) for k, v in m.items()})
+
+    model = _model()
+    with torch.no_grad():
+        ref_lp = logprobs(model, TEMPERATURE)
+        for p in model.parameters():
+            p.mul_(1.05)
+    rollout, advantages = _rollout_rows(rows)
+    gen = torch.zeros_like(mask)
+    for i, r in enumerate(rollout):
+        gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
+    lp = logprobs(model, TEMPERATURE)
+    loss, m = clipped_pg_loss(lp, lp.detach(), advantages, mask, GRPO, global_valid_tokens=mask.sum(),
+                              global_valid_seqs=(tokens > 0).sum(), ref_logprobs=ref_lp, gen_logprobs=gen)
+    m["entropy"] = -(lp.detach() * mask).sum() / mask.sum()
+    out["grpo"] = finish(model, loss, {k: float(v) for k, v in m.items()})
     return out
 
 
@@ -181,6 +222,9 @@ def test_rl_losses_match_single_process(reference, parallel, micro):
         for name in PG:  # the globally reduced metrics equal the whole-batch ones, min/max included
             for key in ("kl", "clip_fraction", "ratio_min", "ratio_max", "gen_kl_error", "pg_loss"):
                 assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[name][key])) < TOL, (name, key)
+        for key in ("kl", "gen_kl_error", "token_mult_prob_error", "pg_loss", "entropy"):
+            assert rel_err(torch.tensor(rank["grpo"][key]), torch.tensor(ref["grpo"][key])) < TOL, ("grpo", key)
+        assert abs(rank["grpo"]["ratio_min"] - 1) < 1e-6 and abs(rank["grpo"]["ratio_max"] - 1) < 1e-6  # on-policy
     # the options are exercised: some tokens clipped, not all
     for name in PG:
         assert 0 < ref[name]["clip_fraction"] < 1, (name, ref[name]["clip_fraction"])

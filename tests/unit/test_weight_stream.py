@@ -1,5 +1,6 @@
 """Weight streaming into the hf generator: manifest validation, bucket integrity, oversize parameters,
-logprob parity after a refit, and refits from dp2 (FSDP) and tp2 trainers gathered bucket by bucket."""
+logprob parity after a refit, refits from dp2 (FSDP) and tp2 trainers gathered bucket by bucket, and from a
+pp2 trainer both into a colocated engine and relayed by rank 0 over one link to another process's engine."""
 
 from __future__ import annotations
 
@@ -136,7 +137,36 @@ def _refit_from_layout(parallel: dict, hf_folder: str) -> dict:
               "sources": plan.sources, "sharded": len(sharded)}
     if generator.backend is not None:
         result["generator"] = {n: p.detach().clone() for n, p in generator.backend.model.named_parameters()}
+    if parallel.pp > 1:
+        relayed = _relay(plan, WeightStream(plan, local_parameters(handle), transport=transport), hf_folder)
+        if relayed is not None:
+            result["relayed"] = relayed
     return result
+
+
+def _relay(plan, stream: WeightStream, hf_folder: str) -> dict | None:
+    """The vLLM / Ray refit shape: the generator end (a thread here, standing in for the engine's worker
+    process) joins one standalone link with rank 0, which relays every stage's buckets over it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from automodel_mimo.generation.transport import generator_link
+    from automodel_mimo.generation.weight_stream import broadcast_received
+    from tests.unit.multirank import free_port
+
+    if stream.rank != 0:
+        stream.participate()
+        return None
+    engine, port = HFGenerator(hf_folder), free_port()
+
+    def receive():
+        link = generator_link("127.0.0.1", port, 1, plan.sources)
+        engine.update_weights(verified(plan, broadcast_received(plan, link, torch.device("cpu"))))
+
+    with ThreadPoolExecutor(1) as pool:
+        received = pool.submit(receive)
+        stream.send(generator_link("127.0.0.1", port, 0, plan.sources))
+        received.result()
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
 
 LAYOUTS = {"dp2": dict(dp=2), "tp2": dict(tp=2), "pp2": dict(pp=2, pp_microbatch_size=1)}
@@ -160,6 +190,8 @@ def test_refit_from_dp2_tp2_pp2_trainers(hf_folder):
         assert per_rank[0]["buckets"] > 3
         if name == "pp2":
             assert per_rank[0]["sources"] == [0, 1]
+            relayed = per_rank[0]["relayed"]
+            assert relayed.keys() == trainer.keys() and all(torch.equal(t, trainer[n]) for n, t in relayed.items())
         else:
             assert per_rank[0]["sharded"] > 0, name
 
