@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
+from automodel_mimo.algorithms.loop import finish, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
-from automodel_mimo.faults import fault_point
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
@@ -249,16 +249,15 @@ def run_grpo(cfg: RunConfig) -> None:
         initial_accuracy = first["eval/accuracy"]
         logger.log({"step": 0, **first, "eval/accuracy_gain": 0.0})
 
-    began = time.perf_counter()
-    for step in range(start, t.max_steps):
+    def step(i: int) -> dict:
         t0 = time.perf_counter()
-        prompts, references = step_prompts(cfg, data["train"], step)
-        samples = generator.generate(prompts, sampling_params(cfg, tokenizer, step))
+        prompts, references = step_prompts(cfg, data["train"], i)
+        samples = generator.generate(prompts, sampling_params(cfg, tokenizer, i))
         t_gen = time.perf_counter() - t0
         rewards = rewards_of(samples, references, tokenizer)
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
         mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
-        rows = sample_rows(prompts, [samples[i] for i in mine])
+        rows = sample_rows(prompts, [samples[j] for j in mine])
         microbatches = to_microbatches(rows, advantages[mine], t.micro_batch_size, pad, state)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
@@ -266,25 +265,20 @@ def run_grpo(cfg: RunConfig) -> None:
         t_refit = time.perf_counter() - t1
         step_s = time.perf_counter() - t0
         tokens = sum(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)
-        done = step + 1
-        logger.log({"step": done, **metrics, "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
-                    "response_len": sum(len(s.token_ids) for s in samples) / len(samples),
-                    "tokens_per_s": tokens / step_s, "timing/generation_s": t_gen, "timing/refit_s": t_refit,
-                    "step_s": step_s, "elapsed_s": time.perf_counter() - began})
-        if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == t.max_steps):
-            result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
-            if initial_accuracy is not None:  # None after resuming a run that had no step-0 eval
-                result["eval/accuracy_gain"] = result["eval/accuracy"] - initial_accuracy
-            logger.log({"step": done, **result})
-        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            ckpt.save(done, handle, policy.optimizer, reference=policy.reference,
-                      extra={"initial_accuracy": initial_accuracy})
-            fault_point("after_checkpoint", done)
-    if cfg.checkpoint.export_hf:
-        export_hf(handle, tokenizer, f"{cfg.output_dir}/hf")
-    logger.close()
+        return {**metrics, "reward": float(rewards.mean()), "accuracy": float((rewards > 0).float().mean()),
+                "response_len": sum(len(s.token_ids) for s in samples) / len(samples),
+                "tokens_per_s": tokens / step_s, "timing/generation_s": t_gen, "timing/refit_s": t_refit, "step_s": step_s}
+
+    def evaluate(done: int) -> dict:
+        result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
+        if initial_accuracy is not None:  # None after resuming a run that had no step-0 eval
+            result["eval/accuracy_gain"] = result["eval/accuracy"] - initial_accuracy
+        return result
+
+    def save(done: int) -> None:
+        ckpt.save(done, handle, policy.optimizer, reference=policy.reference, extra={"initial_accuracy": initial_accuracy})
+
+    run_steps(cfg, start, logger, step, evaluate, save)
+    finish(cfg, logger, "grpo", lambda folder: export_hf(handle, tokenizer, folder))
     if generator.backend is not None:
         generator.backend.shutdown()
-    if state.is_rank0:
-        print(f"[grpo] done: {cfg.output_dir}/metrics.jsonl" + (f", HF model in {cfg.output_dir}/hf" if cfg.checkpoint.export_hf else ""), flush=True)
-    dist.barrier()
