@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from automodel_mimo.data.images import _UNDECODED, load_image_dataset
 from automodel_mimo.data.tokenize import FEATURES as TEXT_FEATURES
-from automodel_mimo.data.tokenize import Message, _chat_ids, _plain_ids, _shifted_labels, map_tokenized
+from automodel_mimo.data.tokenize import Message, _shifted_labels, conversation_ids, map_tokenized
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.tokenizer import image_token_id
@@ -48,12 +48,7 @@ def tokenize_mimo_messages(
     prompt_ids (the final turn's prompt, placeholders expanded) is never truncated: it feeds generation.
     Truncation cuts text after the last placeholder only; a cut through an image is an error.
     """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise UserInputError("the last message must be the assistant target; fix the data or data.messages_key")
-    if use_chat_template and tokenizer.chat_template is not None:
-        ids, is_target, prompt_ids = _chat_ids(messages, tokenizer)
-    else:
-        ids, is_target, prompt_ids = _plain_ids(messages, tokenizer)
+    ids, is_target, prompt_ids = conversation_ids(messages, tokenizer, use_chat_template)
     marker = tokenizer.convert_ids_to_tokens(placeholder_id)
     if any(token == placeholder_id and target for token, target in zip(ids, is_target)):
         raise UserInputError(f"an assistant message holds the image marker {marker}; images belong in the prompt")

@@ -74,6 +74,17 @@ def _plain_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> t
     return ids, is_target, prompt_ids
 
 
+def conversation_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
+                     use_chat_template: bool) -> tuple[list[int], list[bool], list[int]]:
+    """(ids, is_target per id, prompt_ids of the final turn) of a conversation ending in the assistant target,
+    through the tokenizer's chat template when it has one and `use_chat_template`, else plain turns."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise UserInputError("the last message must be the assistant target; fix the data or data.messages_key")
+    if use_chat_template and tokenizer.chat_template is not None:
+        return _chat_ids(messages, tokenizer)
+    return _plain_ids(messages, tokenizer)
+
+
 def _shifted_labels(ids: list[int], is_target: list[bool]) -> list[int]:
     """labels[t] is the token the model should predict after position t, or -100 where that is not a target."""
     labels = [ids[t + 1] if is_target[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
@@ -92,12 +103,7 @@ def tokenize_messages(
 
     prompt_ids is never truncated: it feeds generation, not the training sequence.
     """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise UserInputError("the last message must be the assistant target; fix the data or data.messages_key")
-    if use_chat_template and tokenizer.chat_template is not None:
-        ids, is_target, prompt_ids = _chat_ids(messages, tokenizer)
-    else:
-        ids, is_target, prompt_ids = _plain_ids(messages, tokenizer)
+    ids, is_target, prompt_ids = conversation_ids(messages, tokenizer, use_chat_template)
     if len(ids) > max_seq_len:
         if not truncate:
             raise UserInputError(
