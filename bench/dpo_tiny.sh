@@ -4,13 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/bench/dpo_tiny}
-rm -rf -- "${OUT:?}"
-bash scripts/setup.sh
-start=$(date +%s.%N)
-.venv/bin/automodel-mimo dpo output_dir="$OUT" logging.progress=false "$@"
-end=$(date +%s.%N)
-echo "machine: $(nproc) cores, $(python3 -c 'import platform; print(platform.processor() or platform.machine())'), $(date -u +%F)"
-echo "wall time (launch to exit, incl. start-up, SFT warm-up, evals and export): $(python3 -c "print(f'{$end - $start:.1f}')") s"
+source bench/timed_run.sh
+timed_run dpo "launch to exit, incl. start-up, SFT warm-up, evals and export" "$@"
 .venv/bin/python - "$OUT/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

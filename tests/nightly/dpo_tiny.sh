@@ -5,12 +5,10 @@
 #   OUT=dir  output directory (relative paths are from the repo root; removed before the run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/nightly/dpo_tiny}
-rm -rf -- "${OUT:?}"  # stale metrics from an earlier night must never be what gets checked
-
-bash scripts/setup.sh
+source tests/nightly/common.sh
+nightly_start dpo_tiny
 .venv/bin/automodel-mimo dpo output_dir="$OUT" "$@"
 .venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
   "eval/preference_accuracy@last >= 0.9" "eval/reward_margin@last > 0" "eval/loss@last < 0.5"
-.venv/bin/python -c 'import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1]); print("[nightly] HF export loads:", sys.argv[1])' "$OUT/hf"
+hf_export_loads "$OUT/hf"
 echo "[nightly] dpo_tiny passed"

@@ -7,17 +7,15 @@
 #   WALL_LIMIT_S=900  fail when the command takes longer (the recipe's promise: 15 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/nightly/grpo_tiny}
 WALL_LIMIT_S=${WALL_LIMIT_S:-900}
-rm -rf -- "${OUT:?}"  # stale metrics from an earlier night must never be what gets checked
-
-bash scripts/setup.sh
+source tests/nightly/common.sh
+nightly_start grpo_tiny
 start=$SECONDS
 .venv/bin/automodel-mimo grpo output_dir="$OUT" "$@"
 wall=$((SECONDS - start))
 echo "[nightly] grpo_tiny wall time: ${wall}s (limit ${WALL_LIMIT_S}s)"
 .venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
   "eval/accuracy_gain@last >= 0.15" "gen_kl_error@max < 1e-5" "ratio_min@min > 0.999999" "ratio_max@max < 1.000001"
-.venv/bin/python -c 'import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1]); print("[nightly] HF export loads:", sys.argv[1])' "$OUT/hf"
+hf_export_loads "$OUT/hf"
 if (( wall > WALL_LIMIT_S )); then echo "[nightly] grpo_tiny took ${wall}s > ${WALL_LIMIT_S}s"; exit 1; fi
 echo "[nightly] grpo_tiny passed"

@@ -6,12 +6,11 @@
 #   OUT=dir  output directory (relative paths are from the repo root; removed before the run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/nightly/mimo_sft_tiny}
-rm -rf -- "${OUT:?}"  # stale metrics from an earlier night must never be what gets checked
-
-bash scripts/setup.sh
+source tests/nightly/common.sh
+nightly_start mimo_sft_tiny
 .venv/bin/automodel-mimo sft --config configs/mimo_sft_tiny.yaml output_dir="$OUT" "$@"
 .venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
   "loss@last < 0.1" "eval/accuracy@last >= 0.9" "eval/accuracy_image_rows@last >= 0.85"
-.venv/bin/python -c 'import sys; from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer; AutoModelForCausalLM.from_pretrained(sys.argv[1] + "/language"); AutoTokenizer.from_pretrained(sys.argv[1] + "/language"); AutoModel.from_pretrained(sys.argv[1] + "/vision"); print("[nightly] HF exports load:", sys.argv[1])' "$OUT/hf"
+hf_export_loads "$OUT/hf/language"
+.venv/bin/python -c 'import sys; from transformers import AutoModel; AutoModel.from_pretrained(sys.argv[1]); print("[nightly] HF export loads:", sys.argv[1])' "$OUT/hf/vision"
 echo "[nightly] mimo_sft_tiny passed"

@@ -5,12 +5,10 @@
 #   OUT=dir  output directory (relative paths are from the repo root; removed before the run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-outputs/nightly/sft_tiny}
-rm -rf -- "${OUT:?}"  # stale metrics from an earlier night must never be what gets checked
-
-bash scripts/setup.sh
+source tests/nightly/common.sh
+nightly_start sft_tiny
 .venv/bin/automodel-mimo sft output_dir="$OUT" "$@"
 .venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
   "loss@last < 0.1" "eval/accuracy@last >= 0.95"
-.venv/bin/python -c 'import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; AutoModelForCausalLM.from_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1]); print("[nightly] HF export loads:", sys.argv[1])' "$OUT/hf"
+hf_export_loads "$OUT/hf"
 echo "[nightly] sft_tiny passed"
