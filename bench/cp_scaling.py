@@ -3,8 +3,8 @@
   torchrun --nproc_per_node=<cp> bench/cp_scaling.py --seq-len 32768 [--tiny]
   bash bench/cp_scaling.sh            # the sweep: longest trainable length and tokens/s per GPU
 
-The 1.1B Llama of the other benchmarks (bf16 compute, fp32 master weights and AdamW state, no activation
-checkpointing) trains on one sequence of --seq-len tokens, sharded over the cp ranks by the library's
+The 1.1B Llama of the other benchmarks (bf16 compute, fp32 master weights and AdamW state; activation
+checkpointing with --activation-checkpointing) trains on one sequence of --seq-len tokens, sharded over the cp ranks by the library's
 dual-chunk layout, attention through the packed varlen path (K/V all-gathered over cp). Prints one JSON
 line: step time, real tokens/s per GPU and peak memory, or {"oom": true} (exit 3) when it does not fit.
 """
@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more step (rank 0)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="parallel.activation_checkpointing=true")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -51,7 +52,7 @@ def main() -> int:
         kwargs = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                       num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
                       max_position_embeddings=L, tie_word_embeddings=False)
-    cfg = RunConfig(parallel=ParallelConfig(dp=1, cp=cp),
+    cfg = RunConfig(parallel=ParallelConfig(dp=1, cp=cp, activation_checkpointing=args.activation_checkpointing),
                     model=ModelConfig(config=kwargs, dtype="float32" if args.tiny else "bfloat16"),
                     data=DataConfig(max_seq_len=L, packing=True),
                     train=TrainConfig(max_steps=100, global_batch_size=1, micro_batch_size=1, lr=1e-5, warmup_steps=0))
@@ -62,7 +63,7 @@ def main() -> int:
     multiple = 2 * cp if cp > 1 else 1
     batch = collate_packed(rows, pack([L], L, multiple), L, multiple, 0, device=device)
     microbatches = [shard_batch(batch, cp, state.cp_rank)]
-    result = {"seq_len": L, "cp": cp, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    result = {"seq_len": L, "cp": cp, "activation_checkpointing": args.activation_checkpointing, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     try:
         torch.manual_seed(0)
         with device:
