@@ -1,11 +1,11 @@
-"""DPO end to end: preference data (synthetic, local jsonl in text and chat form), pair-aware config checks,
-and a short `automodel-mimo dpo` run under dp2 that writes the metric rows."""
+"""DPO end to end: preference data (synthetic, local jsonl in text and chat form), pair-aware config checks
+(packing accepted), and a short `automodel-mimo dpo` run under dp2 that writes the metric rows."""
 
 import json
 
 import pytest
 
-from automodel_mimo.config import RunConfig
+from automodel_mimo.config import RunConfig, load_config
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.models.tokenizer import build_default_tokenizer
 from tests.unit.cli_runner import TINY, metrics, run_cli
@@ -65,13 +65,22 @@ def test_local_jsonl_text_and_chat_pairs(tmp_path):
     ("train.micro_batch_size=1 train.global_batch_size=8", "train.micro_batch_size=1 counts sequences and DPO needs whole"),
     ("parallel.pp=2 train.micro_batch_size=4 parallel.pp_microbatch_size=1",
      "parallel.pp_microbatch_size=1: a pipeline microbatch must hold whole (chosen, rejected) pairs"),
-    ("data.packing=true", "data.packing=true is not supported by dpo"),
+    ("data.packing=true data.max_seq_len=64 data.packed_sequence_size=96",
+     "data.packed_sequence_size=96 cannot hold a (chosen, rejected) pair of data.max_seq_len=64 tokens each"),
     ("dpo.beta=0", "dpo.beta=0.0: must be > 0"),
     ("dpo.reference=/nonexistent/model", "dpo.reference=/nonexistent/model: use 'initial' or the path"),
 ])
 def test_dpo_config_errors(tmp_path, override, expected):
     r = run_cli("dpo", *TINY, f"output_dir={tmp_path}", *override.split(), timeout=60)
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_packing_is_accepted_and_micro_batches_count_packed_rows():
+    """With data.packing, pairs are packed whole into rows: an odd number of rows per (pipeline) micro batch is fine."""
+    cfg = load_config("dpo", None, ["data.packing=true", "data.max_seq_len=64", "data.packed_sequence_size=128",
+                                    "launch.nproc=2", "parallel.pp=2", "train.micro_batch_size=3",
+                                    "parallel.pp_microbatch_size=1", "train.global_batch_size=6"])
+    assert cfg.data.packing and cfg.train.micro_batch_size == 3
 
 
 def test_short_dpo_run_writes_metric_rows(tmp_path):

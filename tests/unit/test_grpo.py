@@ -197,7 +197,8 @@ def test_ray_disaggregated_step_equals_colocated(hf_runs):
     ("generation.colocated=false", "generation.colocated=false runs the generator as a Ray actor: set launch.backend=ray"),
     ("generation.max_model_len=4", "generation.max_model_len=4 must exceed generation.max_new_tokens=4"),
     ("generation.gpu_memory_utilization=2", "generation.gpu_memory_utilization=2.0: must be in (0, 1]"),
-    ("data.packing=true", "data.packing=true is not supported by grpo"),
+    ("data.packing=true data.max_seq_len=32 data.packed_sequence_size=32",
+     "data.packed_sequence_size=32 cannot hold a rollout of data.max_seq_len + generation.max_new_tokens = 32+4"),
     ("parallel.pp=2 parallel.pp_microbatch_size=4", "train.micro_batch_size / parallel.pp_microbatch_size = 1 pipeline "
                                                     "microbatches, fewer than parallel.pp=2 stages"),
 ])
@@ -205,6 +206,12 @@ def test_grpo_config_errors(override, expected):
     with pytest.raises(UserInputError) as err:
         load_config("grpo", None, [*RUN, "generation.backend=hf", *override.split()])
     assert expected in str(err.value)
+
+
+def test_packing_is_accepted():
+    cfg = load_config("grpo", None, [*RUN, "generation.backend=hf", "data.packing=true", "data.max_seq_len=32",
+                                     "data.packed_sequence_size=40", "parallel.cp=2", "launch.nproc=2"])
+    assert cfg.data.packing and cfg.parallel.cp == 2
 
 
 def test_config_error_through_the_cli_is_one_line(tmp_path):
