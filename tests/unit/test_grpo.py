@@ -1,8 +1,8 @@
 """GRPO end to end through `automodel-mimo grpo` (2 gloo ranks, tiny models): the first step's importance
 ratio is 1 and the trainer's logprobs match the generator's (fp32, vllm and hf backends); the metric rows;
 a disaggregated generator (Ray actor, refit by broadcast) under the Ray launcher gives the same step as the
-colocated one under the local launcher (loss, grad norm, post-step weights); cp2 and pp2 trainers (hf generator,
-refit from both pipeline stages) give the dp2 run's first step; a resumed run continues exactly; config errors
+colocated one under the local launcher (loss, grad norm, post-step weights); cp2 (with packing) and pp2 trainers
+(hf generator, refit from both pipeline stages) give the dp2 run's first step; a resumed run continues exactly; config errors
 before spawn."""
 
 from __future__ import annotations
@@ -113,16 +113,19 @@ def test_hf_first_step_parity(hf_runs):
 
 
 HF_T07 = ["generation.backend=hf", "generation.temperature=0.7"]
+PACKED_CP2 = ["parallel.cp=2", "train.max_steps=2", "data.packing=true", "data.packed_sequence_size=48",
+              "train.micro_batch_size=2"]
 PP2 = ["parallel.pp=2", "parallel.pp_microbatch_size=2", "train.max_steps=4", "checkpoint.every_steps=2",
        "eval.every_steps=2"]
 
 
 @pytest.fixture(scope="module")
 def cp_pp_runs(tmp_path_factory):
-    """hf_runs' colocated run (dp2) as cp2 (2 steps) and as pp2 (2 pipeline microbatches per schedule step; 4
-    steps with checkpoints and eval every 2, for the resume test)."""
+    """hf_runs' colocated run (dp2) as cp2 with data.packing (rollouts packed into rows of 48 tokens, 2 rows per
+    micro batch; 2 steps) and as pp2 (2 pipeline microbatches per schedule step; 4 steps with checkpoints and
+    eval every 2, for the resume test)."""
     outs = {}
-    for name, layout in (("cp2", ["parallel.cp=2", "train.max_steps=2"]), ("pp2", PP2)):
+    for name, layout in (("cp2", PACKED_CP2), ("pp2", PP2)):
         out = tmp_path_factory.mktemp(f"hf_{name}")
         r = run_cli("grpo", *RUN, f"output_dir={out}", *HF_T07, *layout, env=ENV, timeout=300)
         assert r.returncode == 0, f"{name}:\n{r.stderr[-4000:]}"
