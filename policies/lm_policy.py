@@ -83,7 +83,7 @@ class LMPolicy:
                 lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group)
                 mb = {**mb, "loss_mask": self.whole_rows(mb["loss_mask"], mb)}
             if "seq_index" in mb:
-                return loss_fn(to_sequences(lp, mb["seq_index"]), per_sequence(mb, mb["loss_mask"]))
+                return loss_fn(to_sequences(lp, mb["seq_index"]), per_sequence(mb))
             return loss_fn(lp, mb)
 
         self.handle.train()

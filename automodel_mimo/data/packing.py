@@ -123,14 +123,15 @@ def to_sequences(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 ROW_LAYOUT_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "cu_seqlens", "cu_seqlens_padded", "seq_index")
 
 
-def per_sequence(mb: dict, whole_loss_mask: torch.Tensor) -> dict:
-    """A packed microbatch as one sequence per row: `loss_mask` (whole rows) gathered to [R*K, L], and
-    every side key in slot layout [R, K, ...] flattened to [R*K, ...]; the row layout's own keys stay."""
+def per_sequence(mb: dict) -> dict:
+    """A packed microbatch (`loss_mask` in whole rows) as one sequence per row: `loss_mask` gathered to
+    [R*K, L], and every side key in slot layout [R, K, ...] flattened to [R*K, ...]; the row layout's own
+    keys stay as they are."""
     index = mb["seq_index"]
     slots = tuple(index.shape[:2])
     out = {k: (v.flatten(0, 1) if k not in ROW_LAYOUT_KEYS and v.ndim >= 2 and tuple(v.shape[:2]) == slots else v)
            for k, v in mb.items()}
-    out["loss_mask"] = to_sequences(whole_loss_mask, index)
+    out["loss_mask"] = to_sequences(mb["loss_mask"], index)
     return out
 
 

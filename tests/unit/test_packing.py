@@ -43,7 +43,7 @@ def test_sequence_slots_of_packed_rows():
     seqs.sum().backward()
     assert values.grad.tolist() == [[1, 1, 1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0]]
     mb = {**b, "seq_index": index, "advantages": torch.tensor([[1.0, 2.0], [3.0, 0.0]]), "row_ids": torch.arange(2)}
-    view = per_sequence(mb, b["loss_mask"])
+    view = per_sequence(mb)
     assert view["advantages"].tolist() == [1, 2, 3, 0] and view["loss_mask"].shape == (4, 5)
     assert view["input_ids"].shape == (2, 8) and view["row_ids"].tolist() == [0, 1]
 
