@@ -5,7 +5,8 @@ rank 0 or a Ray actor) -> exact-match reward against the reference answer -> gro
 rank's samples as microbatches (padded, or with data.packing packed rows) -> old logprobs (trainer) and
 reference logprobs (reference weights swapped in) -> one clipped policy-gradient step over the microbatches
 (global token / sequence normalization) -> refit the generator (weight streaming). Held-out greedy accuracy,
-through the generator, at step 0 and every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps of SFT (the embedded default's start).
+through the generator, at step 0 and every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps
+of SFT (the embedded default's start).
 Checkpoints hold the policy, optimizer, schedule, RNG and the reference weights; a resume skips the warm-up,
 loads them and starts the generator from the resumed weights, so it continues exactly (batches and sampling
 seeds depend on (seed, step) only).
