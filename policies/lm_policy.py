@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from automodel_mimo.config import TrainConfig
+from automodel_mimo.data.packing import per_sequence, to_sequences
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
@@ -26,7 +27,8 @@ from automodel_mimo.parallel.context_parallel import cp_attention, gather_to_ori
 from policies.reference import ReferenceWeights
 
 # loss_fn(logprobs, microbatch) -> (loss, metrics): logprobs [B, S] of whole rows (context-parallel shards
-# gathered back in row order) and the microbatch with `loss_mask` in the same whole-row layout.
+# gathered back in row order) and the microbatch with `loss_mask` in the same whole-row layout; for a packed
+# microbatch (one with `seq_index`), one row per sequence slot [R*K, L] and its side data flattened to match.
 LogprobLossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
@@ -68,6 +70,9 @@ class LMPolicy:
         backward hands each rank its own slice) and `loss_mask` is replaced by its whole-row version; any
         other per-token side data (old / reference logprobs) must already be in whole-row order, as
         `logprobs()` returns it. Every cp rank then computes the same loss, so metrics are divided by cp.
+        A packed microbatch (with `seq_index`) is seen as one sequence per row (data/packing.py
+        `per_sequence`): logprobs and loss_mask [R*K, L], side data from slot layout [R, K, ...] flattened,
+        so row-based losses (sequence sums, pairs 2i / 2i+1, per-sequence advantages) work unchanged.
         `temperature`: logprobs of logits / temperature (the distribution RL rollouts were sampled from).
         """
         group = self.state.cp_group if self.state.cp_size > 1 else None
@@ -77,6 +82,8 @@ class LMPolicy:
             if group is not None:
                 lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group)
                 mb = {**mb, "loss_mask": self.whole_rows(mb["loss_mask"], mb)}
+            if "seq_index" in mb:
+                return loss_fn(to_sequences(lp, mb["seq_index"]), per_sequence(mb))
             return loss_fn(lp, mb)
 
         self.handle.train()
@@ -108,13 +115,21 @@ class LMPolicy:
         with torch.no_grad():
             return gather_to_original_order(values.float(), mb["cu_seqlens_padded"], self.state.cp_group)
 
+    def sequence_mask(self, mb: dict) -> torch.Tensor:
+        """`loss_mask` in the layout `logprobs()` returns: whole rows [B, S], or [R, K, L] sequence slots."""
+        mask = self.whole_rows(mb["loss_mask"], mb)
+        if "seq_index" not in mb:
+            return mask
+        return to_sequences(mask, mb["seq_index"]).view(mb["seq_index"].shape)
+
     def global_counts(self, microbatches: list[dict]) -> dict:
         """Global denominators over every microbatch of every dp x cp rank (each at least 1): loss-bearing
-        `tokens`, `seqs` (rows with a loss token), `pairs` ((chosen, rejected) rows 2i, 2i+1 both with loss
-        tokens) and `chosen_tokens` (loss tokens of those pairs' chosen rows)."""
+        `tokens`, `seqs` (sequences with a loss token), `pairs` ((chosen, rejected) sequences 2i, 2i+1 both
+        with loss tokens) and `chosen_tokens` (loss tokens of those pairs' chosen sequences). Sequences are
+        rows, or a packed microbatch's sequence slots."""
         counts = torch.zeros(4, dtype=torch.float64)
         for mb in microbatches:
-            per_row = self.whole_rows(mb["loss_mask"], mb).sum(-1).double().cpu()
+            per_row = self.sequence_mask(mb).flatten(0, -2).sum(-1).double().cpu()
             pair = (per_row[0::2] > 0) & (per_row[1::2] > 0) if per_row.shape[0] % 2 == 0 else per_row[:0] > 0
             counts += torch.stack([per_row.sum(), (per_row > 0).sum(), pair.sum(), (per_row[0::2] * pair).sum()])
         # each cp rank counted the same whole rows
@@ -142,20 +157,24 @@ class LMPolicy:
     @torch.no_grad()
     def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token logprobs of each microbatch's labels, [B, S] fp32 whole rows (cp shards gathered back
-        to the original order), 0 where labels are ignored; on every rank, for this rank's rows.
+        to the original order), 0 where labels are ignored; on every rank, for this rank's rows. For a
+        packed microbatch, in sequence slots [R, K, L] (`sequence_mask` layout): side data for the loss.
         `temperature`: logprobs of logits / temperature."""
         group = self.state.cp_group if self.state.cp_size > 1 else None
 
         def capture(logits: torch.Tensor, mb: dict) -> torch.Tensor:
             lp = token_logprobs(logits if temperature == 1.0 else logits / temperature, mb["labels"])
-            return gather_to_original_order(lp, mb["cu_seqlens_padded"], group) if group is not None else lp
+            lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group) if group is not None else lp
+            return to_sequences(lp, mb["seq_index"]).view(mb["seq_index"].shape) if "seq_index" in mb else lp
+
+        def row_shape(mb: dict) -> tuple:
+            return tuple(mb["seq_index"].shape[1:]) if "seq_index" in mb else (mb["input_ids"].shape[1] * self.state.cp_size,)
 
         n = len(microbatches)  # every data rank runs the same number of passes (FSDP collectives)
         padded = equal_step_count(list(microbatches), weightless(microbatches[0]), self.state.dp_cp_group, self.state.device)
         self.handle.eval()
         with cp_attention(group):
-            out = [self.handle.forward_capture(mb, capture, (mb["input_ids"].shape[1] * self.state.cp_size,), torch.float32)
-                   for mb in padded]
+            out = [self.handle.forward_capture(mb, capture, row_shape(mb), torch.float32) for mb in padded]
         self.handle.reshard()  # parameters written after this pass (optimizer, swap) must not meet stale gathers
         self.handle.train()
         return out[:n]

@@ -1,7 +1,8 @@
 """Direct preference optimization: the SPMD loop every rank runs.
 
 data (seed, step) -> global batch of (chosen, rejected) pairs -> this DP rank's pairs -> microbatches
-(rows 2i, 2i+1 are pair i; a pair never splits) -> reference logprobs (reference weights swapped in) ->
+(rows 2i, 2i+1 are pair i, or with data.packing sequence slots 2i, 2i+1 of one packed row; a pair never
+splits) -> reference logprobs (reference weights swapped in) ->
 DPO train step -> metrics / held-out preference accuracy / checkpoint; at the end an HF export.
 """
 
@@ -17,8 +18,9 @@ import torch.distributed as dist
 
 from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import DPOConfig, RunConfig
+from automodel_mimo.config import DPOConfig, RunConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.packing import pack_microbatches
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.losses import IGNORE_INDEX
@@ -34,9 +36,10 @@ from policies.lm_policy import LMPolicy
 
 
 def attach_reference(policy: LMPolicy, microbatches: list[dict]) -> None:
-    """Each microbatch gets `ref_seq_logprobs` [B]: the reference policy's summed response logprobs."""
+    """Each microbatch gets `ref_seq_logprobs`: the reference policy's summed response logprobs, one per
+    row [B] (packed: one per sequence slot [R, K])."""
     for mb, lp in zip(microbatches, policy.reference_logprobs(microbatches)):
-        mb["ref_seq_logprobs"] = (lp * policy.whole_rows(mb["loss_mask"], mb)).sum(-1)
+        mb["ref_seq_logprobs"] = (lp * policy.sequence_mask(mb)).sum(-1)
 
 
 def dpo_loss_fn(cfg: DPOConfig, counts: dict):
@@ -84,12 +87,25 @@ def to_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int, micro_
     return microbatches
 
 
+def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:
+    """Rows (pairs adjacent) -> packed microbatches of train.micro_batch_size rows of
+    data.packed_sequence_size tokens. Each pair is packed whole into one row, chosen then rejected, so
+    its sequences are slots 2i, 2i+1 of that row (rows hold even slot counts) and any row slice (a
+    pipeline microbatch) keeps pairs whole; sharded over cp like SFT's."""
+    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    packed = pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
+                               state.device, group=2)
+    return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb, _ in packed]
+
+
 def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
     """This DP rank's microbatches of the global batch of `step`: train.global_batch_size rows = half as
     many pairs, drawn by (seed, step) like SFT's; each DP rank gets a contiguous block of whole pairs."""
     t = cfg.train
     pairs = global_batch_indices(step, len(train), t.global_batch_size // 2, cfg.seed)
     mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
+    if cfg.data.packing:
+        return packed_microbatches(cfg, pair_rows(mine), state, pad_id)
     return to_microbatches(cfg, pair_rows(mine), state, pad_id, t.micro_batch_size)
 
 
@@ -166,8 +182,8 @@ def run_dpo(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_dpo_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.parallel.cp > 1), state,
-                          tokenizer.pad_token_id)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
+                          state, tokenizer.pad_token_id)
     policy = LMPolicy(handle, state, cfg.train)
     pad = tokenizer.pad_token_id
     if cfg.dpo.warmup_sft_steps:

@@ -2,10 +2,11 @@
 
 Per step: prompts drawn by (seed, step) -> n samples each from the generator (one engine, colocated on
 rank 0 or a Ray actor) -> exact-match reward against the reference answer -> group advantages -> this DP
-rank's samples as microbatches -> old logprobs (trainer) and reference logprobs (reference weights swapped
-in) -> one clipped policy-gradient step over the microbatches (global token / sequence normalization) ->
-refit the generator (weight streaming). Held-out greedy accuracy, through the generator, at step 0 and
-every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps of SFT (the embedded default's start).
+rank's samples as microbatches (padded, or with data.packing packed rows) -> old logprobs (trainer) and
+reference logprobs (reference weights swapped in) -> one clipped policy-gradient step over the microbatches
+(global token / sequence normalization) -> refit the generator (weight streaming). Held-out greedy accuracy,
+through the generator, at step 0 and every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps
+of SFT (the embedded default's start).
 Checkpoints hold the policy, optimizer, schedule, RNG and the reference weights; a resume skips the warm-up,
 loads them and starts the generator from the resumed weights, so it continues exactly (batches and sampling
 seeds depend on (seed, step) only).
@@ -24,10 +25,12 @@ import torch.distributed as dist
 from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
-from automodel_mimo.config import RunConfig
+from automodel_mimo.config import RunConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
+from automodel_mimo.data.packing import pack_microbatches, round_up
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
+from automodel_mimo.errors import UserInputError
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
@@ -78,6 +81,42 @@ def to_microbatches(rows: list[dict], advantages: torch.Tensor, micro_batch_size
         mb["advantages"] = advantages[start:start + len(chunk)].to(state.device, torch.float32)
         microbatches.append(mb)
     return microbatches
+
+
+def packed_microbatches(rows: list[dict], advantages: torch.Tensor, cfg: RunConfig, pad_id: int, state) -> list[dict]:
+    """data.packing: rows packed into microbatches of train.micro_batch_size rows of data.packed_sequence_size
+    tokens (sharded over cp like SFT's), with the side data in sequence slots (data/packing.py):
+    `gen_logprobs` [R, K, L] and `advantages` [R, K], 0 in empty slots."""
+    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    microbatches = []
+    for mb, slots in pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
+                                       state.device):
+        R, K, L = mb["seq_index"].shape
+        gen, adv = torch.zeros(R, K, L), torch.zeros(R, K)
+        for r, sequences in enumerate(slots):
+            for k, i in enumerate(sequences):
+                gen[r, k, :len(rows[i]["gen_logprobs"])] = torch.tensor(rows[i]["gen_logprobs"])
+                adv[r, k] = advantages[i]
+        mb = shard_batch(mb, cfg.parallel.cp, state.cp_rank)
+        mb["gen_logprobs"], mb["advantages"] = gen.to(state.device), adv.to(state.device)
+        microbatches.append(mb)
+    return microbatches
+
+
+def rollout_microbatches(cfg: RunConfig, rows: list[dict], advantages: torch.Tensor, pad_id: int, state) -> list[dict]:
+    """This rank's rollout rows as padded (`to_microbatches`) or packed (`packed_microbatches`) microbatches."""
+    if cfg.data.packing:
+        return packed_microbatches(rows, advantages, cfg, pad_id, state)
+    return to_microbatches(rows, advantages, cfg.train.micro_batch_size, pad_id, state)
+
+
+def check_packable(cfg: RunConfig, rows: list[dict]) -> None:
+    """data.packing: every rollout (all ranks hold all of them, so all raise alike) fits a packed row."""
+    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    longest = max(round_up(len(r["input_ids"]), pad_multiple(cfg.parallel)) for r in rows)
+    if longest > size:
+        raise UserInputError(f"a rollout of prompt + response padded to {longest} tokens does not fit a packed row of "
+                             f"data.packed_sequence_size={size}; raise data.packed_sequence_size")
 
 
 # ---------------------------------------------------------------- the step
@@ -213,7 +252,8 @@ def run_grpo(cfg: RunConfig) -> None:
     pad = tokenizer.pad_token_id
     data = sft.prepare_sft_data(cfg, tokenizer)
     hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.parallel.cp > 1), state, pad)
+    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
+                          state, pad)
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     began = time.perf_counter()
@@ -235,7 +275,7 @@ def run_grpo(cfg: RunConfig) -> None:
     transport = stage_transport(plan)
     generator.validate_manifest(plan.manifest)
     loss_cfg = pg_config(cfg)
-    g, t = cfg.grpo, cfg.train
+    g = cfg.grpo
     if state.is_rank0:
         where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
         print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
@@ -256,9 +296,11 @@ def run_grpo(cfg: RunConfig) -> None:
         t_gen = time.perf_counter() - t0
         rewards = rewards_of(samples, references, tokenizer)
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
+        if cfg.data.packing:
+            check_packable(cfg, sample_rows(prompts, samples))
         mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
         rows = sample_rows(prompts, [samples[j] for j in mine])
-        microbatches = to_microbatches(rows, advantages[mine], t.micro_batch_size, pad, state)
+        microbatches = rollout_microbatches(cfg, rows, advantages[mine], pad, state)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
         generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))

@@ -9,6 +9,11 @@
   the packed attention (`models/packed_attention.py`) read. `cu_seqlens` (true lengths: counting, slicing
   data) and `cu_seqlens_padded` (attention boundaries, CP chunking) are kept per row, padded on the right
   with their last value so a batch of rows stays one tensor.
+- For the RL losses, which need one sequence per row, a packed microbatch also carries `seq_index`
+  [R, K, L]: for slot k of packed row r (its k-th sequence, K slots per row), the whole-row position of
+  each of the sequence's L tokens (-1 past its end or for an empty slot). `to_sequences` is the
+  differentiable gather it drives, [R, S] -> [R*K, L]; per-sequence side data rides in slot layout
+  [R, K, ...] so it is sliced by packed row like every other key (pipeline microbatches are row slices).
 """
 
 from __future__ import annotations
@@ -31,25 +36,29 @@ class PackedRow:
     used: int = 0  # padded tokens placed so far
 
 
-def pack(lengths: list[int], packed_sequence_size: int, multiple: int = 1) -> list[PackedRow]:
-    """First-fit-decreasing assignment of sequences (by padded length) to rows."""
+def pack(lengths: list[int], packed_sequence_size: int, multiple: int = 1, group: int = 1) -> list[PackedRow]:
+    """First-fit-decreasing assignment of sequences (by padded length) to rows. `group` > 1 keeps every run
+    of `group` consecutive sequences (a DPO pair: group=2) together, in order, in one row."""
     if packed_sequence_size % multiple:
         raise UserInputError(
             f"data.packed_sequence_size={packed_sequence_size} must be a multiple of {multiple} "
             "(2 * parallel.cp, times parallel.tp with sequence parallelism)")
     padded = [round_up(n, multiple) for n in lengths]
+    units = [sum(padded[u:u + group]) for u in range(0, len(lengths), group)]
     rows: list[PackedRow] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-padded[i], i)):
-        if padded[i] > packed_sequence_size:
+    for u in sorted(range(len(units)), key=lambda u: (-units[u], u)):
+        if units[u] > packed_sequence_size:
+            what = (f"a sequence of {lengths[u]} tokens" if group == 1 else
+                    f"{group} sequences kept in one row (e.g. a DPO pair) of {lengths[u * group:(u + 1) * group]} tokens")
             raise UserInputError(
-                f"a sequence of {lengths[i]} tokens (padded to {padded[i]}) does not fit in a packed row of "
-                f"data.packed_sequence_size={packed_sequence_size}; raise data.packed_sequence_size or lower data.max_seq_len")
-        row = next((r for r in rows if r.used + padded[i] <= packed_sequence_size), None)
+                f"{what} (padded to {units[u]}) does not fit in a packed row of data.packed_sequence_size="
+                f"{packed_sequence_size}; raise data.packed_sequence_size or lower data.max_seq_len")
+        row = next((r for r in rows if r.used + units[u] <= packed_sequence_size), None)
         if row is None:
             row = PackedRow()
             rows.append(row)
-        row.sequences.append(i)
-        row.used += padded[i]
+        row.sequences.extend(range(u * group, min((u + 1) * group, len(lengths))))
+        row.used += units[u]
     return rows
 
 
@@ -87,3 +96,55 @@ def collate_packed(rows: list[dict], plan: list[PackedRow], packed_sequence_size
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["loss_mask"] = (batch["labels"] != IGNORE_INDEX).float()
     return batch
+
+
+# ---------------------------------------------------------------- one sequence per row (RL losses)
+
+
+def sequence_index(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> torch.Tensor:
+    """[R, K, L] whole-row positions of every sequence's tokens (K: most sequences in a row, L: longest
+    sequence), -1 past a sequence's end and in empty slots (rows with fewer sequences)."""
+    lengths = (cu_seqlens[:, 1:] - cu_seqlens[:, :-1]).long()  # true lengths; 0 for the padding segments
+    K = max(1, int((lengths > 0).sum(1).max()))
+    L = max(1, int(lengths.max()))
+    offsets = torch.arange(L, device=cu_seqlens.device)
+    positions = cu_seqlens_padded[:, :K, None].long() + offsets
+    return torch.where(offsets < lengths[:, :K, None], positions, -1)
+
+
+def to_sequences(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Whole packed rows [R, S] -> one row per sequence slot [R*K, L] (0 off the sequence); differentiable."""
+    R, K, L = index.shape
+    index = index.to(values.device).reshape(R, K * L)
+    picked = values.gather(1, index.clamp(min=0))
+    return torch.where(index >= 0, picked, torch.zeros_like(picked)).reshape(R * K, L)
+
+
+ROW_LAYOUT_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "cu_seqlens", "cu_seqlens_padded", "seq_index")
+
+
+def per_sequence(mb: dict) -> dict:
+    """A packed microbatch (`loss_mask` in whole rows) as one sequence per row: `loss_mask` gathered to
+    [R*K, L], and every side key in slot layout [R, K, ...] flattened to [R*K, ...]; the row layout's own
+    keys stay as they are."""
+    index = mb["seq_index"]
+    slots = tuple(index.shape[:2])
+    out = {k: (v.flatten(0, 1) if k not in ROW_LAYOUT_KEYS and v.ndim >= 2 and tuple(v.shape[:2]) == slots else v)
+           for k, v in mb.items()}
+    out["loss_mask"] = to_sequences(mb["loss_mask"], index)
+    return out
+
+
+def pack_microbatches(rows: list[dict], packed_sequence_size: int, multiple: int, micro_rows: int, pad_id: int,
+                      device: torch.device | str = "cpu", group: int = 1) -> list[tuple[dict, list[list[int]]]]:
+    """Pack `rows` (runs of `group` kept in one row) and cut the packed rows into microbatches of
+    `micro_rows`, each with its `seq_index`; beside each, its rows' sequences (indices into `rows`) in slot
+    order, for side data in slot layout."""
+    plan = pack([len(r["input_ids"]) for r in rows], packed_sequence_size, multiple, group)
+    out = []
+    for start in range(0, len(plan), micro_rows):
+        part = plan[start:start + micro_rows]
+        mb = collate_packed(rows, part, packed_sequence_size, multiple, pad_id, device=device)
+        mb["seq_index"] = sequence_index(mb["cu_seqlens"], mb["cu_seqlens_padded"])
+        out.append((mb, [r.sequences for r in part]))
+    return out

@@ -1,11 +1,12 @@
-"""DPO end to end: preference data (synthetic, local jsonl in text and chat form), pair-aware config checks,
-and a short `automodel-mimo dpo` run under dp2 that writes the metric rows."""
+"""DPO end to end: preference data (synthetic, local jsonl in text and chat form), pair-aware config checks
+(packing accepted), and a short `automodel-mimo dpo` run under dp2 that writes the metric rows, repeated packed
+under cp2 with the same steps."""
 
 import json
 
 import pytest
 
-from automodel_mimo.config import RunConfig
+from automodel_mimo.config import RunConfig, load_config
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.models.tokenizer import build_default_tokenizer
 from tests.unit.cli_runner import TINY, metrics, run_cli
@@ -65,7 +66,8 @@ def test_local_jsonl_text_and_chat_pairs(tmp_path):
     ("train.micro_batch_size=1 train.global_batch_size=8", "train.micro_batch_size=1 counts sequences and DPO needs whole"),
     ("parallel.pp=2 train.micro_batch_size=4 parallel.pp_microbatch_size=1",
      "parallel.pp_microbatch_size=1: a pipeline microbatch must hold whole (chosen, rejected) pairs"),
-    ("data.packing=true", "data.packing=true is not supported by dpo"),
+    ("data.packing=true data.max_seq_len=64 data.packed_sequence_size=96",
+     "data.packed_sequence_size=96 cannot hold a (chosen, rejected) pair of data.max_seq_len=64 tokens each"),
     ("dpo.beta=0", "dpo.beta=0.0: must be > 0"),
     ("dpo.reference=/nonexistent/model", "dpo.reference=/nonexistent/model: use 'initial' or the path"),
 ])
@@ -74,11 +76,28 @@ def test_dpo_config_errors(tmp_path, override, expected):
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_short_dpo_run_writes_metric_rows(tmp_path):
-    r = run_cli("dpo", *TINY, f"output_dir={tmp_path}", "launch.nproc=2", "train.max_steps=3", "eval.every_steps=3",
-                "data.num_eval=6", "dpo.warmup_sft_steps=2", "checkpoint.export_hf=false", timeout=240)
+def test_packing_is_accepted_and_micro_batches_count_packed_rows():
+    """With data.packing, pairs are packed whole into rows: an odd number of rows per (pipeline) micro batch is fine."""
+    cfg = load_config("dpo", None, ["data.packing=true", "data.max_seq_len=64", "data.packed_sequence_size=128",
+                                    "launch.nproc=2", "parallel.pp=2", "train.micro_batch_size=3",
+                                    "parallel.pp_microbatch_size=1", "train.global_batch_size=6"])
+    assert cfg.data.packing and cfg.train.micro_batch_size == 3
+
+
+SHORT_RUN = [*TINY, "launch.nproc=2", "train.max_steps=3", "eval.every_steps=3", "data.num_eval=6", "dpo.warmup_sft_steps=2",
+             "checkpoint.export_hf=false"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_dp2")
+    r = run_cli("dpo", *SHORT_RUN, f"output_dir={out}", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = metrics(tmp_path)
+    return out
+
+
+def test_short_dpo_run_writes_metric_rows(short_run):
+    rows = metrics(short_run)
     train = [row for row in rows if "loss" in row]
     assert [row["step"] for row in train] == [1, 2, 3]
     for row in train:
@@ -92,6 +111,26 @@ def test_short_dpo_run_writes_metric_rows(tmp_path):
     evals = [row for row in rows if "eval/preference_accuracy" in row]
     assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["eval/num_pairs"] == 6
     assert 0 <= evals[0]["eval/preference_accuracy"] <= 1
+
+
+def test_packed_cp2_run_matches_the_padded_dp2_run(short_run, tmp_path):
+    """data.packing (pairs packed whole into rows of 256 tokens, one row per micro batch) under cp2: the same
+    steps as the padded dp2 run (the warm-up and eval stay padded; they differ by rounding only)."""
+    r = run_cli("dpo", *SHORT_RUN, f"output_dir={tmp_path}", "data.packing=true", "data.packed_sequence_size=256",
+                "train.micro_batch_size=1", "parallel.dp=1", "parallel.cp=2", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, ref = metrics(tmp_path), metrics(short_run)
+    assert [row["step"] for row in got] == [row["step"] for row in ref] == [1, 2, 3, 3]
+    for a, b in zip(got, ref):
+        for key in ("loss", "sft_loss", "grad_norm", "eval/loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        for key in ("pairs", "preference_accuracy", "eval/preference_accuracy", "eval/num_pairs"):
+            if key in b:
+                assert a[key] == b[key], (a["step"], key)
+        for key in ("reward_margin", "chosen_reward", "eval/reward_margin"):  # differences of nearby sums
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
 def test_reference_from_an_hf_directory(tmp_path):

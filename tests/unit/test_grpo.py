@@ -1,8 +1,8 @@
 """GRPO end to end through `automodel-mimo grpo` (2 gloo ranks, tiny models): the first step's importance
 ratio is 1 and the trainer's logprobs match the generator's (fp32, vllm and hf backends); the metric rows;
 a disaggregated generator (Ray actor, refit by broadcast) under the Ray launcher gives the same step as the
-colocated one under the local launcher (loss, grad norm, post-step weights); cp2 and pp2 trainers (hf generator,
-refit from both pipeline stages) give the dp2 run's first step; a resumed run continues exactly; config errors
+colocated one under the local launcher (loss, grad norm, post-step weights); cp2 (with packing) and pp2 trainers
+(hf generator, refit from both pipeline stages) give the dp2 run's first step; a resumed run continues exactly; config errors
 before spawn."""
 
 from __future__ import annotations
@@ -113,16 +113,19 @@ def test_hf_first_step_parity(hf_runs):
 
 
 HF_T07 = ["generation.backend=hf", "generation.temperature=0.7"]
+PACKED_CP2 = ["parallel.cp=2", "train.max_steps=2", "data.packing=true", "data.packed_sequence_size=48",
+              "train.micro_batch_size=2"]
 PP2 = ["parallel.pp=2", "parallel.pp_microbatch_size=2", "train.max_steps=4", "checkpoint.every_steps=2",
        "eval.every_steps=2"]
 
 
 @pytest.fixture(scope="module")
 def cp_pp_runs(tmp_path_factory):
-    """hf_runs' colocated run (dp2) as cp2 (2 steps) and as pp2 (2 pipeline microbatches per schedule step; 4
-    steps with checkpoints and eval every 2, for the resume test)."""
+    """hf_runs' colocated run (dp2) as cp2 with data.packing (rollouts packed into rows of 48 tokens, 2 rows per
+    micro batch; 2 steps) and as pp2 (2 pipeline microbatches per schedule step; 4 steps with checkpoints and
+    eval every 2, for the resume test)."""
     outs = {}
-    for name, layout in (("cp2", ["parallel.cp=2", "train.max_steps=2"]), ("pp2", PP2)):
+    for name, layout in (("cp2", PACKED_CP2), ("pp2", PP2)):
         out = tmp_path_factory.mktemp(f"hf_{name}")
         r = run_cli("grpo", *RUN, f"output_dir={out}", *HF_T07, *layout, env=ENV, timeout=300)
         assert r.returncode == 0, f"{name}:\n{r.stderr[-4000:]}"
@@ -197,7 +200,8 @@ def test_ray_disaggregated_step_equals_colocated(hf_runs):
     ("generation.colocated=false", "generation.colocated=false runs the generator as a Ray actor: set launch.backend=ray"),
     ("generation.max_model_len=4", "generation.max_model_len=4 must exceed generation.max_new_tokens=4"),
     ("generation.gpu_memory_utilization=2", "generation.gpu_memory_utilization=2.0: must be in (0, 1]"),
-    ("data.packing=true", "data.packing=true is not supported by grpo"),
+    ("data.packing=true data.max_seq_len=32 data.packed_sequence_size=32",
+     "data.packed_sequence_size=32 cannot hold a rollout of data.max_seq_len + generation.max_new_tokens = 32+4"),
     ("parallel.pp=2 parallel.pp_microbatch_size=4", "train.micro_batch_size / parallel.pp_microbatch_size = 1 pipeline "
                                                     "microbatches, fewer than parallel.pp=2 stages"),
 ])
@@ -205,6 +209,12 @@ def test_grpo_config_errors(override, expected):
     with pytest.raises(UserInputError) as err:
         load_config("grpo", None, [*RUN, "generation.backend=hf", *override.split()])
     assert expected in str(err.value)
+
+
+def test_packing_is_accepted():
+    cfg = load_config("grpo", None, [*RUN, "generation.backend=hf", "data.packing=true", "data.max_seq_len=32",
+                                     "data.packed_sequence_size=40", "parallel.cp=2", "launch.nproc=2"])
+    assert cfg.data.packing and cfg.parallel.cp == 2
 
 
 def test_config_error_through_the_cli_is_one_line(tmp_path):

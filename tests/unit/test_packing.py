@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import automodel_mimo.models.packed_attention as packed_attention
 from automodel_mimo.data.batching import collate
-from automodel_mimo.data.packing import collate_packed, pack
+from automodel_mimo.data.packing import collate_packed, pack, per_sequence, sequence_index, to_sequences
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX, token_logprobs
 from tests.unit.oracle import assert_tensors_close, full_grads, random_rows, rel_err, tiny_llama_config
@@ -17,6 +17,35 @@ def test_first_fit_decreasing_with_padding_to_a_multiple():
     # padded lengths 8, 12, 4, 8, 4 -> decreasing: 12 | 8 + 4 | 8 + 4
     assert [r.sequences for r in plan] == [[1], [0, 2], [3, 4]]
     assert all(r.used <= 12 for r in plan)
+
+
+def test_groups_stay_whole_and_in_order():
+    # pairs (0, 1), (2, 3), (4, 5) padded to 4: units 8, 12, 12 -> decreasing: 12 | 12 | 8 (16 holds one unit)
+    plan = pack([3, 4, 8, 2, 1, 5], packed_sequence_size=16, multiple=4, group=2)
+    assert [r.sequences for r in plan] == [[2, 3], [4, 5], [0, 1]]
+    assert [r.sequences for r in pack([3, 4, 8, 2, 1, 5], 24, 4, group=2)] == [[2, 3, 4, 5], [0, 1]]
+    with pytest.raises(UserInputError, match=r"2 sequences kept in one row \(e.g. a DPO pair\) of \[8, 2\] tokens"):
+        pack([3, 4, 8, 2], packed_sequence_size=8, multiple=4, group=2)
+
+
+def test_sequence_slots_of_packed_rows():
+    """seq_index maps each sequence slot to its whole-row positions; to_sequences gathers them (and routes
+    gradients back); per_sequence flattens slot-layout side data and leaves the row layout alone."""
+    rows = [{"input_ids": [1] * n, "labels": [2] * n} for n in (3, 2, 5)]
+    plan = pack([3, 2, 5], 8, 2)  # padded 4, 2, 6 -> rows [2, 1] and [0]
+    b = collate_packed(rows, plan, 8, 2, pad_id=0)
+    index = sequence_index(b["cu_seqlens"], b["cu_seqlens_padded"])
+    assert index.tolist() == [[[0, 1, 2, 3, 4], [6, 7, -1, -1, -1]],
+                              [[0, 1, 2, -1, -1], [-1, -1, -1, -1, -1]]]
+    values = torch.arange(16.0).view(2, 8).requires_grad_()
+    seqs = to_sequences(values, index)
+    assert seqs.tolist() == [[0, 1, 2, 3, 4], [6, 7, 0, 0, 0], [8, 9, 10, 0, 0], [0, 0, 0, 0, 0]]
+    seqs.sum().backward()
+    assert values.grad.tolist() == [[1, 1, 1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0]]
+    mb = {**b, "seq_index": index, "advantages": torch.tensor([[1.0, 2.0], [3.0, 0.0]]), "row_ids": torch.arange(2)}
+    view = per_sequence(mb)
+    assert view["advantages"].tolist() == [1, 2, 3, 0] and view["loss_mask"].shape == (4, 5)
+    assert view["input_ids"].shape == (2, 8) and view["row_ids"].tolist() == [0, 1]
 
 
 def test_layout_of_a_packed_row():

@@ -2,12 +2,17 @@
 and 1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
 weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap. The GRPO
 step as run_grpo wires it (grpo.to_microbatches from rollout rows, old / reference logprobs at the sampling
-temperature, clipped PG with the generator's logprobs) is checked the same way."""
+temperature, clipped PG with the generator's logprobs) is checked the same way. So are the DPO and GRPO steps
+with data.packing (sequences packed into rows, a DPO pair whole in one row; the losses see one sequence per
+row), against the same padded single-process reference, GRPO also with GSPO sequence-level normalization."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from automodel_mimo.config import DPOConfig, ModelConfig, ParallelConfig, RunConfig
+from automodel_mimo.algorithms import dpo, grpo
+from automodel_mimo.config import DataConfig, DPOConfig, ModelConfig, ParallelConfig, RunConfig
 from automodel_mimo.data.batching import collate, local_slice, split_microbatches
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.losses import IGNORE_INDEX
@@ -28,6 +33,8 @@ PG = {
     "gspo-seq": PGLossConfig(eps_low=0.005, eps_high=0.01, gspo=True, sequence_level=True, kl_beta=0.1, kl_type="k1"),
 }
 GRPO = PGLossConfig(eps_low=0.2, eps_high=0.2, kl_beta=0.1, kl_type="k3", truncated_is_cap=1.02)
+GRPO_SEQ = PGLossConfig(eps_low=0.2, eps_high=0.2, gspo=True, sequence_level=True, kl_beta=0.1, kl_type="k1")
+PACKED_SIZE = 64  # the 8 rows (6-20 tokens) pack 1-4 to a row: DPO 1-2 pairs a row, GRPO 1-4 sequences
 TEMPERATURE = 0.7
 
 
@@ -81,28 +88,34 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
 
     cp = parallel.cp
 
-    def fresh():
-        handle = build_handle(cfg, _model(packed=cp > 1), state, pad_id=0)
+    def fresh(packed: bool = False):
+        handle = build_handle(cfg, _model(packed=packed or cp > 1), state, pad_id=0)
         return handle, LMPolicy(handle, state, cfg.train)
 
     def microbatches():  # under cp: padded rows as single segments, this rank's dual-chunk shard
         mbs = [collate(mb, 0) for mb in split_microbatches(local, micro)]
         return [shard_batch(as_single_segments(mb, cp, 0), cp, state.cp_rank) for mb in mbs] if cp > 1 else mbs
 
-    def perturbed():  # the reference is the initial model; scaled training weights make rewards non-zero
-        handle, policy = fresh()
+    def perturbed(packed: bool = False):  # the reference is the initial model; scaled weights make rewards non-zero
+        handle, policy = fresh(packed)
         policy.init_reference()
         handle.reshard()  # in-place writes must reach the shards the next forward gathers
         with torch.no_grad():
             for p in handle.parameters():
                 p.mul_(1.05)
-        return handle, policy, microbatches()
+        return handle, policy
 
-    handle, policy, mbs = perturbed()  # the whole step: reference pass, loss, SGD
-    metrics = dpo_train_step(policy, mbs, DPO)
+    def finished(handle, policy, metrics: dict) -> dict:  # gradients, then the SGD step
+        grads = full_grads(handle.named_parameters())
+        metrics.update(policy.optimizer_step())
+        return {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
+
+    handle, policy = perturbed()  # the whole step: reference pass, loss, SGD
+    metrics = dpo_train_step(policy, microbatches(), DPO)
     results["dpo"] = {"loss": metrics["loss"], "accuracy": metrics["preference_accuracy"],
                       "params": full_params(handle.named_parameters())}
-    handle, policy, mbs = perturbed()  # the same step stopped before the optimizer, for the gradients
+    handle, policy = perturbed()  # the same step stopped before the optimizer, for the gradients
+    mbs = microbatches()
     attach_reference(policy, mbs)
     policy.forward_backward(mbs, dpo_loss_fn(DPO, policy.global_counts(mbs)))
     results["dpo"]["grads"] = full_grads(handle.named_parameters())
@@ -116,18 +129,33 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
             mb.update(_pg_inputs_rows(lp, start, n))
             start += n
         metrics = policy.forward_backward(mbs, _pg_loss_fn(pg_cfg, policy.global_counts(mbs)))
-        grads = full_grads(handle.named_parameters())
-        metrics.update(policy.optimizer_step())
-        results[name] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
+        results[name] = finished(handle, policy, metrics)
 
-    handle, policy, _ = perturbed()  # GRPO: the reference is the initial model, the policy has moved
+    handle, policy = perturbed()  # GRPO: the reference is the initial model, the policy has moved
     rollout, advantages = _rollout_rows(rows)
-    mbs = to_microbatches(local_slice(rollout, state.dp_rank, parallel.dp), advantages[mine], micro, 0, state)
-    metrics = grpo_forward_backward(policy, mbs, GRPO, TEMPERATURE)
-    grads = full_grads(handle.named_parameters())
-    metrics.update(policy.optimizer_step())
-    results["grpo"] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}
+    rollout, advantages = local_slice(rollout, state.dp_rank, parallel.dp), advantages[mine]
+    mbs = to_microbatches(rollout, advantages, micro, 0, state)
+    results["grpo"] = finished(handle, policy, grpo_forward_backward(policy, mbs, GRPO, TEMPERATURE))
+
+    # data.packing: the same steps on packed rows (micro counts packed rows), through the algorithms' packing
+    packed_cfg = dataclasses.replace(cfg, data=DataConfig(packing=True, packed_sequence_size=PACKED_SIZE))
+    handle, policy = perturbed(packed=True)  # dpo_train_step, with the gradients read before the optimizer
+    mbs = dpo.packed_microbatches(packed_cfg, local, state, 0)
+    results["dpo_row_sequences"] = _row_sequences(mbs)
+    attach_reference(policy, mbs)
+    metrics = policy.forward_backward(mbs, dpo_loss_fn(DPO, policy.global_counts(mbs)))
+    results["packed-dpo"] = finished(handle, policy, {**metrics, "accuracy": metrics["preference_accuracy"]})
+    for name, pg_cfg in (("packed-grpo", GRPO), ("packed-grpo-seq", GRPO_SEQ)):
+        handle, policy = perturbed(packed=True)
+        mbs = grpo.rollout_microbatches(packed_cfg, rollout, advantages, 0, state)
+        results["grpo_row_sequences"] = _row_sequences(mbs)
+        results[name] = finished(handle, policy, grpo_forward_backward(policy, mbs, pg_cfg, TEMPERATURE))
     return results
+
+
+def _row_sequences(microbatches: list[dict]) -> list[int]:
+    """How many sequences each packed row holds."""
+    return [int(n) for mb in microbatches for n in (mb["seq_index"][:, :, 0] >= 0).sum(1)]
 
 
 def _pg_inputs_rows(lp: torch.Tensor, start: int, n: int) -> dict:
@@ -185,11 +213,15 @@ def _reference(rows: list[dict]) -> dict:
     gen = torch.zeros_like(mask)
     for i, r in enumerate(rollout):
         gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
-    lp = logprobs(model, TEMPERATURE)
-    loss, m = clipped_pg_loss(lp, lp.detach(), advantages, mask, GRPO, global_valid_tokens=mask.sum(),
-                              global_valid_seqs=(tokens > 0).sum(), ref_logprobs=ref_lp, gen_logprobs=gen)
-    m["entropy"] = -(lp.detach() * mask).sum() / mask.sum()
-    out["grpo"] = finish(model, loss, {k: float(v) for k, v in m.items()})
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, pg_cfg in (("grpo", GRPO), ("grpo-seq", GRPO_SEQ)):
+        model.load_state_dict(moved)
+        model.zero_grad(set_to_none=True)
+        lp = logprobs(model, TEMPERATURE)
+        loss, m = clipped_pg_loss(lp, lp.detach(), advantages, mask, pg_cfg, global_valid_tokens=mask.sum(),
+                                  global_valid_seqs=(tokens > 0).sum(), ref_logprobs=ref_lp, gen_logprobs=gen)
+        m["entropy"] = -(lp.detach() * mask).sum() / mask.sum()
+        out[name] = finish(model, loss, {k: float(v) for k, v in m.items()})
     return out
 
 
@@ -207,24 +239,33 @@ def test_rl_losses_match_single_process(reference, parallel, micro):
     rows, ref = reference
     world = parallel["dp"] * parallel.get("cp", 1) * parallel.get("pp", 1)
     got = run_ranks(_layout, world, parallel, micro, rows)
-    for name, r in ref.items():  # pipeline stages each hold part of the parameters: merge over ranks
+    checked = {name: name for name in ("dpo", *PG, "grpo")}  # each run's result -> its single-process reference
+    checked.update({"packed-dpo": "dpo", "packed-grpo": "grpo", "packed-grpo-seq": "grpo-seq"})
+    for name, ref_name in checked.items():  # pipeline stages each hold part of the parameters: merge over ranks
         grads, params = {}, {}
         for rank in got:
             grads.update(rank[name]["grads"])
             params.update(rank[name]["params"])
-        assert_tensors_close(grads, r["grads"], f"{name} gradients")
-        assert_tensors_close(params, r["params"], f"{name} post-step weights (SGD)")
+        assert_tensors_close(grads, ref[ref_name]["grads"], f"{name} gradients")
+        assert_tensors_close(params, ref[ref_name]["params"], f"{name} post-step weights (SGD)")
     for rank in got:
-        for name, r in ref.items():
-            g = rank[name]
+        for name, ref_name in checked.items():
+            g, r = rank[name], ref[ref_name]
             assert abs(g["loss"] - r["loss"]) <= TOL * abs(r["loss"]), (name, g["loss"], r["loss"])
-        assert abs(rank["dpo"]["accuracy"] - ref["dpo"]["accuracy"]) < 1e-9
+        for name in ("dpo", "packed-dpo"):
+            assert abs(rank[name]["accuracy"] - ref["dpo"]["accuracy"]) < 1e-9, name
         for name in PG:  # the globally reduced metrics equal the whole-batch ones, min/max included
             for key in ("kl", "clip_fraction", "ratio_min", "ratio_max", "gen_kl_error", "pg_loss"):
                 assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[name][key])) < TOL, (name, key)
-        for key in ("kl", "gen_kl_error", "token_mult_prob_error", "pg_loss", "entropy"):
-            assert rel_err(torch.tensor(rank["grpo"][key]), torch.tensor(ref["grpo"][key])) < TOL, ("grpo", key)
-        assert abs(rank["grpo"]["ratio_min"] - 1) < 1e-6 and abs(rank["grpo"]["ratio_max"] - 1) < 1e-6  # on-policy
+        for name, ref_name in (("grpo", "grpo"), ("packed-grpo", "grpo"), ("packed-grpo-seq", "grpo-seq")):
+            for key in ("kl", "gen_kl_error", "token_mult_prob_error", "pg_loss", "entropy", "advantage_mean"):
+                assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[ref_name][key])) < TOL, (name, key)
+            assert abs(rank[name]["ratio_min"] - 1) < 1e-6 and abs(rank[name]["ratio_max"] - 1) < 1e-6  # on-policy
+    # the packed layouts are not trivial: a row holds two pairs, another one; rows of 1 to 3+ rollouts
+    dpo_rows = [n for rank in got for n in rank["dpo_row_sequences"]]
+    grpo_rows = [n for rank in got for n in rank["grpo_row_sequences"]]
+    assert 4 in dpo_rows and 2 in dpo_rows, dpo_rows
+    assert max(grpo_rows) >= 3 and min(grpo_rows) < max(grpo_rows), grpo_rows
     # the options are exercised: some tokens clipped, not all
     for name in PG:
         assert 0 < ref[name]["clip_fraction"] < 1, (name, ref[name]["clip_fraction"])
