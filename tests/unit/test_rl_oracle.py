@@ -1,4 +1,4 @@
-"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2, pp2
+"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2, pp2, tp2
 and 1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
 weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap. The GRPO
 step as run_grpo wires it (grpo.to_microbatches from rollout rows, old / reference logprobs at the sampling
@@ -90,6 +90,9 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
 
     def fresh(packed: bool = False):
         handle = build_handle(cfg, _model(packed=packed or cp > 1), state, pad_id=0)
+        if parallel.tp > 1:  # the TP plan applied: the LM head is vocab-sharded
+            head = dict(handle.named_parameters())["lm_head.weight"]
+            assert any(p.is_shard(0) for p in head.placements), head.placements
         return handle, LMPolicy(handle, state, cfg.train)
 
     def microbatches():  # under cp: padded rows as single segments, this rank's dual-chunk shard
@@ -234,10 +237,11 @@ def reference():
 @pytest.mark.parametrize("parallel,micro", [
     ({"dp": 1}, 2), ({"dp": 2}, 4), ({"dp": 1, "cp": 2}, 4),
     ({"dp": 1, "pp": 2, "pp_microbatch_size": 2}, 4),  # 2 pipeline microbatches of one pair each per schedule step
-], ids=["mb4", "dp2", "cp2", "pp2"])
+    ({"dp": 1, "tp": 2}, 4),  # vocab-sharded logits: token logprobs through the TP-parallel log-softmax
+], ids=["mb4", "dp2", "cp2", "pp2", "tp2"])
 def test_rl_losses_match_single_process(reference, parallel, micro):
     rows, ref = reference
-    world = parallel["dp"] * parallel.get("cp", 1) * parallel.get("pp", 1)
+    world = parallel["dp"] * parallel.get("cp", 1) * parallel.get("pp", 1) * parallel.get("tp", 1)
     got = run_ranks(_layout, world, parallel, micro, rows)
     checked = {name: name for name in ("dpo", *PG, "grpo")}  # each run's result -> its single-process reference
     checked.update({"packed-dpo": "dpo", "packed-grpo": "grpo", "packed-grpo-seq": "grpo-seq"})
