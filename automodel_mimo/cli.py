@@ -49,6 +49,15 @@ def _preflight(cfg) -> None:
         print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
 
 
+def _leave_process_group() -> None:
+    """After the run's last barrier every rank destroys its default group, so that no rank's store client
+    outlives rank 0's store (otherwise a 'recvValue failed' trace at exit on GPUs)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _run_worker(cfg) -> int:
     rank = int(os.environ["RANK"])
     try:
@@ -64,6 +73,7 @@ def _run_worker(cfg) -> int:
             run_mimo_sft_from_config(cfg)
         else:
             {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[cfg.algo](cfg)
+        _leave_process_group()
         return 0
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
         if rank == 0:
