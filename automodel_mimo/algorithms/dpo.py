@@ -8,7 +8,6 @@ DPO train step -> metrics / held-out preference accuracy / checkpoint; at the en
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -16,6 +15,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
+from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import DPOConfig, RunConfig, pad_multiple
@@ -25,7 +25,7 @@ from automodel_mimo.data.preference import load_preference_dataset, pair_rows, t
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.models.build import build_handle, build_hf_config, build_model
+from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.rl_losses import dpo_loss, sequence_logprobs
@@ -119,17 +119,12 @@ def warmup_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, stat
 
 
 def sft_warmup(cfg: RunConfig, handle, state, train: datasets.Dataset, pad_id: int) -> None:
-    """dpo.warmup_sft_steps SFT steps on the chosen responses, with an optimizer of their own (constant
-    dpo.warmup_sft_lr after a short warm-up), so DPO starts from (and, with dpo.reference=initial, is
-    anchored to) a model that already writes answers. Deterministic: a resumed run repeats it."""
+    """dpo.warmup_sft_steps SFT steps on the chosen responses, so DPO starts from (and, with
+    dpo.reference=initial, is anchored to) a model that already writes answers. Deterministic: a resumed
+    run repeats it."""
     d = cfg.dpo
-    sft_cfg = dataclasses.replace(cfg.train, lr=d.warmup_sft_lr, min_lr=0.0, max_steps=d.warmup_sft_steps,
-                                  warmup_steps=min(20, d.warmup_sft_steps), lr_decay="constant")
-    warm = LMPolicy(handle, state, sft_cfg)
-    for step in range(d.warmup_sft_steps):
-        metrics = warm.sft_train_step(warmup_microbatches(cfg, train, step, state, pad_id))
-        if state.is_rank0 and (step + 1) % 50 == 0:
-            print(f"[dpo] sft warm-up step {step + 1}/{d.warmup_sft_steps}: loss {metrics['loss']:.4f}", flush=True)
+    sft.sft_warmup("dpo", handle, state, sft.warmup_train_config(cfg.train, d.warmup_sft_steps, d.warmup_sft_lr),
+                   lambda step: warmup_microbatches(cfg, train, step, state, pad_id))
 
 
 def eval_microbatches(cfg: RunConfig, eval_ds: datasets.Dataset, state, pad_id: int) -> list[dict]:
@@ -181,9 +176,7 @@ def run_dpo(cfg: RunConfig) -> None:
     state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     data = prepare_dpo_data(cfg, tokenizer)
-    hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
-                          state, tokenizer.pad_token_id)
+    handle = build_lm_handle(cfg, tokenizer, state)
     policy = LMPolicy(handle, state, cfg.train)
     pad = tokenizer.pad_token_id
     if cfg.dpo.warmup_sft_steps:

@@ -25,9 +25,9 @@ import torch.distributed as dist
 from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
-from automodel_mimo.config import RunConfig, pad_multiple
+from automodel_mimo.config import RunConfig, pad_multiple, round_up
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
-from automodel_mimo.data.packing import pack_microbatches, round_up
+from automodel_mimo.data.packing import pack_microbatches
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
 from automodel_mimo.errors import UserInputError
@@ -35,7 +35,7 @@ from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.models.build import build_handle, build_hf_config, build_model
+from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
@@ -222,18 +222,13 @@ def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Data
 
 
 def sft_warmup(cfg: RunConfig, policy_state, handle, train: datasets.Dataset, pad_id: int) -> None:
-    """grpo.warmup_sft_steps SFT steps on the task's answers with an optimizer of their own (constant
-    grpo.warmup_sft_lr after a short warm-up): the starting policy, deliberately under-trained in the
-    embedded default so that GRPO has room to improve it. Deterministic."""
+    """grpo.warmup_sft_steps SFT steps on the task's answers: the starting policy, deliberately
+    under-trained in the embedded default so that GRPO has room to improve it. Deterministic."""
     g = cfg.grpo
-    train_cfg = dataclasses.replace(cfg.train, lr=g.warmup_sft_lr, min_lr=0.0, max_steps=g.warmup_sft_steps,
-                                    warmup_steps=min(20, g.warmup_sft_steps), lr_decay="constant")
-    warm = LMPolicy(handle, policy_state, train_cfg)
-    warm_cfg = dataclasses.replace(cfg, train=train_cfg, seed=cfg.seed + 1)
-    for step in range(g.warmup_sft_steps):
-        metrics = warm.sft_train_step(sft.step_microbatches(warm_cfg, train, step, policy_state, pad_id))
-        if policy_state.is_rank0 and (step + 1) % 50 == 0:
-            print(f"[grpo] sft warm-up step {step + 1}/{g.warmup_sft_steps}: loss {metrics['loss']:.4f}", flush=True)
+    warm_cfg = dataclasses.replace(cfg, train=sft.warmup_train_config(cfg.train, g.warmup_sft_steps, g.warmup_sft_lr),
+                                   seed=cfg.seed + 1)
+    sft.sft_warmup("grpo", handle, policy_state, warm_cfg.train,
+                   lambda step: sft.step_microbatches(warm_cfg, train, step, policy_state, pad_id))
 
 
 def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[list[list[int]], list[str]]:
@@ -251,9 +246,7 @@ def run_grpo(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     pad = tokenizer.pad_token_id
     data = sft.prepare_sft_data(cfg, tokenizer)
-    hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
-                          state, pad)
+    handle = build_lm_handle(cfg, tokenizer, state)
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     began = time.perf_counter()
@@ -296,10 +289,11 @@ def run_grpo(cfg: RunConfig) -> None:
         t_gen = time.perf_counter() - t0
         rewards = rewards_of(samples, references, tokenizer)
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
+        rows = sample_rows(prompts, samples)
         if cfg.data.packing:
-            check_packable(cfg, sample_rows(prompts, samples))
+            check_packable(cfg, rows)
         mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
-        rows = sample_rows(prompts, [samples[j] for j in mine])
+        rows = [rows[j] for j in mine]
         microbatches = rollout_microbatches(cfg, rows, advantages[mine], pad, state)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()

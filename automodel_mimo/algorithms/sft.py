@@ -6,8 +6,10 @@ data (seed, step) -> global batch -> this DP rank's block -> microbatches -> pol
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import datasets
 import torch
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import RunConfig, pad_multiple
+from automodel_mimo.config import RunConfig, TrainConfig, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
 from automodel_mimo.data.packing import collate_packed, pack
 from automodel_mimo.data.sources import load_sft_dataset
@@ -24,7 +26,7 @@ from automodel_mimo.data.tokenize import tokenize_dataset
 from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.models.build import build_handle, build_hf_config, build_model
+from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from policies.lm_policy import LMPolicy
@@ -69,6 +71,22 @@ def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) ->
     return [split_rows(batch, i, i + micro) for i in range(0, n_rows, micro)]
 
 
+def warmup_train_config(train: TrainConfig, steps: int, lr: float) -> TrainConfig:
+    """The RL algorithms' SFT warm-up schedule: `steps` steps at a constant `lr` after a short warm-up."""
+    return dataclasses.replace(train, lr=lr, min_lr=0.0, max_steps=steps, warmup_steps=min(20, steps),
+                               lr_decay="constant")
+
+
+def sft_warmup(tag: str, handle, state, train: TrainConfig, microbatches: Callable[[int], list[dict]]) -> None:
+    """train.max_steps SFT steps on `microbatches(step)` with an optimizer of their own (schedule:
+    `warmup_train_config`): the starting policy of DPO and GRPO. Deterministic."""
+    warm = LMPolicy(handle, state, train)
+    for step in range(train.max_steps):
+        metrics = warm.sft_train_step(microbatches(step))
+        if state.is_rank0 and (step + 1) % 50 == 0:
+            print(f"[{tag}] sft warm-up step {step + 1}/{train.max_steps}: loss {metrics['loss']:.4f}", flush=True)
+
+
 def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Dataset, tokenizer) -> dict:
     """Exact-match accuracy of greedy answers on the held-out split, prompts spread over DP ranks."""
     n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
@@ -95,9 +113,7 @@ def run_sft(cfg: RunConfig) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     pad = tokenizer.pad_token_id
     data = prepare_sft_data(cfg, tokenizer)
-    hf_config = build_hf_config(cfg.model, tokenizer)
-    handle = build_handle(cfg, build_model(cfg.model, hf_config, cfg.seed, packed=cfg.data.packing or cfg.parallel.cp > 1),
-                          state, pad)
+    handle = build_lm_handle(cfg, tokenizer, state)
     policy = LMPolicy(handle, state, cfg.train)
     ckpt, start = resume(cfg, handle, policy.optimizer)
     n_params = _count_parameters(handle, device)

@@ -88,6 +88,14 @@ def _single_rank_compute_dtype(model: nn.Module, state: ParallelState) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def build_lm_handle(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, state: ParallelState) -> ModelHandle:
+    """The run's causal LM behind its handle; built for packed attention when batches are packed rows
+    (data.packing) or context-parallel shards (parallel.cp > 1)."""
+    model = build_model(cfg.model, build_hf_config(cfg.model, tokenizer), cfg.seed,
+                        packed=cfg.data.packing or cfg.parallel.cp > 1)
+    return build_handle(cfg, model, state, tokenizer.pad_token_id)
+
+
 def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id: int) -> ModelHandle:
     """The model behind a ModelHandle: one parallelized module, or AutoPipeline stages (parallel.pp > 1)."""
     p = cfg.parallel
