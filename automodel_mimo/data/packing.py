@@ -22,12 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from automodel_mimo.config import round_up
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass

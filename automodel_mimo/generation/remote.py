@@ -89,7 +89,7 @@ class RemoteGenerator(Generator):
     def _connect(self, sources: list[int]) -> None:
         import ray
 
-        from automodel_mimo.generation.vllm_backend import free_port
+        from automodel_mimo.launch.local import free_port
 
         host, backend = ray.util.get_node_ip_address(), _group_backend()
         port = free_port()

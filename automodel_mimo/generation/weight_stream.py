@@ -161,17 +161,6 @@ def verified(plan: StreamPlan, received: Iterable[tuple[Bucket, torch.Tensor | l
                                    f"(counts {[arrived[b.index] for b in wrong]}); entries affected: {lost}")
 
 
-def in_process(plan: StreamPlan, params: dict[str, torch.Tensor],
-               device: torch.device | None = None) -> Iterator[tuple[Bucket, torch.Tensor]]:
-    """Colocated transport: the generator reads the source's packed buffers directly. Every trainer
-    rank must drive `packed_buckets` in step; this generator is the source rank's view of it."""
-    for bucket, buf in packed_buckets(plan, params, device):
-        if buf is None:
-            raise StreamIntegrityError(f"in-process refit: bucket {bucket.index} has source rank {bucket.source}, "
-                                       f"not this rank; use the broadcast transport for pipeline stages")
-        yield bucket, buf
-
-
 def broadcast_received(plan: StreamPlan, transport: BroadcastTransport,
                        device: torch.device) -> Iterator[tuple[Bucket, torch.Tensor]]:
     """Generator side of a broadcast refit: two receive buffers, the next bucket's receive posted before
@@ -257,5 +246,5 @@ class WeightStream:
         if self.transport is not None:
             send_weights(self.plan, self.params, self.transport, self.device)
             return
-        for _ in packed_buckets(self.plan, self.params, self.device):
+        for _ in gathered_buckets(self.plan, self.params):
             pass

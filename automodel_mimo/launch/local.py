@@ -51,13 +51,14 @@ def launch_local(
 def _shared_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
     # TORCHELASTIC_* would make torch believe an elastic agent is managing these ranks.
     base = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     base.update(extra)
     base.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     return base
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (best effort: another process may take it before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -14,7 +14,6 @@ from automodel_mimo.generation.manifest import Manifest, ManifestMismatchError
 from automodel_mimo.generation.weight_stream import (
     WeightStream,
     build_stream_plan,
-    in_process,
     local_parameters,
     verified,
 )
@@ -71,7 +70,7 @@ def test_corrupted_missing_and_repeated_buckets_are_caught():
     assert len(plan.buckets) >= 3
 
     def consume(tamper):
-        for _ in verified(plan, tamper(in_process(plan, params))):
+        for _ in verified(plan, tamper(WeightStream(plan, params).arrivals(packed=True))):
             pass
 
     def corrupt(received):
