@@ -78,7 +78,7 @@ class LMPolicy:
         group = self.state.cp_group if self.state.cp_size > 1 else None
 
         def on_logits(logits: torch.Tensor, mb: dict):
-            lp = token_logprobs(logits if temperature == 1.0 else logits / temperature, mb["labels"])
+            lp = _scaled_logprobs(logits, mb["labels"], temperature)
             if group is not None:
                 lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group)
                 mb = {**mb, "loss_mask": self.whole_rows(mb["loss_mask"], mb)}
@@ -117,10 +117,7 @@ class LMPolicy:
 
     def sequence_mask(self, mb: dict) -> torch.Tensor:
         """`loss_mask` in the layout `logprobs()` returns: whole rows [B, S], or [R, K, L] sequence slots."""
-        mask = self.whole_rows(mb["loss_mask"], mb)
-        if "seq_index" not in mb:
-            return mask
-        return to_sequences(mask, mb["seq_index"]).view(mb["seq_index"].shape)
+        return _in_slots(self.whole_rows(mb["loss_mask"], mb), mb)
 
     def global_counts(self, microbatches: list[dict]) -> dict:
         """Global denominators over every microbatch of every dp x cp rank (each at least 1): loss-bearing
@@ -163,9 +160,9 @@ class LMPolicy:
         group = self.state.cp_group if self.state.cp_size > 1 else None
 
         def capture(logits: torch.Tensor, mb: dict) -> torch.Tensor:
-            lp = token_logprobs(logits if temperature == 1.0 else logits / temperature, mb["labels"])
+            lp = _scaled_logprobs(logits, mb["labels"], temperature)
             lp = gather_to_original_order(lp, mb["cu_seqlens_padded"], group) if group is not None else lp
-            return to_sequences(lp, mb["seq_index"]).view(mb["seq_index"].shape) if "seq_index" in mb else lp
+            return _in_slots(lp, mb)
 
         def row_shape(mb: dict) -> tuple:
             return tuple(mb["seq_index"].shape[1:]) if "seq_index" in mb else (mb["input_ids"].shape[1] * self.state.cp_size,)
@@ -228,6 +225,18 @@ class LMPolicy:
         self.handle.train()
         tokens = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
         return [_until_stop(t, stop_ids) for t in tokens[: len(prompts)]]
+
+
+def _scaled_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token logprobs of `labels` under logits / temperature (the distribution rollouts were sampled from)."""
+    return token_logprobs(logits if temperature == 1.0 else logits / temperature, labels)
+
+
+def _in_slots(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Whole-row per-token values as a packed microbatch's sequence slots [R, K, L]; unchanged if unpacked."""
+    if "seq_index" not in mb:
+        return values
+    return to_sequences(values, mb["seq_index"]).view(mb["seq_index"].shape)
 
 
 def real_tokens(batch: dict) -> float:
