@@ -509,14 +509,14 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
                      f"mimo.layout.{name}.{dim}={size!r}: must be an integer >= 1")
     specs = [GridSpec.for_module(n, m.layout[n]) for n in (m.encoder_name, LANGUAGE)]
     validate_layout(specs, world, t.global_batch_size)
-    dps = [s.dim_size("dp") for s in specs]
-    per_rank, scale = t.global_batch_size // min(dps), max(dps) // min(dps)
+    enc_dp, lm_dp = (s.dim_size("dp") for s in specs)
+    per_rank = t.global_batch_size // min(enc_dp, lm_dp)
     _require(per_rank % t.micro_batch_size == 0,
              f"train.micro_batch_size={t.micro_batch_size} must divide the {per_rank} rows each rank receives "
-             f"(train.global_batch_size / smallest module dp = {t.global_batch_size} / {min(dps)})")
-    _require(t.micro_batch_size % scale == 0,
-             f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {scale} between the "
-             "modules: each microbatch is split over that many dp slots of the module with more dp ranks")
+             f"(train.global_batch_size / smallest module dp = {t.global_batch_size} / {min(enc_dp, lm_dp)})")
+    _require(lm_dp <= enc_dp or t.micro_batch_size % (lm_dp // enc_dp) == 0,
+             f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {lm_dp // enc_dp} "
+             "between the modules: each microbatch's rows are split over that many dp slots of the language model")
     _require(bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
              "mimo.encoder: set pretrained (a vision tower or CLIP/SigLIP checkpoint) or model_type "
              "(e.g. siglip_vision_model) with its config")

@@ -2,11 +2,14 @@
 
 A vision-heavy MIMO model, random init from configs (no downloads): a ~300M SigLIP-like tower at 1024
 patches per image (448 / 14) + MLP projector, and a ~1B Llama; bf16 compute, fp32 master weights, AdamW.
-Every layout trains the same global batch (rows of one image and a short text each) on the same ranks;
-for each layout in turn: build, warm up, time the median of a few steps, free the memory. Prints one JSON
-object: samples/s per layout and the speedup of the best heterogeneous layout over the best homogeneous one.
+Every layout trains the same global batch (rows of `--images-per-row` images and a short text each) on the
+same ranks; for each layout in turn: build, warm up, time the median of a few steps, free the memory. A
+layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is reported as infeasible, with the reason.
+Prints one JSON object: samples/s per layout and the speedup of the best heterogeneous layout over the best
+feasible homogeneous one.
 
-  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL)
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL): 32 rows x 1 image
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8  # fewer rows than GPUs
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --tiny     # CPU smoke test (gloo)
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --llm 8b   # a Llama-3-8B-shaped LLM instead
 """
@@ -27,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from automodel_mimo.config import TrainConfig
 from automodel_mimo.distributed.mesh import init_distributed
+from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.model import MimoModel, build_vision_module
 from automodel_mimo.quiet import quiet_third_party
 from policies.mimo_policy import MimoPolicy
@@ -37,6 +41,7 @@ LAYOUTS = {
     "hetero_vision_dp4_language_tp4": (True, {"vision": {"dp": 4}, "language": {"tp": 4}}),
     "homo_dp4": (False, {"vision": {"dp": 4}, "language": {"dp": 4}}),
     "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
+    "homo_tp4": (False, {"vision": {"tp": 4}, "language": {"tp": 4}}),
 }
 FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=448, patch_size=14),
@@ -59,12 +64,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
     p.add_argument("--llm", choices=["1b", "8b"], default="1b", help="LLM of the GPU config (~1.2B or 8B Llama)")
+    p.add_argument("--rows", type=int, help="global batch in rows (default: 32; --tiny 16)")
+    p.add_argument("--images-per-row", type=int, default=1)
+    p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
     return p.parse_args()
 
 
 def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The vision module and the LLM on CPU, identical on every rank; each layout parallelizes a deep copy."""
-    llm = AutoModelForCausalLM.from_config(LlamaConfig(**spec["llm"], max_position_embeddings=8192,
+    llm = AutoModelForCausalLM.from_config(LlamaConfig(**spec["llm"], max_position_embeddings=32768,
                                                        tie_word_embeddings=False, pad_token_id=0),
                                            dtype=torch.float32, attn_implementation="sdpa")
     llm.config.use_cache = False
@@ -73,20 +81,33 @@ def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     return vision, llm
 
 
-def microbatches(spec: dict, rows: int, micro: int, tokens_per_image: int, placeholder: int) -> list[dict]:
-    """`rows` rows of one image + text each, split into microbatches of `micro` rows (same on every rank)."""
-    assert rows % micro == 0 and rows >= micro, f"{rows} rows per rank do not split into microbatches of {micro}"
+def global_batch(spec: dict, tokens_per_image: int, placeholder: int) -> dict:
+    """The global batch, identical on every rank and for every layout (seeded): `global_batch` rows of
+    `images_per_row` images + text each, loss on the text."""
     g = torch.Generator().manual_seed(0)
-    text = spec["text_tokens"]
-    ids = torch.randint(1, placeholder, (micro, tokens_per_image + text), generator=g)
-    ids[:, 1:1 + tokens_per_image] = placeholder
+    rows, text, images = spec["global_batch"], spec["text_tokens"], spec["images_per_row"]
+    ids = torch.randint(1, placeholder, (rows, images * tokens_per_image + text), generator=g)
+    ids[:, 1:1 + images * tokens_per_image] = placeholder
     labels = ids.clone()
-    labels[:, :1 + tokens_per_image] = -100
+    labels[:, :1 + images * tokens_per_image] = -100
     size = spec["vision"]["image_size"]
-    mb = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-          "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
-          "pixel_values": torch.randn(micro, 3, size, size, generator=g), "image_counts": torch.ones(micro, dtype=torch.long)}
-    return [mb] * (rows // micro)
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
+            "pixel_values": torch.randn(rows * images, 3, size, size, generator=g),
+            "image_counts": torch.full((rows,), images, dtype=torch.long)}
+
+
+def microbatches(batch: dict, index: int, count: int, micro: int) -> list[dict]:
+    """Block `index` of `count` of the global batch's rows, in microbatches of `micro` rows."""
+    per_block = batch["input_ids"].shape[0] // count
+    assert per_block % micro == 0, f"{per_block} rows per rank do not split into microbatches of {micro}"
+    images = int(batch["image_counts"][0])
+    out = []
+    for start in range(index * per_block, (index + 1) * per_block, micro):
+        mb = {k: v[start:start + micro] for k, v in batch.items() if k != "pixel_values"}
+        mb["pixel_values"] = batch["pixel_values"][start * images:(start + micro) * images]
+        out.append(mb)
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -99,16 +120,21 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
     placeholder = spec["llm"]["vocab_size"] - 1
     tokens_per_image = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
-    model = MimoModel({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
-                      dtype=spec["dtype"], global_batch_size=spec["global_batch"])
-    policy = MimoPolicy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
-                                           micro_batch_size=spec["llm_rows_per_microbatch"], lr=1e-5))
+    try:  # every rank validates the same layout against the same batch: all raise or none
+        model = MimoModel({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
+                          dtype=spec["dtype"], global_batch_size=spec["global_batch"])
+    except UserInputError as e:
+        return {"infeasible": str(e)}
     index, count = model.data_parallel()
     # a coarse-block microbatch of m rows gives the LLM m rows (fan-in/equal) or m/scale (fan-out): keep the
-    # LLM's rows per microbatch fixed across layouts
-    micro = spec["llm_rows_per_microbatch"] * (model.bridge.scale if model.bridge.direction == "fan_out" else 1)
+    # LLM's rows per microbatch the same across layouts (capped by the rows one LLM replica gets)
+    multiple = model.rows_multiple()
+    llm_rows = min(spec["llm_rows_per_microbatch"], spec["global_batch"] // model.grids["language"].size("dp"))
+    micro = llm_rows * multiple
+    policy = MimoPolicy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
+                                           micro_batch_size=micro, lr=1e-5))
     batch = [{k: v.to(device) for k, v in mb.items()}
-             for mb in microbatches(spec, spec["global_batch"] // count, micro, tokens_per_image, placeholder)]
+             for mb in microbatches(global_batch(spec, tokens_per_image, placeholder), index, count, micro)]
     times = []
     for step in range(args.warmup + args.steps):
         sync(device)
@@ -135,7 +161,10 @@ def main() -> None:
     args = parse_args()
     quiet_third_party()
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the vision output is a view: harmless here
-    spec = TINY if args.tiny else {**FULL, "llm": LLM_8B} if args.llm == "8b" else FULL
+    spec = dict(TINY if args.tiny else {**FULL, "llm": LLM_8B} if args.llm == "8b" else FULL)
+    spec["images_per_row"] = args.images_per_row
+    spec["global_batch"] = args.rows or spec["global_batch"]
+    spec["llm_rows_per_microbatch"] = args.llm_rows_per_microbatch or spec["llm_rows_per_microbatch"]
     device = init_distributed("gloo" if args.tiny else "auto")
     if dist.get_world_size() != 4:
         raise SystemExit(f"bench/mimo_layouts.py runs on 4 ranks (torchrun --nproc_per_node=4), not {dist.get_world_size()}")
@@ -148,12 +177,13 @@ def main() -> None:
         results[name] = {**run_layout(LAYOUTS[name][1], base, spec, device, args), "layout": LAYOUTS[name][1]}
         if dist.get_rank() == 0:
             print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
-    best = {kind: max((r["samples_per_s"], n) for n, r in results.items() if LAYOUTS[n][0] == kind)
-            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in results)}
+    feasible = {n: r for n, r in results.items() if "infeasible" not in r}
+    best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if LAYOUTS[n][0] == kind)
+            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in feasible)}
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
                "tokens_per_image": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
-               "global_batch": spec["global_batch"], "results": results,
+               "global_batch": spec["global_batch"], "images_per_row": spec["images_per_row"], "results": results,
                "wall_s": round(time.perf_counter() - began, 1)}
     if len(best) == 2:
         summary.update(best_hetero=best[True][1], best_homo=best[False][1],

@@ -64,7 +64,7 @@ class MimoPolicy:
     def greedy_generate(self, prompts: list[list[int]], pixel_values: torch.Tensor, image_counts: list[int],
                         rows: int, max_new_tokens: int, stop_ids: set[int], pad_id: int) -> tuple[range, list[list[int]]]:
         """Greedy continuations of a coarse-block batch (every rank of a dp block of the coarse module passes
-        the same prompts, padded with image-free dummy rows to `rows`, a multiple of the dp ratio).
+        the same prompts, padded with image-free dummy rows to `rows`, a multiple of `MimoModel.rows_multiple()`).
 
         Returns the rows this rank's LLM computed (`MimoModel.language_row_range`) and their answers, cut at
         any of `stop_ids`; the image placeholder is never generated (no encoder rows would fill it). Every

@@ -94,8 +94,8 @@ def evaluate_accuracy(cfg: RunConfig, policy: MimoPolicy, eval_ds: datasets.Data
     per_block = math.ceil(n / count)
     start = min(n, index * per_block)
     mine = eval_ds.select(range(start, min(n, start + per_block)))
-    scale = model.bridge.scale
-    bs = math.ceil(cfg.eval.batch_size / scale) * scale  # rows split evenly over the finer module's dp slots
+    multiple = model.rows_multiple()
+    bs = math.ceil(cfg.eval.batch_size / multiple) * multiple  # rows split evenly over the LLM's dp slots
     grader = model.grids[LANGUAGE].local_rank("tp") == 0
     stop_ids = set(tokenizer.all_special_ids)
     correct = [0.0, 0.0]  # all rows, image rows

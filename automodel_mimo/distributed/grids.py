@@ -110,11 +110,11 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
     for s in specs:
         if s.name != LANGUAGE:
             check_nesting(s, language)
-    if global_batch_size is not None:
-        scale = max(s.dim_size("dp") for s in specs)
-        _require(global_batch_size % scale == 0,
-                 f"train.global_batch_size={global_batch_size} is not divisible by the largest module dp={scale}: "
-                 f"every module splits the batch over its dp ranks; use a multiple of {scale}")
+    if global_batch_size is not None:  # the LLM splits rows over its dp; encoders split images, not rows
+        lm_dp = language.dim_size("dp")
+        _require(global_batch_size % lm_dp == 0,
+                 f"train.global_batch_size={global_batch_size} is not divisible by mimo.layout.{LANGUAGE}.dp={lm_dp}: "
+                 f"the language model splits the batch's rows over its dp ranks; use a multiple of {lm_dp}")
 
 
 def check_nesting(encoder: GridSpec, language: GridSpec) -> None:

@@ -6,10 +6,14 @@ MeshContext (distributed/grids.py). nemo has no TP plan for HF vision towers, so
 (q/k/v and fc1 column-parallel, out_proj and fc2 row-parallel, the projector likewise).
 
 Data: every rank receives the rows of its dp block of the module with the FEWEST dp ranks (the coarse
-grid, `data_parallel()`); that block is `scale` slots of the finer module, which takes its own slot's rows
-(bridge.py). One microbatch:
-  1. the encoder runs on the images of its rows -> (images, tokens_per_image, llm hidden), batch-major;
-  2. the bridge moves those rows to this rank's LLM rows;
+grid, `data_parallel()`); that block is `scale` slots of the finer module (bridge.py). The LLM splits rows
+(fan-out: each LLM slot takes its share of the block's rows); an encoder splits IMAGES (fan-in: each
+encoder slot encodes an even, contiguous share of the block's images, whichever rows they belong to), so
+the encoder's dp can exceed the number of LLM rows of a microbatch and uneven images per row still spread
+evenly. One microbatch:
+  1. the encoder runs on its images -> (images, tokens_per_image, llm hidden), batch-major;
+  2. the bridge moves those rows to this rank's LLM rows (fan-in: the slots' shares in slot order are the
+     block's images in batch-major order);
   3. the LLM's text embeddings get the placeholder positions overwritten, in order, by those rows;
   4. under LLM cp the full spliced sequence is sharded (dual chunk swap) together with its positions, so
      RoPE sees global positions and the embedding gradient of every chunk reaches the bridge (which sums
@@ -102,6 +106,11 @@ def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector
     return VisionModule(encoder, projector)
 
 
+def image_share(n_images: int, scale: int, slot: int) -> range:
+    """This encoder slot's images of a block's `n_images`: contiguous, sizes differ by at most one."""
+    return range(slot * n_images // scale, (slot + 1) * n_images // scale)
+
+
 def slot_range(n_rows: int, scale: int, slot: int) -> range:
     if n_rows % scale:
         raise UserInputError(f"a microbatch of {n_rows} rows cannot be split over {scale} dp slots of the finer module; "
@@ -165,19 +174,28 @@ class MimoModel:
         coarse = min(self.grids.values(), key=lambda g: g.size("dp"))
         return coarse.local_rank("dp"), coarse.size("dp")
 
-    def _rows(self, n_rows: int) -> tuple[range, range]:
-        """Rows of a coarse-block microbatch used by (the encoder, the LLM) on this rank."""
-        b = self.bridge
-        fine = slot_range(n_rows, b.scale, b.slot)
-        return (fine, range(n_rows)) if b.direction == "fan_in" else (range(n_rows), fine)
+    def rows_multiple(self) -> int:
+        """A coarse-block microbatch's row count must be a multiple of this: the LLM slots' share of rows
+        (fan-out); encoder slots split images, never rows."""
+        return self.bridge.scale if self.bridge.direction == "fan_out" else 1
 
     def language_row_range(self, n_rows: int) -> range:
         """Rows of a coarse-block microbatch of `n_rows` rows whose logits this rank's LLM computes."""
-        return self._rows(n_rows)[1]
+        b = self.bridge
+        return slot_range(n_rows, b.scale, b.slot) if b.direction == "fan_out" else range(n_rows)
+
+    def _encoder_images(self, counts: list[int]) -> tuple[range, list[int]]:
+        """(images of a coarse-block microbatch this rank encodes, encoder rows per bridge slot in slot order)."""
+        b, n, tpi = self.bridge, sum(counts), self.tokens_per_image
+        if b.direction == "fan_in":
+            shares = [image_share(n, b.scale, s) for s in range(b.scale)]
+            return shares[b.slot], [len(r) * tpi for r in shares]
+        slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)]  # the LLM slots' rows (one if equal)
+        return range(n), [sum(counts[r.start:r.stop]) * tpi for r in slots]
 
     def language_rows(self, mb: dict) -> dict:
         """The text of this rank's LLM rows, with `loss_mask`, before any cp sharding."""
-        _, rows = self._rows(mb["input_ids"].shape[0])
+        rows = self.language_row_range(mb["input_ids"].shape[0])
         out = {k: mb[k][rows.start:rows.stop] for k in TEXT_KEYS if k in mb}
         if "loss_mask" not in out:
             out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
@@ -209,21 +227,16 @@ class MimoModel:
 
     def forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
         """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch they belong to."""
-        counts = mb["image_counts"].tolist()
-        enc_rows, _ = self._rows(len(counts))
-        b = self.bridge
-        first, n_img = sum(counts[:enc_rows.start]), sum(counts[enc_rows.start:enc_rows.stop])
-        pixels = mb["pixel_values"][first:first + n_img].to(self.device)
+        images, slot_rows = self._encoder_images(mb["image_counts"].tolist())
+        n_img = len(images)
+        pixels = mb["pixel_values"][images.start:images.stop].to(self.device)
         feats = self._encode(pixels)
         if feats.dim() == 3 and feats.shape[1] != self.tokens_per_image:  # same on every rank: no hang
             raise UserInputError(f"mimo.tokens_per_image={self.tokens_per_image}, but the encoder yields "
                                  f"{feats.shape[1]} rows per image; set mimo.tokens_per_image={feats.shape[1]}")
         assert feats.dim() == 3 and feats.shape[0] == n_img, (
             f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
-        block = range(len(counts))
-        slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)] if b.scale > 1 else [block]
-        slot_rows = [sum(counts[r.start:r.stop]) * self.tokens_per_image for r in slots]
-        rows = b(feats.reshape(-1, feats.shape[-1]), slot_rows)
+        rows = self.bridge(feats.reshape(-1, feats.shape[-1]), slot_rows)
         return self._language_forward(self.language_rows(mb), rows)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:

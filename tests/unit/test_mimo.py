@@ -32,7 +32,8 @@ LAYOUTS = [
     ("fan-in", {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}, 2),
     ("fan-out", {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 4}}, 2),
     ("equal", {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}, 4),
-    ("cp2-fan-in", {"vision": {"dp": 4}, "language": {"dp": 2, "cp": 2}}, 2),
+    # one LLM row per microbatch: the 2 encoder slots split each row's images (1 image: one slot gets none)
+    ("cp2-fan-in", {"vision": {"dp": 4}, "language": {"dp": 2, "cp": 2}}, 1),
 ]
 
 
@@ -58,7 +59,8 @@ def test_layout_validation_messages():
     assert "pipeline parallelism" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)
     assert "encoders do not shard" in _error(validate_layout, [_spec("vision", dp=2, cp=2), _spec("language", dp=4)], 4)
     assert "missing" in _error(validate_layout, [_spec("vision", dp=4)], 4)
-    assert "global_batch_size=6" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", dp=2, tp=2)], 4, 6)
+    assert "global_batch_size=6" in _error(validate_layout, [_spec("vision", dp=2, tp=2), _spec("language", dp=4)], 4, 6)
+    validate_layout([_spec("vision", dp=4), _spec("language", dp=2, tp=2)], 4, 6)  # encoders split images, not rows
     base = _spec("language", dp=2, cp=1, tp=2)
     check_view(base, GridSpec("expert", (("pp", 1), ("edp", 2), ("ep", 2), ("etp", 1))), ("pp",))
     assert "groups ranks differently" in _error(
@@ -80,19 +82,23 @@ def test_mimo_config_validation(tmp_path):
     path.write_text(MIMO_YAML)
     cfg = load_config("sft", str(path), world_size=4)
     assert cfg.mimo.layout["language"] == {"dp": 2, "tp": 2}
+    # fan-in: one row per microbatch is fine (the encoder slots split its images)
+    assert load_config("sft", str(path), ["train.micro_batch_size=1"], world_size=4).train.micro_batch_size == 1
+    fan_out = "mimo.layout={vision: {dp: 2, tp: 2}, language: {dp: 4}}"
     bad = {
-        "mimo.layout.language.dp=3": "only colocated",
-        "mimo.layout.language.pp=2": "pipeline parallelism",
-        "mimo.layout.language.ep=2": "unknown dims",
-        "mimo.layout={vision: {dp: 4}}": "expected ['language', 'vision']",
-        "train.micro_batch_size=1": "multiple of the dp ratio 2",
-        "train.global_batch_size=6": "global_batch_size=6",
-        "mimo.tokens_per_image=5": "set mimo.tokens_per_image=4",
-        "parallel.tp=2": "leave the parallel section",
+        ("mimo.layout.language.dp=3",): "only colocated",
+        ("mimo.layout.language.pp=2",): "pipeline parallelism",
+        ("mimo.layout.language.ep=2",): "unknown dims",
+        ("mimo.layout={vision: {dp: 4}}",): "expected ['language', 'vision']",
+        (fan_out, "train.micro_batch_size=1"): "multiple of the dp ratio 2",
+        ("train.global_batch_size=7",): "global_batch_size=7 is not divisible by mimo.layout.language.dp=2",
+        ("train.global_batch_size=6",): "must divide the 3 rows",
+        ("mimo.tokens_per_image=5",): "set mimo.tokens_per_image=4",
+        ("parallel.tp=2",): "leave the parallel section",
     }
-    for override, message in bad.items():
+    for overrides, message in bad.items():
         with pytest.raises(UserInputError, match=re.escape(message)):
-            load_config("sft", str(path), [override], world_size=4)
+            load_config("sft", str(path), list(overrides), world_size=4)
 
 
 def test_sibling_groups():
@@ -145,7 +151,7 @@ def _bad_layouts() -> list[str]:
     """Each bad layout raises the same error on every rank before any group exists (no hang)."""
     messages = []
     for layout in ({"vision": {"dp": 2}, "language": {"dp": 4}},  # vision spans 2 of 4 ranks
-                   {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}):  # batch 6 not divisible by dp 4
+                   {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 4}}):  # batch 6 not divisible by LLM dp 4
         try:
             build_grids([_spec(n, **s) for n, s in layout.items()], CPU, global_batch_size=6)
         except UserInputError as e:
