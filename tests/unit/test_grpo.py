@@ -170,6 +170,26 @@ def test_resume_continues_exactly(cp_pp_runs, tmp_path):
     assert all(torch.equal(weights["got"][n], weights["ref"][n]) for n in weights["ref"])
 
 
+def test_resume_under_another_layout(cp_pp_runs, tmp_path):
+    """The pp2 run's step-2 checkpoint resumed on dp2: DCP reshards the policy, the optimizer state and the
+    reference weights from two pipeline stages onto one model per rank, so steps 3-4 follow the pp2 run's to
+    rounding (the same rollouts, rewards and eval; loss and gradient norm to rel 1e-4)."""
+    straight, out = cp_pp_runs["pp2"], tmp_path / "dp2"
+    shutil.copytree(straight / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    r = run_cli("grpo", *RUN, f"output_dir={out}", *HF_T07, "train.max_steps=4", "eval.every_steps=2",
+                "checkpoint.every_steps=0", "checkpoint.resume=true", env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "start step 2" in r.stdout
+    got, ref = _train_rows(out), _train_rows(straight)[2:]
+    assert [row["step"] for row in got] == [3, 4]
+    for a, b in zip(got, ref):
+        assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"], (a, b)
+        for key in ("loss", "grad_norm", "kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key, a[key], b[key])
+    evals = {k: [row for row in metrics(o) if "eval/accuracy" in row][-1] for k, o in (("got", out), ("ref", straight))}
+    assert evals["got"]["step"] == 4 and evals["got"]["eval/accuracy"] == evals["ref"]["eval/accuracy"]
+
+
 def test_ray_disaggregated_step_equals_colocated(hf_runs):
     local, remote = (_train_rows(hf_runs[k])[0] for k in ("colocated", "ray"))
     _assert_first_step_on_policy(remote)
