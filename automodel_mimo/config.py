@@ -527,6 +527,3 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
                  f"mimo.tokens_per_image={m.tokens_per_image}, but the SigLIP encoder yields (image_size / patch_size)^2 "
                  f"= {patches} rows per image; set mimo.tokens_per_image={patches}")
     _require(bool(m.placeholder_token), "mimo.placeholder_token: must be a non-empty token string")
-    _require(cfg.eval.every_steps == 0 or m.layout[LANGUAGE].get("cp", 1) == 1,
-             "eval.every_steps > 0 with mimo.layout.language.cp > 1: generation under LLM cp is not supported yet; "
-             "set eval.every_steps=0 or language cp=1")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from automodel_mimo.config import TrainConfig
 from automodel_mimo.losses import masked_nll, token_logprobs
@@ -67,20 +66,22 @@ class MimoPolicy:
         the same prompts, padded with image-free dummy rows to `rows`, a multiple of `MimoModel.rows_multiple()`).
 
         Returns the rows this rank's LLM computed (`MimoModel.language_row_range`) and their answers, cut at
-        any of `stop_ids`; the image placeholder is never generated (no encoder rows would fill it). Every
-        rank runs the same number of forward passes (FSDP/TP/bridge collectives are shared): the loop ends
-        when no rank has an unfinished row. No KV cache: each step re-runs the encoder and the whole prefix,
-        cheap for the short answers evaluated during training.
+        any of `stop_ids`; the image placeholder is never generated (no encoder rows would fill it). Rows are
+        right-padded to prompt + max_new_tokens and each new token is written at its row's own length, so
+        positions start at 0 in every row — which is also what the LLM's cp sharding of a padded row assumes
+        (`as_single_segments`). Every rank runs the same number of forward passes (FSDP/TP/cp/bridge
+        collectives are shared): the loop ends when no rank has an unfinished row. No KV cache: each step
+        re-runs the encoder and the whole sequence, cheap for the short answers evaluated during training.
         """
         model = self.model
         device = model.device
-        width = max((len(p) for p in prompts), default=1)
+        width = max((len(p) for p in prompts), default=1) + max(1, max_new_tokens)
         ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        mask[len(prompts):, -1] = 1  # dummy rows: one pad token (a fully masked row would attend to nothing)
-        for i, p in enumerate(prompts):  # left padding keeps every prompt's last token in the last column
-            ids[i, width - len(p):] = torch.as_tensor(p, device=device)
-            mask[i, width - len(p):] = 1
+        lengths = torch.ones(rows, dtype=torch.long, device=device)  # dummy rows: one pad token
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.as_tensor(p, device=device)
+            lengths[i] = len(p)
+        positions = torch.arange(width, device=device).expand(rows, width).contiguous()
         counts = torch.tensor(list(image_counts) + [0] * (rows - len(image_counts)), dtype=torch.long)
         mine = model.language_row_range(rows)
         done = torch.tensor([r >= len(prompts) for r in mine], dtype=torch.bool, device=device)
@@ -92,20 +93,19 @@ class MimoPolicy:
             dist.all_reduce(unfinished, op=dist.ReduceOp.MAX)
             if not unfinished:
                 break
-            mb = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            mb = {"input_ids": ids, "attention_mask": (positions < lengths[:, None]).long(), "position_ids": positions,
                   "loss_mask": torch.zeros_like(ids, dtype=torch.float32), "pixel_values": pixel_values,
                   "image_counts": counts}
             logits, _ = model.forward(mb)
-            last = logits[:, -1]
-            last = last.full_tensor() if isinstance(last, DTensor) else last.clone()  # vocab-sharded under TP
+            mine_lengths = lengths[mine.start:mine.stop]
+            last = model.logits_at(logits, mine_lengths - 1)
             last[:, model.placeholder_id] = -torch.inf  # a placeholder has no image rows to fill it
             nxt = torch.where(done, pad_id, last.argmax(-1))
             out.append(nxt)
+            live = torch.nonzero(~done).flatten()  # rows still generating take the token (a stop token too)
+            ids[mine.start + live, mine_lengths[live]] = nxt[live]
+            lengths[mine.start + live] += 1  # other rows belong to sibling LLM ranks: never read here
             done |= torch.isin(nxt, stops)
-            column = torch.full((rows,), pad_id, dtype=torch.long, device=device)
-            column[mine.start:mine.stop] = nxt  # other rows belong to sibling LLM ranks: never read here
-            ids = torch.cat([ids, column[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         model.train()
         tokens = torch.stack(out, 1).tolist() if out else [[] for _ in mine]
         return mine, [_until_stop(t, stop_ids) for t in tokens]

@@ -87,7 +87,7 @@ def evaluate_accuracy(cfg: RunConfig, policy: MimoPolicy, eval_ds: datasets.Data
     """Exact-match accuracy of greedy answers on the held-out split (all rows, and rows with an image).
 
     Prompts are spread over the dp blocks of the coarse module; within a block every rank passes the same
-    prompts and grades the rows its LLM computed, counted once per LLM dp rank (tp index 0)."""
+    prompts and grades the rows its LLM computed, counted once per LLM replica (`reports_language_rows`)."""
     model = policy.model
     n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
     index, count = model.data_parallel()
@@ -96,7 +96,7 @@ def evaluate_accuracy(cfg: RunConfig, policy: MimoPolicy, eval_ds: datasets.Data
     mine = eval_ds.select(range(start, min(n, start + per_block)))
     multiple = model.rows_multiple()
     bs = math.ceil(cfg.eval.batch_size / multiple) * multiple  # rows split evenly over the LLM's dp slots
-    grader = model.grids[LANGUAGE].local_rank("tp") == 0
+    grader = model.reports_language_rows()
     stop_ids = set(tokenizer.all_special_ids)
     correct = [0.0, 0.0]  # all rows, image rows
     for b in range(math.ceil(per_block / bs)):  # same number of calls on every rank

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from automodel_mimo.distributed.grids import LANGUAGE, GridSpec, build_grids
@@ -35,7 +36,7 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge
 from automodel_mimo.models import packed_attention
-from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, shard_batch
+from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
 
 TEXT_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -184,6 +185,12 @@ class MimoModel:
         b = self.bridge
         return slot_range(n_rows, b.scale, b.slot) if b.direction == "fan_out" else range(n_rows)
 
+    def reports_language_rows(self) -> bool:
+        """True on one rank per LLM replica (tp and cp index 0): the rank that counts its rows' results, so
+        that every row counts once (all tp and cp ranks of a replica compute the same rows)."""
+        g = self.grids[LANGUAGE]
+        return g.local_rank("tp") == 0 and g.local_rank("cp") == 0
+
     def _encoder_images(self, counts: list[int]) -> tuple[range, list[int]]:
         """(images of a coarse-block microbatch this rank encodes, encoder rows per bridge slot in slot order)."""
         b, n, tpi = self.bridge, sum(counts), self.tokens_per_image
@@ -238,6 +245,27 @@ class MimoModel:
             f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
         rows = self.bridge(feats.reshape(-1, feats.shape[-1]), slot_rows)
         return self._language_forward(self.language_rows(mb), rows)
+
+    def logits_at(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [rows, V] of this rank's LLM rows at `positions` (one per row, in the full
+        sequence), the same on every rank of the LLM's tp and cp groups. Under cp the rows' positions are
+        spread over the cp ranks' chunks: the owner of each position contributes its logits, the others
+        zeros, summed over cp (exact: one non-zero term). Under TP the vocabulary shards are gathered."""
+        local = logits.to_local() if isinstance(logits, DTensor) else logits
+        state, rows = self.language_state, torch.arange(len(positions), device=local.device)
+        if state.cp_size == 1:
+            picked = local[rows, positions]
+        else:
+            kept = torch.tensor(cp_indices([0, local.shape[1] * state.cp_size], state.cp_size, state.cp_rank),
+                                device=local.device)  # full-sequence positions of this rank's shard, in its order
+            hit = kept[None, :] == positions[:, None]
+            owned = hit.any(1, keepdim=True)
+            picked = torch.where(owned, local[rows, hit.long().argmax(1)], torch.zeros((), dtype=local.dtype, device=local.device))
+            dist.all_reduce(picked, group=state.cp_group)
+        if isinstance(logits, DTensor):
+            vocab = [Shard(picked.dim() - 1) if p.is_shard() else p for p in logits.placements]  # vocab-sharded
+            picked = DTensor.from_local(picked, logits.device_mesh, vocab).full_tensor()
+        return picked.clone()
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encoder + projector. A rank without images still runs them (its FSDP/TP collectives are shared):

@@ -176,24 +176,32 @@ def _parallel_generation(layout: dict) -> dict:
     from policies.mimo_policy import MimoPolicy
     from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules
 
-    encoders, llm = build_modules()
+    encoders, llm = build_modules(packed=layout["language"].get("cp", 1) > 1)
     model = MimoModel(encoders, llm, layout, torch.device("cpu"), PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=4)
     prompts, pixels = _generation_prompts()
     rows, answers = MimoPolicy(model, TrainConfig()).greedy_generate(prompts, pixels, GEN_COUNTS, 4, GEN_TOKENS,
                                                                       set(), pad_id=0)
+    reported = len(rows) if model.reports_language_rows() else 0
     model.destroy()
-    return dict(zip(rows, answers))
+    return {"answers": dict(zip(rows, answers)), "reported": reported}
 
 
-def _both_layouts() -> list[dict]:
+def _three_layouts() -> list[dict]:
     return [_parallel_generation({"vision": {"dp": 2}, "language": {"tp": 2}}),
-            _parallel_generation({"vision": {"tp": 2}, "language": {"dp": 2}})]
+            _parallel_generation({"vision": {"tp": 2}, "language": {"dp": 2}}),
+            _parallel_generation({"vision": {"dp": 2}, "language": {"cp": 2}})]
 
 
-def test_greedy_generation_matches_single_process_under_fan_in_and_fan_out():
+def test_greedy_generation_matches_single_process_under_fan_in_fan_out_and_llm_cp():
+    """Prompts of different lengths (each row's next token is read at its own length): tp and cp ranks all
+    return every row, dp ranks their slot's rows; all equal the one-prompt-at-a-time decode."""
     from tests.unit.multirank import run_ranks
 
     reference = _reference_generation()
-    fan_in, fan_out = zip(*run_ranks(_both_layouts, 2))
+    per_rank = run_ranks(_three_layouts, 2)
+    for layout in range(3):  # eval counts every row once: one rank per LLM replica reports its rows
+        assert sum(rank[layout]["reported"] for rank in per_rank) == 4, (layout, per_rank)
+    fan_in, fan_out, cp = ([r["answers"] for r in results] for results in zip(*per_rank))
     assert [fan_in[0][r] for r in range(4)] == [fan_in[1][r] for r in range(4)] == reference  # tp: both ranks, all rows
     assert {**fan_out[0], **fan_out[1]} == dict(enumerate(reference)) and len(fan_out[0]) == 2  # dp: one slot each
+    assert [cp[0][r] for r in range(4)] == [cp[1][r] for r in range(4)] == reference  # cp: both ranks, all rows
