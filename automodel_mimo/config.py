@@ -292,6 +292,11 @@ def _float_or_same(text: str) -> float | str:
 # ---------------------------------------------------------------- validation
 
 
+def packed_row_size(d: DataConfig) -> int:
+    """Tokens per packed row: data.packed_sequence_size, or data.max_seq_len when it is unset."""
+    return d.packed_sequence_size or d.max_seq_len
+
+
 def pad_multiple(p: ParallelConfig) -> int:
     """Every packed sequence is padded to this: 2*cp load-balanced CP chunks, x tp under sequence parallel."""
     return (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
@@ -371,7 +376,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
              "model: set model.pretrained (a local path or hub name) or model.config (an HF config for random init)")
     _require(cfg.data.max_seq_len >= 2, f"data.max_seq_len={cfg.data.max_seq_len}: must be >= 2")
     if cfg.data.packing:
-        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        size = packed_row_size(cfg.data)
         _require(size >= cfg.data.max_seq_len,
                  f"data.packed_sequence_size={size} is shorter than data.max_seq_len={cfg.data.max_seq_len}: "
                  "a sequence of max length would not fit a row; raise data.packed_sequence_size")
@@ -452,7 +457,7 @@ def validate_grpo(cfg: RunConfig) -> None:
                  "machines (scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA; or set generation.backend=hf")
     if cfg.data.packing:  # a rollout is a prompt (< data.max_seq_len tokens) and a response
         longest = round_up(cfg.data.max_seq_len + gen.max_new_tokens, pad_multiple(cfg.parallel))
-        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        size = packed_row_size(cfg.data)
         _require(size >= longest,
                  f"data.packed_sequence_size={size} cannot hold a rollout of data.max_seq_len + generation.max_new_tokens "
                  f"= {cfg.data.max_seq_len}+{gen.max_new_tokens} tokens (padded to {longest}); set "
@@ -470,7 +475,7 @@ def validate_dpo(cfg: RunConfig) -> None:
              f"dpo.reference={d.reference}: use 'initial' or the path of an existing HF model directory")
     if cfg.data.packing:  # micro batches count packed rows, and each pair is packed whole into one row
         pair = 2 * round_up(cfg.data.max_seq_len, pad_multiple(p))
-        size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+        size = packed_row_size(cfg.data)
         _require(size >= pair,
                  f"data.packed_sequence_size={size} cannot hold a (chosen, rejected) pair of data.max_seq_len="
                  f"{cfg.data.max_seq_len} tokens each (padded: {pair}); dpo packs each pair into one row: set "

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import DPOConfig, RunConfig, pad_multiple
+from automodel_mimo.config import DPOConfig, RunConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.packing import pack_microbatches
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
@@ -92,7 +92,7 @@ def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) ->
     data.packed_sequence_size tokens. Each pair is packed whole into one row, chosen then rejected, so
     its sequences are slots 2i, 2i+1 of that row (rows hold even slot counts) and any row slice (a
     pipeline microbatch) keeps pairs whole; sharded over cp like SFT's."""
-    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    size = packed_row_size(cfg.data)
     packed = pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
                                state.device, group=2)
     return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb, _ in packed]

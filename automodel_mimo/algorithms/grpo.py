@@ -25,7 +25,7 @@ import torch.distributed as dist
 from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
-from automodel_mimo.config import RunConfig, pad_multiple, round_up
+from automodel_mimo.config import RunConfig, packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.packing import pack_microbatches
 from automodel_mimo.data.synthetic import grade_exact
@@ -87,7 +87,7 @@ def packed_microbatches(rows: list[dict], advantages: torch.Tensor, cfg: RunConf
     """data.packing: rows packed into microbatches of train.micro_batch_size rows of data.packed_sequence_size
     tokens (sharded over cp like SFT's), with the side data in sequence slots (data/packing.py):
     `gen_logprobs` [R, K, L] and `advantages` [R, K], 0 in empty slots."""
-    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    size = packed_row_size(cfg.data)
     microbatches = []
     for mb, slots in pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
                                        state.device):
@@ -112,7 +112,7 @@ def rollout_microbatches(cfg: RunConfig, rows: list[dict], advantages: torch.Ten
 
 def check_packable(cfg: RunConfig, rows: list[dict]) -> None:
     """data.packing: every rollout (all ranks hold all of them, so all raise alike) fits a packed row."""
-    size = cfg.data.packed_sequence_size or cfg.data.max_seq_len
+    size = packed_row_size(cfg.data)
     longest = max(round_up(len(r["input_ids"]), pad_multiple(cfg.parallel)) for r in rows)
     if longest > size:
         raise UserInputError(f"a rollout of prompt + response padded to {longest} tokens does not fit a packed row of "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from automodel_mimo.algorithms.loop import finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import RunConfig, TrainConfig, pad_multiple
+from automodel_mimo.config import RunConfig, TrainConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
 from automodel_mimo.data.packing import collate_packed, pack
 from automodel_mimo.data.sources import load_sft_dataset
@@ -63,7 +63,7 @@ def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state,
 
 def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:
     """Pack this rank's sequences; every DP rank gets the same number of rows (weight-0 dummy rows)."""
-    size, multiple = cfg.data.packed_sequence_size or cfg.data.max_seq_len, pad_multiple(cfg.parallel)
+    size, multiple = packed_row_size(cfg.data), pad_multiple(cfg.parallel)
     plan = pack([len(r["input_ids"]) for r in rows], size, multiple)
     micro = cfg.train.micro_batch_size
     n_rows = -(-max_over_group(len(plan), state.dp_cp_group, state.device) // micro) * micro

@@ -260,12 +260,12 @@ class MimoModel:
                                 device=local.device)  # full-sequence positions of this rank's shard, in its order
             hit = kept[None, :] == positions[:, None]
             owned = hit.any(1, keepdim=True)
-            picked = torch.where(owned, local[rows, hit.long().argmax(1)], torch.zeros((), dtype=local.dtype, device=local.device))
+            picked = torch.where(owned, local[rows, hit.long().argmax(1)], local.new_zeros(()))
             dist.all_reduce(picked, group=state.cp_group)
         if isinstance(logits, DTensor):
             vocab = [Shard(picked.dim() - 1) if p.is_shard() else p for p in logits.placements]  # vocab-sharded
             picked = DTensor.from_local(picked, logits.device_mesh, vocab).full_tensor()
-        return picked.clone()
+        return picked  # a new tensor on every path (indexing copies): the caller may write into it
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encoder + projector. A rank without images still runs them (its FSDP/TP collectives are shared):
