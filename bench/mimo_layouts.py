@@ -12,6 +12,8 @@ feasible homogeneous one.
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8  # fewer rows than GPUs
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --tiny     # CPU smoke test (gloo)
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --llm 8b   # a Llama-3-8B-shaped LLM instead
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8 --encoder-only
+      # the vision module alone per layout: wall, host and kernel time
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, help="global batch in rows (default: 32; --tiny 16)")
     p.add_argument("--images-per-row", type=int, default=1)
     p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="time the vision module alone (forward + backward) per layout instead of training steps")
     return p.parse_args()
 
 
@@ -116,6 +120,44 @@ def sync(device: torch.device) -> None:
     dist.barrier()
 
 
+def encoder_times(model: MimoModel, spec: dict, device: torch.device, args) -> dict:
+    """The vision module alone (encoder + projector, forward and backward of a mean-square loss) on this rank's
+    share of the global batch's images (all images / encoder dp: the same FLOPs per GPU in every layout).
+    Median wall time; median time until Python returns (close to the wall time: bound by the host, not the
+    GPU); on CUDA the profiled kernel time of one more pass, without and with NCCL's kernels (which also
+    count time spent waiting for other ranks)."""
+    vision = model.modules[model.encoder_name]
+    size = spec["vision"]["image_size"]
+    images = spec["global_batch"] * spec["images_per_row"] // model.grids[model.encoder_name].size("dp")
+    pixels = torch.randn(images, 3, size, size, device=device)
+
+    def one_pass() -> float:
+        vision(pixels).float().square().mean().backward()
+        return time.perf_counter()
+
+    walls, returns = [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        t_return = one_pass()
+        sync(device)
+        if i >= args.warmup:
+            walls.append(time.perf_counter() - t0)
+            returns.append(t_return - t0)
+    out = {"images_per_dp_rank": images, "encoder_s": round(statistics.median(walls), 4),
+           "python_returns_s": round(statistics.median(returns), 4)}
+    if device.type == "cuda":
+        sync(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            one_pass()
+            sync(device)
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e6
+        out.update(kernel_s=round(kernels, 4), non_nccl_kernel_s=round(kernels - nccl, 4))
+    return out
+
+
 def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args) -> dict:
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
     placeholder = spec["llm"]["vocab_size"] - 1
@@ -135,17 +177,20 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
                                            micro_batch_size=micro, lr=1e-5))
     batch = [{k: v.to(device) for k, v in mb.items()}
              for mb in microbatches(global_batch(spec, tokens_per_image, placeholder), index, count, micro)]
-    times = []
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        metrics = policy.sft_train_step(batch)
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    out = {"step_s": round(step_s, 4), "samples_per_s": round(spec["global_batch"] / step_s, 3),
-           "loss": round(metrics["loss"], 4), "microbatches_per_rank": len(batch), "microbatch_rows": micro}
+    if args.encoder_only:
+        out = encoder_times(model, spec, device, args)
+    else:
+        times = []
+        for step in range(args.warmup + args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            metrics = policy.sft_train_step(batch)
+            sync(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
+        out = {"step_s": round(step_s, 4), "samples_per_s": round(spec["global_batch"] / step_s, 3),
+               "loss": round(metrics["loss"], 4), "microbatches_per_rank": len(batch), "microbatch_rows": micro}
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     model.destroy()
@@ -179,7 +224,7 @@ def main() -> None:
             print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
     feasible = {n: r for n, r in results.items() if "infeasible" not in r}
     best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if LAYOUTS[n][0] == kind)
-            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in feasible)}
+            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in feasible)} if not args.encoder_only else {}
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
                "tokens_per_image": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
