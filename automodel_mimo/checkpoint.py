@@ -7,7 +7,8 @@ Layout of `<output_dir>/checkpoints/step_<N>/`:
   rng_rank<R>.pt      each rank's torch / CUDA RNG state
 Everything is written into `step_<N>.partial/` and renamed to `step_<N>/` by rank 0 once every rank has
 finished; a crash mid-save leaves only a `.partial` directory, which resume ignores and the next save of
-that step replaces. The data position needs no file: batches depend on (seed, step) only.
+that step replaces. The data position needs no file: batches depend on (seed, step) only. Nothing is
+written from non-finite weights (a world vote first: distributed/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from automodel_mimo.distributed.nonfinite import require_finite_weights
 from automodel_mimo.faults import fault_point
 from automodel_mimo.models.handle import ModelHandle
 from automodel_mimo.optim import PartOptimizers
@@ -56,6 +58,7 @@ class Checkpointer:
         """Collective: every rank calls it. Returns the final directory. `reference`: a ReferenceWeights
         (policies/reference.py) saved beside the model; `extra`: small values the loop needs on resume."""
         final, partial = self.root / f"step_{step}", self.root / f"step_{step}.partial"
+        require_finite_weights(handle.parameters(), f"checkpoint step_{step}")
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -124,6 +127,7 @@ class Checkpointer:
 
 def export_hf(handle: ModelHandle, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path | None:
     """Collective: gather full weights; rank 0 writes an HF folder (safetensors, config, tokenizer) atomically."""
+    require_finite_weights(handle.parameters(), f"the HF export {out_dir}")
     state = handle.full_state_dict()
     out = Path(out_dir)
     if dist.get_rank() == 0:

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from automodel_mimo.errors import UserInputError
+from automodel_mimo.errors import RunStopped, UserInputError
 
 ALGOS = ("sft", "dpo", "grpo")
 AVAILABLE = {"sft", "dpo", "grpo"}
@@ -79,6 +79,10 @@ def _run_worker(cfg) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as e:  # a world consensus: every rank stops at the same point, rank 0 says why
+        if rank == 0:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     except Exception:
         print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1

@@ -96,6 +96,9 @@ class TrainConfig:
     eps: float = 1e-8  # adamw
     momentum: float = 0.0  # sgd
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # a step whose loss or global grad norm is inf/NaN (on any rank) is skipped on every rank; this many
+    # skipped in a row stop the run (exit code 3); 0: never stop
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -385,7 +388,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                  "(2 * parallel.cp, times parallel.tp with sequence parallelism)")
     _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
     _validate_image_data(cfg.data)
-    for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
+    for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last",
+                "train.max_skipped_steps"):
         section, name = key.split(".")
         _require(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")
     if cfg.logging.wandb_project:

@@ -60,7 +60,7 @@ def dpo_train_step(policy: LMPolicy, microbatches: list[dict], cfg: DPOConfig) -
     counts = policy.global_counts(microbatches)
     policy.optimizer.zero_grad()
     metrics = policy.forward_backward(microbatches, dpo_loss_fn(cfg, counts))
-    metrics.update(policy.optimizer_step())
+    metrics.update(policy.optimizer_step(metrics["loss"]))
     return metrics
 
 

@@ -168,7 +168,7 @@ def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLoss
     """`grpo_forward_backward` and one optimizer step."""
     metrics = grpo_forward_backward(policy, microbatches, loss_cfg, temperature)
     t1 = time.perf_counter()
-    metrics.update(policy.optimizer_step())
+    metrics.update(policy.optimizer_step(metrics["loss"]))
     metrics["timing/training_s"] += time.perf_counter() - t1
     return metrics
 

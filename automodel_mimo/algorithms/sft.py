@@ -15,7 +15,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.algorithms.loop import finish, resume, run_steps
+from automodel_mimo.algorithms.loop import SkipStreak, finish, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import RunConfig, TrainConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
@@ -81,8 +81,10 @@ def sft_warmup(tag: str, handle, state, train: TrainConfig, microbatches: Callab
     """train.max_steps SFT steps on `microbatches(step)` with an optimizer of their own (schedule:
     `warmup_train_config`): the starting policy of DPO and GRPO. Deterministic."""
     warm = LMPolicy(handle, state, train)
+    streak = SkipStreak(train.max_skipped_steps, what=f"{tag} sft warm-up step")
     for step in range(train.max_steps):
         metrics = warm.sft_train_step(microbatches(step))
+        streak.update(step + 1, metrics)
         if state.is_rank0 and (step + 1) % 50 == 0:
             print(f"[{tag}] sft warm-up step {step + 1}/{train.max_steps}: loss {metrics['loss']:.4f}", flush=True)
 
