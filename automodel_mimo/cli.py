@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from automodel_mimo.errors import RunStopped, UserInputError
+from automodel_mimo.run_lock import HELD_BY_LAUNCHER, take_output_dir
 
 ALGOS = ("sft", "dpo", "grpo")
 AVAILABLE = {"sft", "dpo", "grpo"}
@@ -60,7 +61,10 @@ def _leave_process_group() -> None:
 
 def _run_worker(cfg) -> int:
     rank = int(os.environ["RANK"])
+    lock = None
     try:
+        if rank == 0 and HELD_BY_LAUNCHER not in os.environ:  # torchrun: no launcher of ours holds output_dir
+            lock = take_output_dir(cfg.output_dir)
         from automodel_mimo.quiet import quiet_third_party
 
         quiet_third_party()
@@ -86,6 +90,9 @@ def _run_worker(cfg) -> int:
     except Exception:
         print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,26 +101,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"automodel-mimo {args.algo}: not available yet", file=sys.stderr)
         return 2
     from automodel_mimo.config import load_config
-    from automodel_mimo.launch.local import is_worker_env, launch_local
+    from automodel_mimo.launch.local import is_worker_env
 
     worker = is_worker_env()
+    lock = None
     try:
-        cfg = load_config(args.algo, args.config, args.overrides,
-                          world_size=int(os.environ["WORLD_SIZE"]) if worker else None)
-        if not worker:
-            _preflight(cfg)
-    except UserInputError as e:
-        if not worker or os.environ.get("RANK") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    if worker:
-        return _run_worker(cfg)
-    args_list = list(argv if argv is not None else sys.argv[1:])
+        try:
+            cfg = load_config(args.algo, args.config, args.overrides,
+                              world_size=int(os.environ["WORLD_SIZE"]) if worker else None)
+            if not worker:
+                lock = take_output_dir(cfg.output_dir)  # one run per output_dir, held until the ranks are gone
+                _preflight(cfg)
+        except UserInputError as e:
+            if not worker or os.environ.get("RANK") == "0":
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        if worker:
+            return _run_worker(cfg)
+        return _launch(cfg, list(argv if argv is not None else sys.argv[1:]))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launch(cfg, args_list: list[str]) -> int:
+    from automodel_mimo.launch.local import launch_local
+
     if cfg.launch.backend == "ray":
         from automodel_mimo.launch.ray_launcher import launch_ray
 
         return launch_ray(cfg, args_list)
-    return launch_local(cfg.launch.nproc, [sys.executable, "-m", "automodel_mimo.cli", *args_list])
+    return launch_local(cfg.launch.nproc, [sys.executable, "-m", "automodel_mimo.cli", *args_list],
+                        env={HELD_BY_LAUNCHER: "1"})
 
 
 if __name__ == "__main__":
