@@ -112,7 +112,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: off
-    resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir (none: a note, start at step 0)
+    resume_required: bool = False  # with resume: stop (exit 2) instead when output_dir holds no usable checkpoint
     keep_last: int = 2  # 0 keeps every checkpoint
     export_hf: bool = True  # write <output_dir>/hf at the end
 

@@ -10,12 +10,13 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 
 from automodel_mimo.checkpoint import Checkpointer
 from automodel_mimo.config import RunConfig
-from automodel_mimo.errors import RunStopped
+from automodel_mimo.errors import RunStopped, UserInputError
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
 
@@ -23,13 +24,30 @@ SKIP_WARNING = "non-finite loss or grad_norm: step skipped, weights unchanged"
 
 
 def resume(cfg: RunConfig, model, optimizer) -> tuple[Checkpointer, int]:
-    """The run's checkpointer and its first step: after the latest complete checkpoint when
-    checkpoint.resume is set and one exists (model and optimizer loaded from it), else 0."""
+    """The run's checkpointer and its first step: after the checkpoint `resume_checkpoint` picks (model and
+    optimizer loaded from it), else 0."""
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     start = 0
-    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, model, optimizer)
+    if (path := resume_checkpoint(cfg, ckpt)) is not None:
+        start = ckpt.load(path, model, optimizer)
     return ckpt, start
+
+
+def resume_checkpoint(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
+    """Collective. With checkpoint.resume: the newest intact checkpoint (Checkpointer.latest_intact); when there
+    is none, a note and None (start at step 0), or with checkpoint.resume_required a UserInputError."""
+    if not cfg.checkpoint.resume:
+        return None
+    path = ckpt.latest_intact()
+    if path is None:
+        if cfg.checkpoint.resume_required:
+            raise UserInputError(f"checkpoint.resume=true: {ckpt.root} holds no usable checkpoint, and "
+                                 "checkpoint.resume_required=true; point output_dir at the run to continue, or set "
+                                 "checkpoint.resume_required=false to start from step 0")
+        if dist.get_rank() == 0:
+            print(f"note: checkpoint.resume=true but {ckpt.root} holds no usable checkpoint: starting at step 0",
+                  file=sys.stderr, flush=True)
+    return path
 
 
 def due(every: int, done: int, last: int) -> bool:

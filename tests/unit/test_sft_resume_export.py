@@ -43,6 +43,23 @@ def test_resume_after_crashes_matches_uninterrupted_run(uninterrupted, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
 
 
+def test_corrupted_shard_resumes_from_the_checkpoint_before_it(uninterrupted, tmp_path):
+    """4 KiB overwritten inside a published step-4 shard: resume names the damage in one line, falls back to
+    step 2 and continues exactly as the uninterrupted run (docs/reliability.md)."""
+    out = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    shard = max((out / "checkpoints" / "step_4").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with shard.open("r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    r = run_cli("sft", *RUN, f"output_dir={out}", "checkpoint.resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"note: checkpoint {out}/checkpoints/step_4 is damaged ({shard.name} does not match its checksum); "
+            "falling back to the one before it") in r.stderr
+    assert "start step 2" in r.stdout
+    assert train_losses(out) == {step: loss for step, loss in train_losses(uninterrupted).items() if step > 2}
+
+
 def test_hf_export_loads_with_plain_transformers(uninterrupted):
     hf = uninterrupted / "hf"
     exported = AutoModelForCausalLM.from_pretrained(hf)
