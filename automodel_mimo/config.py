@@ -220,7 +220,12 @@ def load_config(algo: str, path: str | None = None, overrides: list[str] = (), w
     cfg_path = Path(path) if path else default_config_path(algo)
     if not cfg_path.is_file():
         raise UserInputError(f"--config {cfg_path}: file not found")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserInputError(f"--config {cfg_path}: not valid YAML{_yaml_where(e)}: {_yaml_problem(e)}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--config {cfg_path}: cannot be read ({e}); point --config at a YAML file") from None
     if not isinstance(raw, dict):
         raise UserInputError(f"--config {cfg_path}: the top level must be a mapping of keys")
     raw.setdefault("algo", algo)
@@ -244,7 +249,25 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as e:
+        raise UserInputError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); close its brackets "
+                             f"or quotes (e.g. train.betas=[0.9,0.95]), or quote the whole value") from None
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error in a file, and where the construct it broke began (an unclosed
+    bracket is noticed lines later)."""
+    mark, context, start = (getattr(e, name, None) for name in ("problem_mark", "context", "context_mark"))
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if context and start is not None and mark is not None and start.line != mark.line:
+        where += f" ({context} that starts at line {start.line + 1})"
+    return where
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _build(cls, raw: dict, prefix: str):
