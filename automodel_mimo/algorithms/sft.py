@@ -33,16 +33,18 @@ from policies.lm_policy import LMPolicy
 
 
 def prepare_sft_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
-    """Load and tokenize; deterministic, so every rank computes (and rejects) the same rows."""
+    """Load and tokenize; deterministic, so every rank computes (and rejects) the same rows. Tokenized in the
+    files' row order, before the eval hold-out, so errors name the file's row (load_sft_dataset)."""
     d = cfg.data
-    raw = load_sft_dataset(
+
+    def tokenize(ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        return tokenize_dataset(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+                                truncate=d.truncate, split_name=split)
+
+    return load_sft_dataset(
         d.dataset, seed=cfg.seed, prompt_key=d.prompt_key, response_key=d.response_key, messages_key=d.messages_key,
         train_split=d.train_split, eval_split=d.eval_split, eval_fraction=d.eval_fraction,
-        num_train=d.num_train, num_eval=d.num_eval, digits=d.digits, name=d.name)
-    return datasets.DatasetDict({
-        split: tokenize_dataset(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
-                                truncate=d.truncate, split_name=split)
-        for split, ds in raw.items()})
+        num_train=d.num_train, num_eval=d.num_eval, digits=d.digits, name=d.name, prepare=tokenize)
 
 
 def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
