@@ -33,6 +33,13 @@ def _preflight(cfg) -> None:
     from automodel_mimo.quiet import quiet_third_party
 
     quiet_third_party()
+    from automodel_mimo.algorithms.loop import check_resume_required
+    from automodel_mimo.data.file_check import check_data_files
+    from automodel_mimo.models.local_paths import check_model_paths
+
+    check_model_paths(cfg.model)  # the user's files first: one line each, before anything is loaded
+    check_data_files(cfg)
+    check_resume_required(cfg)
     from automodel_mimo.models.build import build_hf_config, check_tp_divisibility
     from automodel_mimo.models.tokenizer import load_tokenizer
     from automodel_mimo.parallel.pipeline_parallel import check_pipeline_split
