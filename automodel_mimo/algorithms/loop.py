@@ -102,18 +102,22 @@ def run_steps(cfg: RunConfig, start: int, logger: MetricsLogger, step: Callable[
     began = time.perf_counter()
     last = cfg.train.max_steps
     streak = SkipStreak(cfg.train.max_skipped_steps)
-    for i in range(start, last):
-        row = step(i)
-        done = i + 1
-        if row.get("skipped"):
-            row["warning"] = SKIP_WARNING
-        logger.log({"step": done, **row, "elapsed_s": time.perf_counter() - began})
-        streak.update(done, row)
-        if evaluate is not None and due(cfg.eval.every_steps, done, last):
-            logger.log({"step": done, **evaluate(done), "elapsed_s": time.perf_counter() - began})
-        if save is not None and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            save(done)
-            fault_point("after_checkpoint", done)
+    try:
+        for i in range(start, last):
+            row = step(i)
+            done = i + 1
+            if row.get("skipped"):
+                row["warning"] = SKIP_WARNING
+            logger.log({"step": done, **row, "elapsed_s": time.perf_counter() - began})
+            streak.update(done, row)
+            if evaluate is not None and due(cfg.eval.every_steps, done, last):
+                logger.log({"step": done, **evaluate(done), "elapsed_s": time.perf_counter() - began})
+            if save is not None and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+                save(done)
+                fault_point("after_checkpoint", done)
+    except RunStopped:
+        logger.close()  # a clean stop: TensorBoard / wandb keep every row logged so far
+        raise
 
 
 def finish(cfg: RunConfig, logger: MetricsLogger, tag: str, export: Callable[[str], object]) -> None:
