@@ -15,6 +15,7 @@ from automodel_mimo.checkpoint import Checkpointer
 from automodel_mimo.config import RunConfig
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.run_record import record_run
 
 
 def resume(cfg: RunConfig, model, optimizer) -> tuple[Checkpointer, int]:
@@ -25,6 +26,16 @@ def resume(cfg: RunConfig, model, optimizer) -> tuple[Checkpointer, int]:
     if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
         start = ckpt.load(latest, model, optimizer)
     return ckpt, start
+
+
+def open_logs(cfg: RunConfig, start: int, layout: str) -> MetricsLogger:
+    """Rank 0 records what runs (run_record: config.yaml, run_info.json; notes on a changed config at
+    resume) and opens the metric sinks; the other ranks get a logger that writes nothing."""
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        for note in record_run(cfg, start, layout, dist.get_world_size()):
+            print(f"note: {note}", flush=True)
+    return MetricsLogger(cfg, start, enabled=rank0)
 
 
 def due(every: int, done: int, last: int) -> bool:
@@ -58,6 +69,8 @@ def finish(cfg: RunConfig, logger: MetricsLogger, tag: str, export: Callable[[st
         export(folder)
     logger.close()
     if dist.get_rank() == 0:
-        print(f"[{tag}] done: {cfg.output_dir}/metrics.jsonl" + (f", HF export in {folder}" if cfg.checkpoint.export_hf else ""),
-              flush=True)
+        latest = Checkpointer(cfg.output_dir).latest()
+        outputs = ["metrics.jsonl", "config.yaml"] + ([f"checkpoints/{latest.name}"] if latest else []) + (
+            ["hf/ (Hugging Face export)"] if cfg.checkpoint.export_hf else [])
+        print(f"[{tag}] done: {logger.summary()}\n[{tag}] outputs in {cfg.output_dir}: {', '.join(outputs)}", flush=True)
     dist.barrier()
