@@ -124,6 +124,9 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str | None = None
     wandb_run_name: str | None = None
+    # false: the terminal shows our own lines only (third-party notices filtered; the vLLM engine's output goes
+    # to <output_dir>/logs/generator.log); true: everything, as the libraries print it
+    verbose: bool = False
 
 
 @dataclass
@@ -158,7 +161,7 @@ class GenerationConfig:
     top_p: float = 1.0  # must stay 1: the trainer's logprobs do not apply top-p truncation
     max_new_tokens: int = 8
     max_model_len: int = 256  # vllm: longest prompt + response
-    gpu_memory_utilization: float | None = None  # vllm: None = backend default (on CPU a fraction of host memory)
+    gpu_memory_utilization: float | None = None  # vllm: None = 0.5 on GPUs, a fixed 256 MiB KV cache on CPU
     bucket_bytes: int = 536870912  # refit bucket size (512 MiB)
     num_cpus: int = 1  # ray, colocated=false: CPUs reserved for the generator actor
 
@@ -207,6 +210,12 @@ class RunConfig:
     def dp(self) -> int:
         return typing.cast(int, self.parallel.dp)
 
+    @property
+    def layout(self) -> str:
+        """The LM layout as printed and recorded, e.g. `dp=2 tp=1 cp=1 pp=1`."""
+        p = self.parallel
+        return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}"
+
 
 # ---------------------------------------------------------------- loading
 
@@ -215,8 +224,10 @@ def default_config_path(algo: str) -> Path:
     return CONFIG_DIR / f"{algo}_tiny.yaml"
 
 
-def load_config(algo: str, path: str | None = None, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
-    """YAML (the embedded default when `path` is None) + overrides -> validated RunConfig."""
+def load_config(algo: str, path: str | None = None, overrides: list[str] = (), world_size: int | None = None,
+                notes: list[str] | None = None) -> RunConfig:
+    """YAML (the embedded default when `path` is None) + overrides -> validated RunConfig. Adjustments that
+    are not errors (a warm-up longer than the run, keys the dataset ignores) are appended to `notes`."""
     cfg_path = Path(path) if path else default_config_path(algo)
     if not cfg_path.is_file():
         raise UserInputError(f"--config {cfg_path}: file not found")
@@ -234,7 +245,7 @@ def load_config(algo: str, path: str | None = None, overrides: list[str] = (), w
     cfg = _build(RunConfig, raw, prefix="")
     if cfg.algo != algo:
         raise UserInputError(f"algo: the config says '{cfg.algo}' but the command is '{algo}'")
-    validate(cfg, world_size)
+    validate(cfg, world_size, notes)
     return cfg
 
 
@@ -348,8 +359,24 @@ def _validate_image_data(d: DataConfig) -> None:
     _require(0 <= d.text_only_fraction < 1, f"data.text_only_fraction={d.text_only_fraction}: must be in [0, 1)")
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Cross-field checks. Fills parallel.dp when it is None. Raises UserInputError."""
+SYNTHETIC_ONLY_KEYS = ("num_train", "num_eval", "digits", "text_only_fraction")
+
+
+def _note_synthetic_only_keys(d: DataConfig, notes: list[str]) -> None:
+    """Keys of the synthetic tasks that a file or hub dataset ignores, when set to something else than
+    their defaults (e.g. a MIMO config whose data.dataset is overridden with a parquet file)."""
+    if d.dataset.startswith("synthetic:"):
+        return
+    default = DataConfig()
+    ignored = [f"data.{k}={getattr(d, k)}" for k in SYNTHETIC_ONLY_KEYS if getattr(d, k) != getattr(default, k)]
+    if ignored:
+        notes.append(f"{', '.join(ignored)} apply to synthetic datasets only; ignored for data.dataset={d.dataset}")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | None = None) -> None:
+    """Cross-field checks. Fills parallel.dp when it is None and clamps train.warmup_steps to the run (saying
+    so in `notes`). Raises UserInputError."""
+    notes = [] if notes is None else notes
     p, t = cfg.parallel, cfg.train
     world = world_size or cfg.launch.nproc
     _require(cfg.launch.nproc >= 1, f"launch.nproc={cfg.launch.nproc}: must be >= 1")
@@ -394,7 +421,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay={t.lr_decay}: use cosine, linear or constant")
     _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr}: must be between 0 and train.lr")
-    _require(0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.max_steps")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    if t.warmup_steps > t.max_steps:  # a short run of a long recipe (train.max_steps=3) should just run
+        notes.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}: "
+                     f"the warm-up is clamped to {t.max_steps} steps")
+        t.warmup_steps = t.max_steps
     _require(len(t.betas) == 2, f"train.betas={t.betas}: expected two numbers")
     _require(t.eps > 0, f"train.eps={t.eps}: must be > 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
@@ -412,6 +443,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                  "(2 * parallel.cp, times parallel.tp with sequence parallelism)")
     _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
     _validate_image_data(cfg.data)
+    _note_synthetic_only_keys(cfg.data, notes)
     for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last",
                 "train.max_skipped_steps"):
         section, name = key.split(".")

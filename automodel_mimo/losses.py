@@ -1,4 +1,4 @@
-"""Per-token logprobs and the losses built on them, under the global-denominator contract (NUMERICS.md).
+"""Per-token logprobs and the losses built on them, under the global-denominator contract (docs/numerics.md).
 
 Each microbatch contributes `sum(per_token_loss * mask) / global_valid_tokens`; summed over microbatches
 and (by the SUM gradient reduction) over data-parallel ranks, that is exactly the global mean.

@@ -1,7 +1,7 @@
 """Rank 0's metric sinks: metrics.jsonl (one row per step / eval), TensorBoard, wandb, a progress bar.
 Also the rule that combines per-microbatch metric shares (combine_metrics).
 
-All values arrive already reduced over ranks (NUMERICS.md), so only rank 0 writes. On resume the rows of
+All values arrive already reduced over ranks (docs/numerics.md), so only rank 0 writes. On resume the rows of
 steps after the checkpoint are dropped, so metrics.jsonl reads as one uninterrupted run.
 """
 
@@ -19,6 +19,8 @@ class MetricsLogger:
     def __init__(self, cfg: RunConfig, start_step: int, enabled: bool):
         self.enabled = enabled
         self.tb = self.wandb = self.bar = None
+        self.last_train: dict = {}  # the latest step row and eval row, for the end-of-run summary
+        self.last_eval: dict = {}
         if not enabled:
             return
         out = Path(cfg.output_dir)
@@ -62,6 +64,10 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        if any(k.startswith("eval/") for k in row):
+            self.last_eval = row
+        else:
+            self.last_train = row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         step = row["step"]
@@ -79,6 +85,20 @@ class MetricsLogger:
             else:
                 self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    def summary(self) -> str:
+        """One line of the run's final numbers: step, loss and the last eval's metrics."""
+        parts = []
+        if self.last_train:
+            parts.append(f"step {self.last_train['step']}")
+            parts += [f"{k} {_fmt(self.last_train[k])}" for k in ("loss", "reward") if k in self.last_train]
+            if "elapsed_s" in self.last_train:
+                parts.append(f"{self.last_train['elapsed_s']:.0f}s of steps")
+        if self.last_eval:
+            evals = [f"{k} {_fmt(v)}" for k, v in self.last_eval.items()
+                     if k.startswith("eval/") and not k.endswith("num_samples") and not k.endswith("num_pairs")]
+            parts.append(", ".join(evals) + f" (held-out, step {self.last_eval['step']})")
+        return "; ".join(parts)
+
     def close(self) -> None:
         if self.bar:
             self.bar.close()
@@ -94,6 +114,10 @@ def _parse_row(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return row if isinstance(row, dict) else None
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _start_wandb(cfg: RunConfig):

@@ -1,13 +1,18 @@
-"""Silence third-party start-up noise that says nothing actionable to users of a run.
+"""Keep a run's terminal to our own lines (`logging.verbose=true` shows everything).
 
-Only known, harmless messages are filtered (by text), so new warnings still show.
+In our processes only known, harmless messages are filtered (by text), so new warnings still show. The vLLM
+engine's own processes (they log platform notes, kernel fallbacks and progress bars by the dozen) write to a
+log file instead of the terminal: `output_to` redirects the file descriptors they inherit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from pathlib import Path
 
 _HARMLESS = (
     "Slicing a flattened dim from root mesh",  # torch, from nemo-automodel's mesh helpers
@@ -17,8 +22,10 @@ _HARMLESS = (
 )
 
 
-def quiet_third_party() -> None:
+def quiet_third_party(verbose: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
     # vLLM logs INFO lines per refit and per generate call (engine processes inherit this); warnings stay.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     for text in _HARMLESS:
@@ -33,3 +40,34 @@ def quiet_third_party() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Writing model shards" at every HF export
+
+
+@contextlib.contextmanager
+def output_to(path: str | Path):
+    """stdout and stderr of this process appended to `path` while the block runs, and for good in every
+    process it starts meanwhile (they inherit the descriptors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield path
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def last_line(path: str | Path, containing: str = "Error") -> str:
+    """The last line of a log that mentions `containing` (else its last line), for a one-line failure."""
+    lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    hits = [line for line in lines if containing in line]
+    return (hits or lines or [""])[-1]

@@ -4,7 +4,7 @@ and group advantages.
 They live beside losses.py (the per-token primitives every algorithm shares) because each has many
 options; every function here is pure tensor math on one microbatch, so tests can check it by hand.
 
-Global contract (NUMERICS.md): every loss and metric is this microbatch's share, pre-divided by a global
+Global contract (docs/numerics.md): every loss and metric is this microbatch's share, pre-divided by a global
 denominator (pairs, tokens or sequences summed over all microbatches and dp x cp ranks), so summing
 shares over microbatches and ranks gives the global mean. Metrics named `*_min` / `*_max` are the
 exception: they combine by min / max (metrics.combine_metrics). Rows a mask leaves empty (weight-0 dummies)

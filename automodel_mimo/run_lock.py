@@ -20,8 +20,6 @@ from pathlib import Path
 from automodel_mimo.errors import UserInputError
 
 LOCK_NAME = ".lock"
-# Set by our launchers in every rank's environment: the launcher holds the lock, so the ranks do not.
-HELD_BY_LAUNCHER = "AUTOMODEL_MIMO_LOCK_HELD"
 
 
 class OutputDirLock:

@@ -6,7 +6,7 @@
    checks, run with the real CUDA kernel instead of the CPU reference kernel).
 2. A small Llama in bf16 runs the same packed rows (odd lengths, a one-token sequence, trailing padding)
    through the varlen path and with it switched off (explicit block-causal mask): logits, loss and every
-   gradient compared (NUMERICS.md: rel err < 1e-2 in bf16). Exits 1 if any check fails.
+   gradient compared (docs/numerics.md: rel err < 1e-2 in bf16). Exits 1 if any check fails.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class LMPolicy:
 
     def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn, temperature: float = 1.0) -> dict:
         """Accumulate gradients of loss_fn over this rank's microbatches; returns the metrics reduced over
-        all data ranks (NUMERICS.md: shares summed, `*_min`/`*_max` by min/max).
+        all data ranks (docs/numerics.md: shares summed, `*_min`/`*_max` by min/max).
 
         loss_fn sees whole rows: under cp, the per-token logprobs are gathered to the original order (their
         backward hands each rank its own slice) and `loss_mask` is replaced by its whole-row version; any
@@ -108,6 +108,11 @@ class LMPolicy:
                 values = values / self.state.cp_size  # cp ranks computed the same whole-row shares
             out.update(zip(names, values.tolist()))
         return out
+
+    def data_tokens(self, microbatches: list[dict]) -> int:
+        """Non-padding tokens of the global batch (every dp rank's microbatches; cp ranks share rows)."""
+        local = torch.tensor(sum(real_tokens(mb) for mb in microbatches), dtype=torch.float64)
+        return int(self.sum_over_data_ranks(local)) // self.state.cp_size
 
     def whole_rows(self, values: torch.Tensor, mb: dict) -> torch.Tensor:
         """Per-token values of this rank's cp shard -> whole rows in original order (no gradient)."""

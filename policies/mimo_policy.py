@@ -1,6 +1,6 @@
 """MimoPolicy: the SFT train step of a MimoModel (encoder + projector + LLM on heterogeneous grids).
 
-One global token count N for both modules (NUMERICS.md): N counts the loss tokens of the whole global
+One global token count N for both modules (docs/numerics.md): N counts the loss tokens of the whole global
 batch (the LLM's rows, summed over the LLM's dp ranks; cp ranks hold the same rows before sharding). Each
 microbatch contributes sum(token loss) / N; the encoder's gradient flows only through that loss and the
 bridge, so both modules' gradients are scaled by 1/N exactly once, and FSDP sums them over each module's

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
-from automodel_mimo.algorithms.loop import finish, resume, run_steps
+from automodel_mimo.algorithms.loop import finish, open_logs, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import DPOConfig, RunConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
@@ -24,7 +24,6 @@ from automodel_mimo.data.packing import pack_microbatches
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
@@ -189,15 +188,18 @@ def run_dpo(cfg: RunConfig) -> None:
     eval_mbs = eval_microbatches(cfg, data["eval"], state, pad) if cfg.eval.every_steps else []
     eval_ref = sequence_sums(policy, eval_mbs, policy.reference_logprobs(eval_mbs)) if eval_mbs else []
     if state.is_rank0:
-        print(f"[dpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} pp={cfg.parallel.pp}, "
+        print(f"[dpo] {dist.get_world_size()} ranks, {cfg.layout}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval pairs, reference {cfg.dpo.reference}, "
               f"start step {start}", flush=True)
-    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    logger = open_logs(cfg, start, cfg.layout)
 
     def step(i: int) -> dict:
         t0 = time.perf_counter()
-        metrics = dpo_train_step(policy, step_microbatches(cfg, data["train"], i, state, pad), cfg.dpo)
-        return {**metrics, "step_s": time.perf_counter() - t0}
+        microbatches = step_microbatches(cfg, data["train"], i, state, pad)
+        metrics = dpo_train_step(policy, microbatches, cfg.dpo)
+        tokens = policy.data_tokens(microbatches)
+        step_s = time.perf_counter() - t0
+        return {**metrics, "tokens": tokens, "tokens_per_s": tokens / step_s, "step_s": step_s}
 
     run_steps(cfg, start, logger, step, evaluate=lambda done: evaluate_preferences(cfg, policy, eval_mbs, eval_ref),
               save=lambda done: ckpt.save(done, handle, policy.optimizer))

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
-from automodel_mimo.algorithms.loop import finish, resume_checkpoint, run_steps
+from automodel_mimo.algorithms.loop import finish, open_logs, resume_checkpoint, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig, packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
@@ -34,7 +34,6 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
@@ -186,6 +185,8 @@ def build_generator(cfg: RunConfig, folder: str, state) -> Colocated:
         if gen.backend == "vllm":
             kwargs.update(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
                           seed=cfg.seed)
+            if gen.colocated and not cfg.logging.verbose:
+                kwargs["log_file"] = Path(cfg.output_dir) / "logs" / "generator.log"
         if gen.colocated:
             if gen.backend == "hf":
                 kwargs["device"] = state.device  # the trainer rank's accelerator
@@ -271,12 +272,11 @@ def run_grpo(cfg: RunConfig) -> None:
     g = cfg.grpo
     if state.is_rank0:
         where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
-        print(f"[grpo] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
-              f"pp={cfg.parallel.pp}, {cfg.generation.backend} "
+        print(f"[grpo] {dist.get_world_size()} ranks, {cfg.layout}, {cfg.generation.backend} "
               f"generator {where}, {g.prompts_per_step} prompts x {g.num_generations} samples per step, "
               f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, "
               f"start step {start}", flush=True)
-    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    logger = open_logs(cfg, start, cfg.layout)
     if cfg.eval.every_steps and start == 0:
         first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
         initial_accuracy = first["eval/accuracy"]

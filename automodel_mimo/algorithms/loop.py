@@ -19,6 +19,7 @@ from automodel_mimo.config import RunConfig
 from automodel_mimo.errors import RunStopped, UserInputError
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
+from automodel_mimo.run_record import record_run
 
 SKIP_WARNING = "non-finite loss or grad_norm: step skipped, weights unchanged"
 
@@ -58,6 +59,16 @@ def resume_checkpoint(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
             print(f"note: checkpoint.resume=true but {ckpt.root} holds no usable checkpoint: starting at step 0",
                   file=sys.stderr, flush=True)
     return path
+
+
+def open_logs(cfg: RunConfig, start: int, layout: str) -> MetricsLogger:
+    """Rank 0 records what runs (run_record: config.yaml, run_info.json; notes on a changed config at
+    resume) and opens the metric sinks; the other ranks get a logger that writes nothing."""
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        for note in record_run(cfg, start, layout, dist.get_world_size()):
+            print(f"note: {note}", flush=True)
+    return MetricsLogger(cfg, start, enabled=rank0)
 
 
 def due(every: int, done: int, last: int) -> bool:
@@ -128,6 +139,8 @@ def finish(cfg: RunConfig, logger: MetricsLogger, tag: str, export: Callable[[st
         export(folder)
     logger.close()
     if dist.get_rank() == 0:
-        print(f"[{tag}] done: {cfg.output_dir}/metrics.jsonl" + (f", HF export in {folder}" if cfg.checkpoint.export_hf else ""),
-              flush=True)
+        latest = Checkpointer(cfg.output_dir).latest()
+        outputs = ["metrics.jsonl", "config.yaml"] + ([f"checkpoints/{latest.name}"] if latest else []) + (
+            ["hf/ (Hugging Face export)"] if cfg.checkpoint.export_hf else [])
+        print(f"[{tag}] done: {logger.summary()}\n[{tag}] outputs in {cfg.output_dir}: {', '.join(outputs)}", flush=True)
     dist.barrier()

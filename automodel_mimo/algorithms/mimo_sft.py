@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
-from automodel_mimo.algorithms.loop import finish, resume, run_steps
+from automodel_mimo.algorithms.loop import finish, open_logs, resume, run_steps
 from automodel_mimo.config import RunConfig
 from automodel_mimo.data.batching import global_batch_indices, local_slice, split_microbatches
 from automodel_mimo.data.images import ImageProcessor
@@ -34,7 +34,6 @@ from automodel_mimo.distributed.grids import LANGUAGE
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.distributed.nonfinite import require_finite_weights
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.mimo.model import MimoModel, build_vision_module
 from automodel_mimo.models.build import build_hf_config, build_model
 from automodel_mimo.models.tokenizer import load_tokenizer
@@ -172,13 +171,13 @@ def run_mimo_sft(cfg: RunConfig, tokenizer, dataset: Sequence, collate_fn: Colla
     policy = MimoPolicy(model, cfg.train)
     ckpt, start = resume(cfg, model, policy.optimizer)
     rank0 = dist.get_rank() == 0
+    sizes = ", ".join(f"{n}: " + " ".join(f"{d}{g.size(d)}" for d in ("dp", "tp", "cp")) for n, g in model.grids.items())
     if rank0:
-        sizes = ", ".join(f"{n}: " + " ".join(f"{d}{g.size(d)}" for d in ("dp", "tp", "cp")) for n, g in model.grids.items())
         n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.modules.items()}
         print(f"[mimo_sft] {dist.get_world_size()} ranks ({sizes}), {len(dataset)} train rows"
               + (f" / {len(eval_ds)} eval rows" if eval_ds is not None else "")
               + f", parameters {n_params}, start step {start}", flush=True)
-    logger = MetricsLogger(cfg, start, enabled=rank0)
+    logger = open_logs(cfg, start, sizes)
 
     def step(i: int) -> dict:
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.algorithms.loop import SkipStreak, finish, resume, run_steps
+from automodel_mimo.algorithms.loop import SkipStreak, finish, open_logs, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import RunConfig, TrainConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
@@ -25,7 +25,6 @@ from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.data.tokenize import tokenize_dataset
 from automodel_mimo.distributed.equal_steps import max_over_group
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
-from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
@@ -122,10 +121,10 @@ def run_sft(cfg: RunConfig) -> None:
     ckpt, start = resume(cfg, handle, policy.optimizer)
     n_params = _count_parameters(handle, device)
     if state.is_rank0:
-        print(f"[sft] {dist.get_world_size()} ranks, dp={cfg.dp} tp={cfg.parallel.tp} cp={cfg.parallel.cp} pp={cfg.parallel.pp}, "
+        print(f"[sft] {dist.get_world_size()} ranks, {cfg.layout}, "
               f"{len(data['train'])} train / {len(data['eval'])} eval rows, {n_params:,} parameters, start step {start}",
               flush=True)
-    logger = MetricsLogger(cfg, start, enabled=state.is_rank0)
+    logger = open_logs(cfg, start, cfg.layout)
 
     def step(i: int) -> dict:
         t0 = time.perf_counter()

@@ -102,6 +102,7 @@ def _image_column(ds: datasets.Dataset, image_key: str, base_dir: Path | None) -
 def _to_rows(ds: datasets.Dataset, split: str, *, image_key: str, prompt_key: str, response_key: str,
              messages_key: str | None, base_dir: Path | None) -> datasets.Dataset:
     """One split -> columns `images` (list) and `messages`; errors name the config key and split."""
+    messages_key = sources.chat_column(ds, prompt_key, messages_key)
     if messages_key is not None:
         sources._require_column(ds, messages_key, "data.messages_key")
     else:

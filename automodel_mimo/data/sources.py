@@ -134,9 +134,17 @@ def _clean_messages(row: dict[str, Any], idx: int, messages_key: str) -> dict[st
     return {"messages": cleaned}
 
 
+def chat_column(ds: datasets.Dataset, prompt_key: str, messages_key: str | None) -> str | None:
+    """The chat column to read: data.messages_key, or `messages` when the data has it and no prompt column."""
+    if messages_key is None and prompt_key not in ds.column_names and "messages" in ds.column_names:
+        return "messages"
+    return messages_key
+
+
 def _to_messages(
     ds: datasets.Dataset, split: str, *, prompt_key: str, response_key: str, messages_key: str | None
 ) -> datasets.Dataset:
+    messages_key = chat_column(ds, prompt_key, messages_key)
     if messages_key is not None:
         _require_column(ds, messages_key, "data.messages_key")
         fn, kwargs = _clean_messages, {"messages_key": messages_key}

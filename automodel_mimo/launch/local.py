@@ -22,6 +22,8 @@ _PR_SET_PDEATHSIG = 1
 # Resolved here, not in the forked child: dlopen after fork can deadlock when threads exist.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 _POLL_S = 0.1
+# Set in every rank our launchers (this one and launch.ray_launcher) start; torchrun's ranks lack it.
+LAUNCHED_ENV = "AUTOMODEL_MIMO_LAUNCHED"
 
 
 def is_worker_env() -> bool:
@@ -63,6 +65,9 @@ def _shared_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     base.update(extra)
     base.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    # Each rank would otherwise start one compute thread per core, so nproc ranks oversubscribe the cores
+    # (a 2-rank CPU run is ~25% slower that way); torchrun sets 1. The user's own setting wins.
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return base
 
 

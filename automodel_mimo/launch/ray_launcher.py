@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from automodel_mimo.config import RunConfig
-from automodel_mimo.run_lock import HELD_BY_LAUNCHER
+from automodel_mimo.launch.local import LAUNCHED_ENV
 
 _POLL_S = 0.5
 _LOG_FLUSH_S = 1.0
@@ -72,7 +72,7 @@ def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
             for i in range(n)]
         host, port = ray.get(actors[0].address.remote())
         shared = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-                  HELD_BY_LAUNCHER: "1"}  # this driver holds output_dir's lock
+                  LAUNCHED_ENV: "1"}  # also: this driver holds output_dir's lock, the ranks do not take it
         runs = {actors[i].run.remote(argv, {**shared, "RANK": str(i), "LOCAL_RANK": "0" if gpus else str(i)}): i
                 for i in range(n)}
         return _supervise(runs)

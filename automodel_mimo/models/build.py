@@ -114,7 +114,7 @@ def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id:
 
 def _sum_gradient_reduction(model: nn.Module) -> None:
     """FSDP2 averages gradients over its data ranks; the losses are pre-divided by global token counts,
-    so the reduction must be a plain sum (NUMERICS.md). Forcing SUM-type collectives keeps FSDP off
+    so the reduction must be a plain sum (docs/numerics.md). Forcing SUM-type collectives keeps FSDP off
     PREMUL_SUM, which gloo lacks (and a factor of 1 needs no pre-multiplication anyway)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -1,4 +1,4 @@
-"""The oracle (NUMERICS.md): a parallel layout must reproduce the single-process result of the same global
+"""The oracle (docs/numerics.md): a parallel layout must reproduce the single-process result of the same global
 batch — loss, every gradient, post-step weights — to fp32 rounding. Shared by every layout test."""
 
 from __future__ import annotations

@@ -30,12 +30,10 @@ def _no_process_mentions(marker: str) -> bool:
     ("parallel.pp=2 train.micro_batch_size=1 parallel.pp_microbatch_size=1", "1 pipeline microbatches, fewer than parallel.pp=2"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, override, expected):
-    start = time.monotonic()
     r = run_cli("sft", *TINY, f"output_dir={tmp_path}", *override.split(), timeout=60)
     assert r.returncode == 2
     assert expected in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert time.monotonic() - start < 30
     assert _no_process_mentions(str(tmp_path))
 
 
@@ -63,3 +61,22 @@ def test_data_error_inside_ranks_stops_every_rank(tmp_path):
     assert time.monotonic() - said < 2.0  # was 3-4 s here, 8-19 s in the drills
     assert "data.max_seq_len=8" in stderr and "Traceback" not in stderr
     assert _no_process_mentions(str(tmp_path))
+
+
+def test_help_lists_sections_and_docs():
+    top = run_cli("--help", timeout=60)
+    assert top.returncode == 0 and "commands:" in top.stdout and "Docs:" in top.stdout
+    for algo in ("sft", "dpo", "grpo"):
+        r = run_cli(algo, "--help", timeout=60)
+        assert r.returncode == 0, r.stderr
+        for section in ("launch", "parallel", "model", "data", "train", "eval", "checkpoint", "logging", "mimo"):
+            assert f"\n  {section} " in r.stdout, (algo, section)
+        assert f"{algo}_tiny.yaml" in r.stdout and "Docs:" in r.stdout
+
+
+def test_no_command_prints_usage_not_an_argparse_error():
+    r = run_cli(timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("usage: automodel-mimo {sft,dpo,grpo}")
+    assert "the following arguments are required" not in r.stderr
+    r = run_cli("sfx", timeout=60)
+    assert r.returncode == 2 and "unknown command 'sfx'; use one of sft, dpo, grpo" in r.stderr

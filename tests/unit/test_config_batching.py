@@ -44,3 +44,23 @@ def test_epochs_cover_every_row_once_then_reshuffle():
     assert sorted(seen[:20]) == list(range(20))  # epoch 0 is a permutation
     assert sorted(seen[20:40]) == list(range(20)) and seen[20:40] != seen[:20]
     assert global_batch_indices(3, 20, 8, 0) == global_batch_indices(3, 20, 8, 0)
+
+
+def test_short_run_clamps_the_warmup_with_a_note():
+    """`automodel-mimo sft train.max_steps=3` runs: the recipe's 30-step warm-up is clamped, said once."""
+    notes = []
+    cfg = load_config("sft", None, ["train.max_steps=3"], notes=notes)
+    assert (cfg.train.max_steps, cfg.train.warmup_steps) == (3, 3)
+    assert len(notes) == 1 and "train.warmup_steps=" in notes[0] and "clamped to 3" in notes[0]
+    with pytest.raises(UserInputError, match="train.warmup_steps=-1"):
+        load_config("sft", None, ["train.warmup_steps=-1"])
+
+
+def test_synthetic_only_keys_are_noted_for_file_datasets(tmp_path):
+    notes = []
+    load_config("sft", None, [f"data.dataset={tmp_path}/x.jsonl"], notes=notes)
+    assert notes == [f"data.num_train=9000 apply to synthetic datasets only; "
+                     f"ignored for data.dataset={tmp_path}/x.jsonl"]
+    notes.clear()
+    load_config("sft", None, [], notes=notes)  # the synthetic default uses them
+    assert notes == []

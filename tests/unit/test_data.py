@@ -110,6 +110,13 @@ def test_jsonl_with_messages_key(tmp_path: Path) -> None:
     assert data["train"][0]["messages"] == [{"role": m["role"], "content": m["content"]} for m in conversation]
 
 
+def test_messages_column_is_found_without_a_prompt_column(tmp_path: Path) -> None:
+    """A chat-format file (a `messages` column, no `prompt`) needs no data.messages_key."""
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": _pair("1+2=", "3")}] * 10)
+    data = load_sft_dataset(str(path), seed=0, eval_fraction=0.2)
+    assert data["train"][0]["messages"] == _pair("1+2=", "3")
+
+
 def test_directory_uses_its_test_split(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "response": "b"}] * 6)
     _write_jsonl(tmp_path / "test.jsonl", [{"prompt": "c", "response": "d"}] * 2)
@@ -171,6 +178,26 @@ def test_plain_mode_appends_eos(tok: PreTrainedTokenizerFast) -> None:
     assert out["input_ids"] == [*b"1+2=3", EOS]
     assert out["labels"] == [IGNORE_INDEX] * 3 + [ord("3"), EOS, IGNORE_INDEX]
     assert out["prompt_ids"] == list(b"1+2=")
+
+
+def test_batched_backend_encoding_equals_the_tokenizer_call(tok: PreTrainedTokenizerFast) -> None:
+    from automodel_mimo.data.tokenize import encode
+
+    texts = ["<|user|>07+85=<|end|><|assistant|>", "plain text <|eos|> é ü", "<|image|><|image|>x", ""]
+    assert encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_without_template_or_eos_names_the_real_cause(tok: PreTrainedTokenizerFast) -> None:
+    bare = build_default_tokenizer()
+    bare.chat_template, bare.eos_token = None, None
+    with pytest.raises(UserInputError, match="neither a chat template nor an eos token") as err:
+        tokenize_messages(_pair("1+2=", "3"), bare, max_seq_len=32, use_chat_template=True)
+    assert "set data.chat_template=true" not in str(err.value)  # it already is: not the fix
+    with pytest.raises(UserInputError, match="data.chat_template=false .* has no eos token"):
+        tokenize_messages(_pair("1+2=", "3"), bare, max_seq_len=32, use_chat_template=False)
+    ds = datasets.Dataset.from_dict({"messages": [_pair("1+1=", "2")]})
+    with pytest.raises(UserInputError, match="^the tokenizer"):  # checked once, before any row
+        tokenize_dataset(ds, bare, max_seq_len=16, use_chat_template=True, truncate=False, split_name="train")
 
 
 def test_too_long_names_max_seq_len_or_truncates(tok: PreTrainedTokenizerFast) -> None:

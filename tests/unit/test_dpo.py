@@ -104,6 +104,7 @@ def test_short_dpo_run_writes_metric_rows(short_run):
         for key in ("loss", "grad_norm", "reward_margin", "preference_accuracy", "dpo_loss", "lr"):
             assert isinstance(row[key], float), key
         assert row["pairs"] == 4  # global batch of 8 sequences
+        assert row["tokens"] > 8 and row["tokens_per_s"] > 0  # the progress bar's tok_s
         assert 0 <= row["preference_accuracy"] <= 1
     # the reference is the model after the warm-up, so the first DPO forward sees policy == reference
     assert abs(train[0]["chosen_reward"]) < 1e-4 and abs(train[0]["reward_margin"]) < 1e-4
@@ -125,7 +126,7 @@ def test_packed_cp2_run_matches_the_padded_dp2_run(short_run, tmp_path):
         for key in ("loss", "sft_loss", "grad_norm", "eval/loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
-        for key in ("pairs", "preference_accuracy", "eval/preference_accuracy", "eval/num_pairs"):
+        for key in ("pairs", "tokens", "preference_accuracy", "eval/preference_accuracy", "eval/num_pairs"):
             if key in b:
                 assert a[key] == b[key], (a["step"], key)
         for key in ("reward_margin", "chosen_reward", "eval/reward_margin"):  # differences of nearby sums

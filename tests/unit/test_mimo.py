@@ -1,4 +1,4 @@
-"""MIMO oracle (NUMERICS.md): SigLIP + projector + Llama on heterogeneous colocated grids equals the
+"""MIMO oracle (docs/numerics.md): SigLIP + projector + Llama on heterogeneous colocated grids equals the
 single-process reference — loss, global grad norm, every encoder AND LLM gradient, post-step weights with
 SGD and clipped AdamW — on a batch mixing text-only and image rows, for fan-in, fan-out, equal dp and
 LLM cp2. Also: the bridge is bit-exact; grids match nemo's enumeration; bad layouts and placeholder

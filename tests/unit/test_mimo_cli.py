@@ -4,7 +4,6 @@ local image dataset, and MIMO config errors (one line, exit 2, no rank started).
 from __future__ import annotations
 
 import json
-import time
 
 import datasets
 import torch
@@ -103,12 +102,11 @@ def test_mimo_config_errors_are_one_line(tmp_path, overrides, expected):
         config["additional_special_tokens"] = [t for t in config.get("additional_special_tokens") or [] if t != IMAGE]
         (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
         overrides = [o.replace("__TOKENIZER__", str(tmp_path / "tok")) for o in overrides]
-    start = time.monotonic()
     r = run_cli("sft", *CONFIG, f"output_dir={tmp_path / 'out'}", *overrides, timeout=60)
     assert r.returncode == 2, r.stderr[-2000:]
     assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert time.monotonic() - start < 45 and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # stopped before any rank started
 
 
 def test_schedule_resumes_onto_another_param_group_count():

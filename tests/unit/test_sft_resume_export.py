@@ -39,6 +39,8 @@ def test_resume_after_crashes_matches_uninterrupted_run(uninterrupted, tmp_path)
     third = run_cli("sft", *RUN, f"output_dir={out}", "checkpoint.resume=true")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "start step 2" in third.stdout
+    assert f"[sft] done: step 4; loss {metrics(out)[-1]['loss']:.4g}" in third.stdout  # the end-of-run summary
+    assert f"outputs in {out}: metrics.jsonl, config.yaml, checkpoints/step_4, hf/" in third.stdout
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
     assert train_losses(out) == train_losses(uninterrupted)  # bitwise: same layout, same data, same state
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
@@ -61,6 +63,19 @@ def test_corrupted_shard_resumes_from_the_checkpoint_before_it(uninterrupted, tm
     assert train_losses(out) == {step: loss for step, loss in train_losses(uninterrupted).items() if step > 2}
 
 
+def test_the_run_records_its_resolved_config(uninterrupted):
+    """output_dir/config.yaml is the resolved config (a --config that reruns it); run_info.json says what ran."""
+    import json
+
+    from automodel_mimo.config import load_config
+
+    again = load_config("sft", str(uninterrupted / "config.yaml"))
+    assert again.to_dict() == load_config("sft", None, [*RUN, f"output_dir={uninterrupted}", "logging.tensorboard=true"]).to_dict()
+    info = json.loads((uninterrupted / "run_info.json").read_text())
+    assert info["command"][:2] == ["automodel-mimo", "sft"] and info["layout"] == "dp=2 tp=1 cp=1 pp=1"
+    assert {"torch", "transformers", "nemo-automodel"} <= set(info["versions"]) and info["start_step"] == 0
+
+
 def test_hf_export_loads_with_plain_transformers(uninterrupted):
     hf = uninterrupted / "hf"
     exported = AutoModelForCausalLM.from_pretrained(hf)
@@ -81,8 +96,12 @@ def test_checkpoint_resumes_under_another_layout(uninterrupted, tmp_path):
     """A dp2 checkpoint resumed on a single rank: DCP reshards, and steps 3-4 match to fp32 rounding."""
     out = tmp_path / "relayout"
     shutil.copytree(uninterrupted / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    shutil.copy(uninterrupted / "config.yaml", out / "config.yaml")
     r = run_cli("sft", *RUN, f"output_dir={out}", "checkpoint.resume=true", "launch.nproc=1")
     assert r.returncode == 0, r.stderr[-3000:]
+    # the saved run's config is compared first: its other layout is named, nothing else
+    assert (f"note: resuming at step 2 with a config that differs from the saved {out / 'config.yaml'}: "
+            "launch.nproc 2 -> 1; logging.tensorboard True -> False; parallel.dp 2 -> 1\n") in r.stdout
     got, ref = train_losses(out), train_losses(uninterrupted)
     assert sorted(got) == [3, 4]
     for step in (3, 4):
