@@ -1,5 +1,5 @@
 """Every bad input the reliability drills found: one line naming the key / file / line and the fix, exit code 2,
-no traceback, and before any rank starts (fast, nothing left running, no output_dir left behind)."""
+no traceback, and before any rank starts (no rank output, nothing left running, no output_dir left behind)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -97,13 +96,11 @@ def test_bad_input_is_one_line_exit_2_before_any_rank(tmp_path, case):
     setup, expected = CASES[case]
     args = setup(tmp_path)
     out = [] if any(a.startswith("output_dir=") for a in args) else [f"output_dir={tmp_path / 'out'}"]
-    began = time.monotonic()
     r = run_cli("sft", *TINY, "launch.nproc=2", *out, *args, timeout=90)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
     assert expected.format(tmp=tmp_path) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""  # no rank started (a rank prints its layout)
-    assert time.monotonic() - began < 45
     assert not (tmp_path / "out").exists()  # the lock created it, and removed it again
     assert _no_process_mentions(str(tmp_path))
 
@@ -124,10 +121,9 @@ def immutable_dir(tmp_path):
 
 
 def test_unwritable_output_dir_is_one_line_before_any_rank(immutable_dir):
-    began = time.monotonic()
     r = run_cli("sft", *TINY, "launch.nproc=2", f"output_dir={immutable_dir}", timeout=90)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip() == (f"error: output_dir={immutable_dir} is not writable (Operation not permitted); choose "
                                 "a writable output_dir or fix its permissions") or (
         os.geteuid() != 0 and "is not writable (Permission denied)" in r.stderr), r.stderr
-    assert time.monotonic() - began < 45
+    assert r.stdout == ""  # no rank started

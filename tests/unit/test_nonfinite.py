@@ -4,7 +4,6 @@ nothing (checkpoint, HF export) is written from non-finite weights."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -93,10 +92,8 @@ RUN = [*TINY, "launch.nproc=2", "train.lr=1e6", "train.max_steps=12", "checkpoin
 def test_diverging_two_rank_run_skips_then_stops_with_only_finite_checkpoints(tmp_path):
     """lr=1e6: from step 3 the gradient norm is NaN. Both ranks skip steps 3-6 together (no hang), the 4th
     skip in a row stops the run with one line naming the step (exit 3), and every checkpoint is finite."""
-    began = time.monotonic()
-    r = run_cli("sft", *RUN, f"output_dir={tmp_path}", timeout=240)
+    r = run_cli("sft", *RUN, f"output_dir={tmp_path}", timeout=240)  # the timeout is the no-hang check
     assert r.returncode == 3, r.stderr[-3000:]
-    assert time.monotonic() - began < 200
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     stops = [line for line in r.stderr.splitlines() if line.startswith("stopped:")]
     assert len(stops) == 1 and stops[0].startswith("stopped: step 6: 4 steps in a row skipped") and "train.lr" in stops[0]

@@ -72,12 +72,10 @@ def test_two_cli_runs_racing_for_one_output_dir(tmp_path):
         while not (out / LOCK_NAME).exists():
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        began = time.monotonic()
         second = run_cli("sft", *TINY, "launch.nproc=2", "train.max_steps=6", f"output_dir={out}", timeout=60)
         assert second.returncode == 2, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr, second.stderr
         assert f"output_dir={out} is in use by another run (pid {first.pid} on " in second.stderr
-        assert time.monotonic() - began < 30
         assert first.poll() is None  # the first run was not disturbed
         _, err = first.communicate(timeout=300)
     finally:
