@@ -79,6 +79,8 @@ sys.exit(3)
 SELF_KILL = """
 record(f"pid-{rank}", str(os.getpid()))
 if rank == 1:
+    while not (out / "pid-0").exists():  # rank 0 must be up (and its pid known) before rank 1 dies
+        time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGKILL)
 time.sleep(600)
 """
