@@ -15,7 +15,6 @@ import time
 import traceback
 
 from automodel_mimo.errors import RunStopped, UserInputError
-from automodel_mimo.launch.local import LAUNCHED_ENV
 from automodel_mimo.run_lock import take_output_dir
 
 ALGOS = {
@@ -165,6 +164,8 @@ def _check_out(rank: int) -> None:
 
 
 def _run_worker(cfg) -> int:
+    from automodel_mimo.launch.local import LAUNCHED_ENV
+
     rank = int(os.environ["RANK"])
     lock = None
     try:
