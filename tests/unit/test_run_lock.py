@@ -65,7 +65,8 @@ def test_two_cli_runs_racing_for_one_output_dir(tmp_path):
     """The second run stops at once with one line naming the first; the first finishes with its own rows only."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "automodel_mimo.cli", "sft", *TINY, "launch.nproc=2",
-                              "train.max_steps=6", "checkpoint.every_steps=3", f"output_dir={out}"],
+                              "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.resume=true",
+                              f"output_dir={out}"],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -81,6 +82,8 @@ def test_two_cli_runs_racing_for_one_output_dir(tmp_path):
     finally:
         first.kill()
     assert first.returncode == 0, err[-3000:]
+    # nothing to resume in a fresh output_dir: said, not silent
+    assert f"note: checkpoint.resume=true but {out}/checkpoints holds no usable checkpoint: starting at step 0" in err
     assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
     assert not (out / LOCK_NAME).exists()
