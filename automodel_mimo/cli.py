@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
-from automodel_mimo.errors import UserInputError
+from automodel_mimo.errors import RunStopped, UserInputError
+from automodel_mimo.run_lock import take_output_dir
 
 ALGOS = {
     "sft": "supervised fine-tuning (the embedded default: a tiny Llama learns 2-digit addition)",
@@ -90,6 +92,13 @@ def _preflight(cfg) -> None:
     from automodel_mimo.quiet import quiet_third_party
 
     quiet_third_party(cfg.logging.verbose)
+    from automodel_mimo.algorithms.loop import check_resume_required
+    from automodel_mimo.data.file_check import check_data_files
+    from automodel_mimo.models.local_paths import check_model_paths
+
+    check_model_paths(cfg.model)  # the user's files first: one line each, before anything is loaded
+    check_data_files(cfg)
+    check_resume_required(cfg)
     from automodel_mimo.models.build import build_hf_config, check_tp_divisibility
     from automodel_mimo.models.tokenizer import load_tokenizer
     from automodel_mimo.parallel.pipeline_parallel import check_pipeline_split
@@ -116,9 +125,52 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _run_worker(cfg) -> int:
-    rank = int(os.environ["RANK"])
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """A collective (or the rendezvous) failed because another rank's process went away (gloo / NCCL / store
+    messages)."""
+    while error is not None:
+        if type(error).__name__ == "DistNetworkError" or any(phrase in str(error) for phrase in _PEER_GONE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
+_CHECK_OUT_KEY, _CHECK_OUT_S = "automodel_mimo/stopped", 10.0
+
+
+def _check_out(rank: int) -> None:
+    """An error every rank raises (UserInputError, RunStopped), each rank at its own pace: every rank checks out
+    at the job's store, and rank 0, whose process serves that store, leaves last (within _CHECK_OUT_S). Were it
+    to leave first, a rank still in a rendezvous would die of the lost store instead of reaching the error."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
     try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add(_CHECK_OUT_KEY, 1)
+        deadline = time.monotonic() + _CHECK_OUT_S
+        while rank == 0 and store.add(_CHECK_OUT_KEY, 0) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # the store is gone: nobody is left to wait for
+        pass
+
+
+def _run_worker(cfg) -> int:
+    from automodel_mimo.launch.local import LAUNCHED_ENV
+
+    rank = int(os.environ["RANK"])
+    lock = None
+    try:
+        if rank == 0 and os.environ.get(LAUNCHED_ENV) != "1":  # torchrun: no launcher of ours holds output_dir
+            lock = take_output_dir(cfg.output_dir)
         from automodel_mimo.quiet import quiet_third_party
 
         quiet_third_party(cfg.logging.verbose)
@@ -136,46 +188,95 @@ def _run_worker(cfg) -> int:
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        _check_out(rank)
         return 2
-    except Exception:
-        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    except RunStopped as e:  # a world consensus: every rank stops at the same point, rank 0 says why
+        if rank == 0:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        _check_out(rank)
+        return 3
+    except Exception as e:
+        if _lost_a_peer(e):  # the rank that failed first has printed why; a second traceback would bury it
+            print(f"[rank {rank}] stopped: lost the connection to another rank, which failed or was killed "
+                  f"({_first_line(e)})", file=sys.stderr, flush=True)
+        else:
+            print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if rc != 0 and not _is_rank():  # the launcher: its ranks are gone (or never started), nothing is left to do
+        _exit_now(rc)
+    return rc
+
+
+def _is_rank() -> bool:
+    from automodel_mimo.launch.local import is_worker_env
+
+    return is_worker_env()
+
+
+def _exit_now(rc: int) -> None:
+    """Leave without the interpreter's teardown, which takes seconds once torch is loaded: after a failure
+    nothing is left to save (logs are closed, the lock released), and a launcher (or the user) waits on this
+    exit. Not for Ray actors, which call main() and must return."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _main(argv: list[str] | None) -> int:
     parsed = parse_args(list(sys.argv[1:] if argv is None else argv))
     if isinstance(parsed, int):
         return parsed
     algo, config_path, overrides = parsed
     from automodel_mimo.config import load_config
-    from automodel_mimo.launch.local import LAUNCHED_ENV, is_worker_env, launch_local
+    from automodel_mimo.launch.local import LAUNCHED_ENV, is_worker_env
 
     worker = is_worker_env()
     # the launcher prints the config notes; ranks started by torchrun have no launcher, so their rank 0 does
     speaks = not worker or (os.environ.get(LAUNCHED_ENV) != "1" and os.environ.get("RANK") == "0")
     notes: list[str] = []
+    lock = None
     try:
-        cfg = load_config(algo, config_path, overrides,
-                          world_size=int(os.environ["WORLD_SIZE"]) if worker else None, notes=notes)
-        if not worker:
-            _preflight(cfg)
-    except UserInputError as e:
-        if not worker or os.environ.get("RANK") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    if speaks:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-    if worker:
-        return _run_worker(cfg)
-    args_list = list(argv if argv is not None else sys.argv[1:])
+        try:
+            cfg = load_config(algo, config_path, overrides,
+                              world_size=int(os.environ["WORLD_SIZE"]) if worker else None, notes=notes)
+            if not worker:
+                lock = take_output_dir(cfg.output_dir)  # one run per output_dir, held until the ranks are gone
+                _preflight(cfg)
+        except UserInputError as e:
+            if not worker or os.environ.get("RANK") == "0":
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        if speaks:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+        if worker:
+            return _run_worker(cfg)
+        return _launch(cfg, list(argv if argv is not None else sys.argv[1:]))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launch(cfg, args_list: list[str]) -> int:
+    from automodel_mimo.launch.local import LAUNCHED_ENV, launch_local
+
     if cfg.launch.backend == "ray":
         from automodel_mimo.launch.ray_launcher import launch_ray
 
         return launch_ray(cfg, args_list)
     return launch_local(cfg.launch.nproc, [sys.executable, "-m", "automodel_mimo.cli", *args_list],
-                        env={LAUNCHED_ENV: "1"})
+                        env={LAUNCHED_ENV: "1"}, agreed_exit_codes=(2, 3))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code != 0:  # a failed rank: the launcher notices at once, not after seconds of teardown
+        _exit_now(code)
+    sys.exit(code)

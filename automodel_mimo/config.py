@@ -96,6 +96,9 @@ class TrainConfig:
     eps: float = 1e-8  # adamw
     momentum: float = 0.0  # sgd
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # a step whose loss or global grad norm is inf/NaN (on any rank) is skipped on every rank; this many
+    # skipped in a row stop the run (exit code 3); 0: never stop
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -109,7 +112,8 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: off
-    resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir (none: a note, start at step 0)
+    resume_required: bool = False  # with resume: stop (exit 2) instead when output_dir holds no usable checkpoint
     keep_last: int = 2  # 0 keeps every checkpoint
     export_hf: bool = True  # write <output_dir>/hf at the end
 
@@ -227,7 +231,12 @@ def load_config(algo: str, path: str | None = None, overrides: list[str] = (), w
     cfg_path = Path(path) if path else default_config_path(algo)
     if not cfg_path.is_file():
         raise UserInputError(f"--config {cfg_path}: file not found")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserInputError(f"--config {cfg_path}: not valid YAML{_yaml_where(e)}: {_yaml_problem(e)}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--config {cfg_path}: cannot be read ({e}); point --config at a YAML file") from None
     if not isinstance(raw, dict):
         raise UserInputError(f"--config {cfg_path}: the top level must be a mapping of keys")
     raw.setdefault("algo", algo)
@@ -251,7 +260,25 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             child = node[part] = {}
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as e:
+        raise UserInputError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); close its brackets "
+                             f"or quotes (e.g. train.betas=[0.9,0.95]), or quote the whole value") from None
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error in a file, and where the construct it broke began (an unclosed
+    bracket is noticed lines later)."""
+    mark, context, start = (getattr(e, name, None) for name in ("problem_mark", "context", "context_mark"))
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if context and start is not None and mark is not None and start.line != mark.line:
+        where += f" ({context} that starts at line {start.line + 1})"
+    return where
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -417,7 +444,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
     _require(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction={cfg.data.eval_fraction}: must be in (0, 1)")
     _validate_image_data(cfg.data)
     _note_synthetic_only_keys(cfg.data, notes)
-    for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last"):
+    for key in ("eval.every_steps", "eval.num_samples", "checkpoint.every_steps", "checkpoint.keep_last",
+                "train.max_skipped_steps"):
         section, name = key.split(".")
         _require(getattr(getattr(cfg, section), name) >= 0, f"{key}: must be >= 0")
     if cfg.logging.wandb_project:

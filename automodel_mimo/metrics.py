@@ -8,6 +8,7 @@ steps after the checkpoint are dropped, so metrics.jsonl reads as one uninterrup
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,11 +40,26 @@ class MetricsLogger:
                             dynamic_ncols=True, file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows of steps <= `step`, so a resumed run's log reads as one run. A line that does not parse
+        (the half row a kill in the middle of an append leaves) is dropped with a note. Rewritten atomically:
+        a kill during the rewrite leaves the old file."""
         if not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in kept))
+        kept, torn = [], 0
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = _parse_row(line)
+            if row is None:
+                torn += 1
+            elif row.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            print(f"note: {self.path}: dropped {torn} unreadable line(s) (a row cut short when a run was killed "
+                  "while writing it)", file=sys.stderr, flush=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -90,6 +106,14 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _fmt(value) -> str:

@@ -7,6 +7,7 @@ DTensors that live on different meshes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import torch
@@ -71,6 +72,14 @@ class PartOptimizers:
         for opt, sched in zip(self.optimizers, self.schedulers):
             opt.step()
             sched.step()
+
+    def skip(self) -> None:
+        """A skipped step (non-finite loss or gradients): weights and moments stay, the LR schedule still
+        advances, so the learning rate stays a function of the step alone (and resume stays exact)."""
+        with warnings.catch_warnings():  # torch warns when a schedule steps before its optimizer ever did
+            warnings.filterwarnings("ignore", message="Detected call of")
+            for sched in self.schedulers:
+                sched.step()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

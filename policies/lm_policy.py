@@ -19,6 +19,7 @@ from automodel_mimo.data.packing import per_sequence, to_sequences
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
+from automodel_mimo.distributed.nonfinite import skip_step
 from automodel_mimo.losses import masked_nll, token_logprobs
 from automodel_mimo.metrics import combine_metrics
 from automodel_mimo.models.handle import ModelHandle
@@ -138,21 +139,27 @@ class LMPolicy:
         total = self.sum_over_data_ranks(counts / self.state.cp_size)
         return dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total.clamp(min=1).float()))
 
-    def optimizer_step(self) -> dict:
-        """Global grad norm (before clipping), clip, step, advance the LR schedule."""
+    def optimizer_step(self, loss: float | None = None) -> dict:
+        """Global grad norm (before clipping), clip, step, advance the LR schedule; or, when the norm or `loss`
+        is inf/NaN on any rank, skip the step on every rank (distributed/nonfinite.py: weights and moments
+        unchanged, the schedule still advances). The gradients are zeroed either way."""
         params = self.handle.parameters()
         grad_norm = global_grad_norm(params, self.state.device, extra_group=self.handle.stage_group)
-        if self.cfg.grad_clip > 0:
-            clip_grads(params, self.cfg.grad_clip, grad_norm)
+        skipped = skip_step(grad_norm, loss)
         lr = self.optimizer.lr
-        self.optimizer.step()
+        if skipped:
+            self.optimizer.skip()
+        else:
+            if self.cfg.grad_clip > 0:
+                clip_grads(params, self.cfg.grad_clip, grad_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad()
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return {"grad_norm": float(grad_norm), "lr": lr, "skipped": int(skipped)}
 
     def sft_train_step(self, microbatches: list[dict]) -> dict:
         self.optimizer.zero_grad()
         metrics = self.sft_forward_backward(microbatches)
-        metrics.update(self.optimizer_step())
+        metrics.update(self.optimizer_step(metrics["loss"]))
         return metrics
 
     # ------------------------------------------------------------ inference

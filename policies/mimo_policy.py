@@ -50,13 +50,13 @@ class MimoPolicy:
         (loss,) = self._sum([loss_sum], model.language_state.dp_cp_group)  # cp shards hold partial sums
         return {"loss": loss, "tokens": int(tokens), "loss_tokens": int(global_tokens)}
 
-    def optimizer_step(self) -> dict:
-        return self.optimizer.step()
+    def optimizer_step(self, loss: float | None = None) -> dict:
+        return self.optimizer.step(loss)
 
     def sft_train_step(self, microbatches: list[dict]) -> dict:
         self.optimizer.zero_grad()
         metrics = self.sft_forward_backward(microbatches)
-        metrics.update(self.optimizer_step())
+        metrics.update(self.optimizer_step(metrics["loss"]))
         return metrics
 
     @torch.no_grad()

@@ -59,7 +59,7 @@ def dpo_train_step(policy: LMPolicy, microbatches: list[dict], cfg: DPOConfig) -
     counts = policy.global_counts(microbatches)
     policy.optimizer.zero_grad()
     metrics = policy.forward_backward(microbatches, dpo_loss_fn(cfg, counts))
-    metrics.update(policy.optimizer_step())
+    metrics.update(policy.optimizer_step(metrics["loss"]))
     return metrics
 
 
@@ -67,13 +67,15 @@ def dpo_train_step(policy: LMPolicy, microbatches: list[dict], cfg: DPOConfig) -
 
 
 def prepare_dpo_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
-    """Load and tokenize the pairs; deterministic, so every rank computes (and rejects) the same rows."""
+    """Load and tokenize the pairs; deterministic, so every rank computes (and rejects) the same rows. Tokenized
+    in the files' row order, before the eval hold-out, so errors name the file's row."""
     d = cfg.data
-    raw = load_preference_dataset(cfg)
-    return datasets.DatasetDict({
-        split: tokenize_pairs(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+
+    def tokenize(ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        return tokenize_pairs(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
                               truncate=d.truncate, split_name=split)
-        for split, ds in raw.items()})
+
+    return load_preference_dataset(cfg, prepare=tokenize)
 
 
 def to_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int, micro_rows: int) -> list[dict]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.algorithms import sft
-from automodel_mimo.algorithms.loop import finish, open_logs, run_steps
+from automodel_mimo.algorithms.loop import finish, open_logs, resume_checkpoint, run_steps
 from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig, packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
@@ -167,7 +167,7 @@ def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLoss
     """`grpo_forward_backward` and one optimizer step."""
     metrics = grpo_forward_backward(policy, microbatches, loss_cfg, temperature)
     t1 = time.perf_counter()
-    metrics.update(policy.optimizer_step())
+    metrics.update(policy.optimizer_step(metrics["loss"]))
     metrics["timing/training_s"] += time.perf_counter() - t1
     return metrics
 
@@ -249,7 +249,7 @@ def run_grpo(cfg: RunConfig) -> None:
     data = sft.prepare_sft_data(cfg, tokenizer)
     handle = build_lm_handle(cfg, tokenizer, state)
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    latest = resume_checkpoint(cfg, ckpt)
     began = time.perf_counter()
     if cfg.grpo.warmup_sft_steps and latest is None:  # a resume loads the reference and the policy instead
         sft_warmup(cfg, state, handle, data["train"], pad)

@@ -6,26 +6,59 @@ The algorithms differ only in what one step and one eval do; those come in as fu
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 
 from automodel_mimo.checkpoint import Checkpointer
 from automodel_mimo.config import RunConfig
+from automodel_mimo.errors import RunStopped, UserInputError
 from automodel_mimo.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
 from automodel_mimo.run_record import record_run
 
+SKIP_WARNING = "non-finite loss or grad_norm: step skipped, weights unchanged"
+
 
 def resume(cfg: RunConfig, model, optimizer) -> tuple[Checkpointer, int]:
-    """The run's checkpointer and its first step: after the latest complete checkpoint when
-    checkpoint.resume is set and one exists (model and optimizer loaded from it), else 0."""
+    """The run's checkpointer and its first step: after the checkpoint `resume_checkpoint` picks (model and
+    optimizer loaded from it), else 0."""
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     start = 0
-    if cfg.checkpoint.resume and (latest := ckpt.latest()) is not None:
-        start = ckpt.load(latest, model, optimizer)
+    if (path := resume_checkpoint(cfg, ckpt)) is not None:
+        start = ckpt.load(path, model, optimizer)
     return ckpt, start
+
+
+def check_resume_required(cfg: RunConfig) -> None:
+    """Before any rank starts: checkpoint.resume_required with no complete checkpoint at all is one line now (a
+    damaged one is found by the ranks' verification, `resume_checkpoint`)."""
+    c = cfg.checkpoint
+    if c.resume and c.resume_required and not Checkpointer(cfg.output_dir).complete():
+        raise UserInputError(f"checkpoint.resume=true: {Checkpointer(cfg.output_dir).root} holds no checkpoint, and "
+                             "checkpoint.resume_required=true; point output_dir at the run to continue, or set "
+                             "checkpoint.resume_required=false to start from step 0")
+
+
+def resume_checkpoint(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
+    """Collective. With checkpoint.resume: the newest intact checkpoint (Checkpointer.latest_intact); when there
+    is none, a note and None (start at step 0), or with checkpoint.resume_required a UserInputError."""
+    if not cfg.checkpoint.resume:
+        return None
+    path = ckpt.latest_intact()
+    if path is None:
+        if cfg.checkpoint.resume_required:
+            raise UserInputError(f"checkpoint.resume=true: {ckpt.root} holds no usable checkpoint, and "
+                                 "checkpoint.resume_required=true; point output_dir at the run to continue, or set "
+                                 "checkpoint.resume_required=false to start from step 0")
+        if dist.get_rank() == 0:
+            print(f"note: checkpoint.resume=true but {ckpt.root} holds no usable checkpoint: starting at step 0",
+                  file=sys.stderr, flush=True)
+    return path
 
 
 def open_logs(cfg: RunConfig, start: int, layout: str) -> MetricsLogger:
@@ -43,22 +76,59 @@ def due(every: int, done: int, last: int) -> bool:
     return every > 0 and (done % every == 0 or done == last)
 
 
+class SkipStreak:
+    """Steps skipped in a row for a non-finite loss or gradient norm (the optimizers decide by world
+    consensus, so every rank counts alike). Each skip is a warning on rank 0; train.max_skipped_steps in a
+    row stop the run with RunStopped, on every rank at the same step, before anything else is written."""
+
+    def __init__(self, limit: int, what: str = "step"):
+        self.limit, self.what, self.count = limit, what, 0
+
+    def update(self, step: int, row: dict) -> None:
+        if not row.get("skipped"):
+            self.count = 0
+            return
+        self.count += 1
+        if dist.get_rank() == 0:
+            print(f"warning: {self.what} {step}: {SKIP_WARNING} (loss {_short(row.get('loss'))}, grad_norm "
+                  f"{_short(row.get('grad_norm'))}; {self.count} in a row)", file=sys.stderr, flush=True)
+        if self.limit and self.count >= self.limit:
+            raise RunStopped(
+                f"{self.what} {step}: {self.count} steps in a row skipped for a non-finite loss or gradient norm "
+                f"(train.max_skipped_steps={self.limit}), so the run stops; no checkpoint or export holds "
+                f"non-finite weights. Lower train.lr (the learning rate was {_short(row.get('lr'))}) or check the "
+                f"data of steps {step - self.count + 1}-{step}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
 def run_steps(cfg: RunConfig, start: int, logger: MetricsLogger, step: Callable[[int], dict],
               evaluate: Callable[[int], dict] | None = None,
               save: Callable[[int], None] | None = None) -> None:
     """Steps start..train.max_steps-1: `step(i)` returns its metrics row; `evaluate(done)` runs every
-    eval.every_steps and at the end, `save(done)` every checkpoint.every_steps."""
+    eval.every_steps and at the end, `save(done)` every checkpoint.every_steps. A skipped step's row carries
+    `warning`; train.max_skipped_steps skips in a row stop the run (SkipStreak)."""
     began = time.perf_counter()
     last = cfg.train.max_steps
-    for i in range(start, last):
-        row = step(i)
-        done = i + 1
-        logger.log({"step": done, **row, "elapsed_s": time.perf_counter() - began})
-        if evaluate is not None and due(cfg.eval.every_steps, done, last):
-            logger.log({"step": done, **evaluate(done), "elapsed_s": time.perf_counter() - began})
-        if save is not None and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
-            save(done)
-            fault_point("after_checkpoint", done)
+    streak = SkipStreak(cfg.train.max_skipped_steps)
+    try:
+        for i in range(start, last):
+            row = step(i)
+            done = i + 1
+            if row.get("skipped"):
+                row["warning"] = SKIP_WARNING
+            logger.log({"step": done, **row, "elapsed_s": time.perf_counter() - began})
+            streak.update(done, row)
+            if evaluate is not None and due(cfg.eval.every_steps, done, last):
+                logger.log({"step": done, **evaluate(done), "elapsed_s": time.perf_counter() - began})
+            if save is not None and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+                save(done)
+                fault_point("after_checkpoint", done)
+    except RunStopped:
+        logger.close()  # a clean stop: TensorBoard / wandb keep every row logged so far
+        raise
 
 
 def finish(cfg: RunConfig, logger: MetricsLogger, tag: str, export: Callable[[str], object]) -> None:

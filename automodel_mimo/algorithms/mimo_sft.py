@@ -32,6 +32,7 @@ from automodel_mimo.data.mimo_tokenize import prepare_mimo_data
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.grids import LANGUAGE
 from automodel_mimo.distributed.mesh import init_distributed
+from automodel_mimo.distributed.nonfinite import require_finite_weights
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.model import MimoModel, build_vision_module
 from automodel_mimo.models.build import build_hf_config, build_model
@@ -120,6 +121,7 @@ def export_mimo_hf(model: MimoModel, tokenizer, out_dir: str | Path) -> Path:
     """Collective. Rank 0 writes, atomically: `<out>/language` (the LLM + tokenizer, loadable by plain
     transformers), and `<out>/<encoder>` (the vision tower via save_pretrained, usable as
     mimo.encoder.pretrained, plus projector.safetensors)."""
+    require_finite_weights(model.parameters(), f"the HF export {out_dir}")
     state = model.full_state_dict()
     out = Path(out_dir)
     if dist.get_rank() == 0:

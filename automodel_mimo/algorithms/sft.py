@@ -15,7 +15,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.algorithms.loop import finish, open_logs, resume, run_steps
+from automodel_mimo.algorithms.loop import SkipStreak, finish, open_logs, resume, run_steps
 from automodel_mimo.checkpoint import export_hf
 from automodel_mimo.config import RunConfig, TrainConfig, packed_row_size, pad_multiple
 from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches, split_rows
@@ -32,16 +32,18 @@ from policies.lm_policy import LMPolicy
 
 
 def prepare_sft_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
-    """Load and tokenize; deterministic, so every rank computes (and rejects) the same rows."""
+    """Load and tokenize; deterministic, so every rank computes (and rejects) the same rows. Tokenized in the
+    files' row order, before the eval hold-out, so errors name the file's row (load_sft_dataset)."""
     d = cfg.data
-    raw = load_sft_dataset(
+
+    def tokenize(ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        return tokenize_dataset(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
+                                truncate=d.truncate, split_name=split)
+
+    return load_sft_dataset(
         d.dataset, seed=cfg.seed, prompt_key=d.prompt_key, response_key=d.response_key, messages_key=d.messages_key,
         train_split=d.train_split, eval_split=d.eval_split, eval_fraction=d.eval_fraction,
-        num_train=d.num_train, num_eval=d.num_eval, digits=d.digits, name=d.name)
-    return datasets.DatasetDict({
-        split: tokenize_dataset(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
-                                truncate=d.truncate, split_name=split)
-        for split, ds in raw.items()})
+        num_train=d.num_train, num_eval=d.num_eval, digits=d.digits, name=d.name, prepare=tokenize)
 
 
 def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
@@ -80,8 +82,10 @@ def sft_warmup(tag: str, handle, state, train: TrainConfig, microbatches: Callab
     """train.max_steps SFT steps on `microbatches(step)` with an optimizer of their own (schedule:
     `warmup_train_config`): the starting policy of DPO and GRPO. Deterministic."""
     warm = LMPolicy(handle, state, train)
+    streak = SkipStreak(train.max_skipped_steps, what=f"{tag} sft warm-up step")
     for step in range(train.max_steps):
         metrics = warm.sft_train_step(microbatches(step))
+        streak.update(step + 1, metrics)
         if state.is_rank0 and (step + 1) % 50 == 0:
             print(f"[{tag}] sft warm-up step {step + 1}/{train.max_steps}: loss {metrics['loss']:.4f}", flush=True)
 

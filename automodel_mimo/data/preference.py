@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 
-from automodel_mimo.data.sources import _load_raw, _train_eval
+from automodel_mimo.data.sources import Prepare, _hold_out, _load_raw, _pick_splits
 from automodel_mimo.data.synthetic import _sample_pairs
 from automodel_mimo.data.tokenize import tokenize_messages
 from automodel_mimo.errors import UserInputError
@@ -47,21 +47,29 @@ def addition_preferences(num_train: int, num_eval: int, digits: int, seed: int) 
 SYNTHETIC_PREFERENCES = {"addition": addition_preferences}
 
 
-def load_preference_dataset(cfg) -> datasets.DatasetDict:
-    """Splits "train" and "eval" with columns `chosen` and `rejected`: lists of chat messages."""
+def load_preference_dataset(cfg, prepare: Prepare | None = None) -> datasets.DatasetDict:
+    """Splits "train" and "eval" with columns `chosen` and `rejected`: lists of chat messages (or what
+    `prepare(split, split_name)` makes of them). As in load_sft_dataset, conversion and `prepare` run in the
+    files' row order before the eval hold-out, so row errors name the file's row."""
     d = cfg.data
+
+    def convert(ds: datasets.Dataset, split: str, keys: tuple) -> datasets.Dataset:
+        ds = _to_conversations(ds, split, *keys)
+        return prepare(ds, split) if prepare is not None else ds
+
     if d.dataset.startswith(SYNTHETIC_PREFIX):
         task = d.dataset[len(SYNTHETIC_PREFIX):]
         if task not in SYNTHETIC_PREFERENCES:
             raise UserInputError(f"data.dataset={d.dataset}: dpo's synthetic tasks are "
                                  + ", ".join(f"synthetic:{t}" for t in SYNTHETIC_PREFERENCES))
         raw = SYNTHETIC_PREFERENCES[task](d.num_train, d.num_eval, d.digits, cfg.seed)
-        keys = ("prompt", "chosen", "rejected")
-    else:
-        raw = _train_eval(_load_raw(d.dataset, d.name), train_split=d.train_split, eval_split=d.eval_split,
-                          eval_fraction=d.eval_fraction, seed=cfg.seed)
-        keys = (d.prompt_key, cfg.dpo.chosen_key, cfg.dpo.rejected_key)
-    return datasets.DatasetDict({split: _to_conversations(ds, split, *keys) for split, ds in raw.items()})
+        return datasets.DatasetDict({split: convert(ds, split, ("prompt", "chosen", "rejected"))
+                                     for split, ds in raw.items()})
+    picked = _pick_splits(_load_raw(d.dataset, d.name), train_split=d.train_split, eval_split=d.eval_split)
+    keys = (d.prompt_key, cfg.dpo.chosen_key, cfg.dpo.rejected_key)
+    shown = {"train": d.train_split, "eval": d.eval_split}  # the dataset's own split names
+    converted = datasets.DatasetDict({split: convert(ds, shown[split], keys) for split, ds in picked.items()})
+    return _hold_out(converted, eval_fraction=d.eval_fraction, seed=cfg.seed)
 
 
 def _messages(value: Any, key: str, row: int, split: str) -> list[dict]:

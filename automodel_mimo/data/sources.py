@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 # Explicit so an empty split still gets the column, and every source yields the same schema.
 MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 FEATURES = datasets.Features({"messages": datasets.List(MESSAGE)})
+# prepare(split, split_name): what a loader does to each split after conversion (e.g. tokenization)
+Prepare = Callable[[datasets.Dataset, str], datasets.Dataset]
 
 
 def _load_synthetic(task: str, *, num_train: int, num_eval: int, digits: int, seed: int) -> datasets.DatasetDict:
@@ -60,17 +63,30 @@ def _train_eval(
     raw: datasets.DatasetDict, *, train_split: str, eval_split: str | None, eval_fraction: float, seed: int
 ) -> datasets.DatasetDict:
     """Use the named eval split when present; otherwise hold out eval_fraction of train."""
+    return _hold_out(_pick_splits(raw, train_split=train_split, eval_split=eval_split),
+                     eval_fraction=eval_fraction, seed=seed)
+
+
+def _pick_splits(raw: datasets.DatasetDict, *, train_split: str, eval_split: str | None) -> datasets.DatasetDict:
+    """"train" (data.train_split), and "eval" when the dataset has data.eval_split; rows in the files' order."""
     if train_split not in raw:
         raise UserInputError(
             f"data.train_split={train_split} is not a split of the dataset; use one of {', '.join(raw)}"
         )
     if eval_split is not None and eval_split in raw:
         return datasets.DatasetDict({"train": raw[train_split], "eval": raw[eval_split]})
+    return datasets.DatasetDict({"train": raw[train_split]})
+
+
+def _hold_out(splits: datasets.DatasetDict, *, eval_fraction: float, seed: int) -> datasets.DatasetDict:
+    """Without an "eval" split, eval_fraction of "train" held out (a seeded shuffle, the same for any columns)."""
+    if "eval" in splits:
+        return splits
     if not 0.0 < eval_fraction < 1.0:
         raise UserInputError(
             f"data.eval_fraction={eval_fraction} must be in (0, 1) to hold out an eval split from train"
         )
-    parts = raw[train_split].train_test_split(test_size=eval_fraction, seed=seed)
+    parts = splits["train"].train_test_split(test_size=eval_fraction, seed=seed)
     return datasets.DatasetDict({"train": parts["train"], "eval": parts["test"]})
 
 
@@ -161,22 +177,25 @@ def load_sft_dataset(
     num_eval: int = 500,
     digits: int = 2,
     name: str | None = None,
+    prepare: Prepare | None = None,
 ) -> datasets.DatasetDict:
-    """Splits "train" and "eval", each with one column `messages` whose last message is the assistant target.
+    """Splits "train" and "eval", each with one column `messages` whose last message is the assistant target
+    (or what `prepare(split, split_name)` makes of it, e.g. the tokenized rows).
 
+    Conversion and `prepare` run on the dataset's own splits in the files' row order, before eval_fraction is
+    held out, so a row error names the row of the file (row i of a .jsonl is its line i + 1, blank lines aside).
     num_train/num_eval/digits apply to synthetic tasks only; the defaults fill the 10**4 two-digit pairs.
     """
+
+    def convert(ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        ds = _to_messages(ds, split, prompt_key=prompt_key, response_key=response_key, messages_key=messages_key)
+        return prepare(ds, split) if prepare is not None else ds
+
     if source.startswith(SYNTHETIC_PREFIX):
         task = source[len(SYNTHETIC_PREFIX):]
         splits = _load_synthetic(task, num_train=num_train, num_eval=num_eval, digits=digits, seed=seed)
-    else:
-        raw = _load_raw(source, name)
-        splits = _train_eval(
-            raw, train_split=train_split, eval_split=eval_split, eval_fraction=eval_fraction, seed=seed
-        )
-    return datasets.DatasetDict(
-        {
-            split: _to_messages(ds, split, prompt_key=prompt_key, response_key=response_key, messages_key=messages_key)
-            for split, ds in splits.items()
-        }
-    )
+        return datasets.DatasetDict({split: convert(ds, split) for split, ds in splits.items()})
+    picked = _pick_splits(_load_raw(source, name), train_split=train_split, eval_split=eval_split)
+    shown = {"train": train_split, "eval": eval_split}  # the dataset's own split names
+    converted = datasets.DatasetDict({split: convert(ds, shown[split]) for split, ds in picked.items()})
+    return _hold_out(converted, eval_fraction=eval_fraction, seed=seed)

@@ -32,21 +32,30 @@ def is_worker_env() -> bool:
 
 
 def launch_local(
-    nproc: int, cmd: list[str], *, env: dict[str, str] | None = None, grace_s: float = 5.0
+    nproc: int, cmd: list[str], *, env: dict[str, str] | None = None, grace_s: float = 5.0,
+    agreed_exit_codes: tuple[int, ...] = (),
 ) -> int:
-    """Run `cmd` as `nproc` ranks; return 0, the first failing rank's exit code, or 128+signal."""
+    """Run `cmd` as `nproc` ranks; return 0, the first failing rank's exit code, or 128+signal.
+
+    `agreed_exit_codes`: codes every rank exits with together (an error all ranks raise alike, which one rank
+    prints); after the first such exit the others get `grace_s` to leave on their own before SIGTERM, so the
+    one that prints is not cut short."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     shared = _shared_env(nproc, env or {})
     exits: queue.Queue[tuple[int, int]] = queue.Queue()
     procs: list[subprocess.Popen] = []
+    rc = None
     with _SignalLatch() as latch:
         try:
             for rank in range(nproc):
                 procs.append(_spawn(cmd, {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
                 _report_exit(rank, procs[-1], exits)
-            return _supervise(nproc, exits, latch)
+            rc = _supervise(nproc, exits, latch)
+            return rc
         finally:
+            if rc in agreed_exit_codes:
+                _wait_all(procs, grace_s)
             _stop_all(procs, grace_s)
 
 
@@ -110,14 +119,18 @@ def _supervise(nproc: int, exits: queue.Queue[tuple[int, int]], latch: _SignalLa
     return 0
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
     """SIGTERM the running ranks, SIGKILL whatever is left after grace_s, then reap."""
     for p in procs:
         if p.returncode is None:
             _killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while any(p.returncode is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_all(procs, grace_s)
     # Every group, exited leaders included: a dead rank's forked workers may still hold sockets.
     for p in procs:
         _killpg(p.pid, signal.SIGKILL)

@@ -72,7 +72,7 @@ def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
             for i in range(n)]
         host, port = ray.get(actors[0].address.remote())
         shared = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-                  LAUNCHED_ENV: "1"}
+                  LAUNCHED_ENV: "1"}  # also: this driver holds output_dir's lock, the ranks do not take it
         runs = {actors[i].run.remote(argv, {**shared, "RANK": str(i), "LOCAL_RANK": "0" if gpus else str(i)}): i
                 for i in range(n)}
         return _supervise(runs)

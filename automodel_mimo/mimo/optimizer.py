@@ -4,7 +4,8 @@
   norm covers its dp/cp/tp shards), placed in that module's slot of a world vector (non-members would
   hold 0; members all hold the same value), the slots are combined over the world with MAX, and the norm
   is sqrt(sum of slots). Every module is clipped by that one norm.
-- Skip on inf/NaN by world consensus: every rank takes the same branch, so none waits in a collective.
+- Skip on an inf/NaN norm or loss by world consensus (distributed/nonfinite.py, shared with LMPolicy): every
+  rank takes the same branch, so none waits in a collective; a skipped step still advances the LR schedules.
 - State is keyed `<module>.<key>` (keys of each module's flattened DCP optimizer state, by parameter
   name), so a checkpoint resumes under another layout and never mixes modules.
 """
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from automodel_mimo.config import TrainConfig
 from automodel_mimo.distributed.grad_norm import clip_grads, global_grad_norm
+from automodel_mimo.distributed.nonfinite import skip_step
 from automodel_mimo.optim import PartOptimizers
 
 
@@ -41,20 +43,21 @@ class MimoOptimizer:
         dist.all_reduce(slots, op=dist.ReduceOp.MAX)
         return slots.sum().sqrt()
 
-    def step(self) -> dict:
-        """Norm, consensus on finiteness, clip, step every module and its schedule, zero the gradients."""
+    def step(self, loss: float | None = None) -> dict:
+        """Norm, consensus on finiteness (norm and `loss`), then clip and step every module and its schedule,
+        or on a skip advance the schedules only; the gradients are zeroed either way."""
         norm = self.grad_norm()
-        bad = torch.tensor([0.0 if math.isfinite(float(norm)) else 1.0], device=self.model.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        skipped = skip_step(norm, loss)
         lr = self.lr
-        if bad.item() == 0:
-            for name, part in self.parts.items():
-                params = list(self.model.modules[name].parameters())
-                if self.cfg.grad_clip > 0:
-                    clip_grads(params, self.cfg.grad_clip, norm)
-                part.step()
+        for name, part in self.parts.items():
+            if skipped:
+                part.skip()
+                continue
+            if self.cfg.grad_clip > 0:
+                clip_grads(list(self.model.modules[name].parameters()), self.cfg.grad_clip, norm)
+            part.step()
         self.zero_grad()
-        return {"grad_norm": float(norm), "lr": lr, "skipped": int(bad.item() != 0)}
+        return {"grad_norm": float(norm), "lr": lr, "skipped": int(skipped)}
 
     def zero_grad(self) -> None:
         for part in self.parts.values():

@@ -1,10 +1,16 @@
 """Bad input: one clear line naming the key, non-zero exit, no traceback, no hang, no process left."""
 
+import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.unit.cli_runner import TINY, run_cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _no_process_mentions(marker: str) -> bool:
@@ -40,8 +46,28 @@ def test_missing_config_file(tmp_path):
 def test_data_error_inside_ranks_stops_every_rank(tmp_path):
     """Errors found by the ranks themselves (here: data longer than data.max_seq_len) end the whole job."""
     r = run_cli("sft", *TINY, f"output_dir={tmp_path}", "data.max_seq_len=8", "launch.nproc=2", timeout=120)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "data.max_seq_len=8" in r.stderr and "Traceback" not in r.stderr
+    assert _no_process_mentions(str(tmp_path))
+
+
+def test_a_crashed_rank_ends_the_job_at_once_with_one_traceback(tmp_path):
+    """A rank that raises leaves without the interpreter's teardown (seconds with torch loaded), and so does
+    the launcher; its peer, whose collective lost it, says so in one line (docs/reliability.md)."""
+    cmd = [sys.executable, "-m", "automodel_mimo.cli", "sft", *TINY, f"output_dir={tmp_path}", "launch.nproc=2",
+           "train.max_steps=4", "checkpoint.every_steps=2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                            env={**os.environ, "AUTOMODEL_MIMO_FAULT": "after_checkpoint:2:raise"})
+    raised, lines = None, []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("RuntimeError: [fault]"):
+            raised = time.monotonic()
+    rc = proc.wait(timeout=120)
+    stderr = "".join(lines)
+    assert rc == 1 and raised is not None, stderr
+    assert time.monotonic() - raised < 2.0, stderr  # the teardown took 3-4 s here, 8-19 s in the drills
+    assert stderr.count("Traceback") == 1 and "[launcher] rank 1 failed (exit code 1)" in stderr, stderr
     assert _no_process_mentions(str(tmp_path))
 
 

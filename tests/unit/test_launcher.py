@@ -79,8 +79,19 @@ sys.exit(3)
 SELF_KILL = """
 record(f"pid-{rank}", str(os.getpid()))
 if rank == 1:
+    while not (out / "pid-0").exists():  # rank 0 must be up (and its pid known) before rank 1 dies
+        time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGKILL)
 time.sleep(600)
+"""
+
+# Every rank raises the same error (exit 3); rank 1 is quicker, rank 0 is the one that explains it.
+AGREED_STOP = """
+if rank == 0:
+    time.sleep(1.0)
+    print("stopped: the reason, from rank 0", file=sys.stderr, flush=True)
+    record("rank0-explained", "")
+sys.exit(3)
 """
 
 SLEEPER = """
@@ -199,6 +210,13 @@ def test_rank_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
     assert rc == 3
     assert 1.0 <= took < 30.0  # after the grace; the upper bound only rules out "never"
     assert _all_dead(_pids(tmp_path, ["pid-0"], timeout=0))
+
+
+def test_agreed_exit_lets_the_explaining_rank_finish(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Codes every rank exits with together (the CLI's 2 and 3): the rank that prints why is not cut short."""
+    assert launch_local(2, _child(tmp_path, AGREED_STOP), grace_s=3.0, agreed_exit_codes=(3,)) == 3
+    assert (tmp_path / "rank0-explained").exists()
+    assert "stopped: the reason, from rank 0" in capfd.readouterr().err
 
 
 def test_rank_killed_by_signal_reports_128_plus_signum(
