@@ -234,6 +234,7 @@ class LMPolicy:
             done |= torch.isin(nxt, stops)
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        self.handle.reshard()  # as after logprobs(): a later in-place write (reference swap) must not meet gathers
         self.handle.train()
         tokens = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
         return [_until_stop(t, stop_ids) for t in tokens[: len(prompts)]]

@@ -35,6 +35,9 @@ def _swap_run(parallel: dict, micro: int, rows: list[dict]) -> dict:
     policy = LMPolicy(handle, state, cfg.train)
     mbs = [collate(mb, 0) for mb in split_microbatches(local_slice(rows, state.dp_rank, parallel.dp), micro)]
     initial = policy.logprobs(mbs)
+    # a greedy eval right before the swap (as the RL warm-up's accuracy check does) must leave no gathered
+    # parameters behind for the in-place swap to meet (a SIGSEGV under FSDP before greedy_generate resharded)
+    policy.greedy_generate([r["input_ids"][:4] for r in rows[:2]], 2, set(), 0)
     policy.init_reference()
     for _ in range(2):
         policy.sft_train_step(mbs)
