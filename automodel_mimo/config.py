@@ -139,6 +139,8 @@ class DPOConfig:
     rejected_key: str = "rejected"  # ... and of the dispreferred one
     warmup_sft_steps: int = 0  # SFT steps on the chosen responses before DPO (synthetic tasks' built-in warm start)
     warmup_sft_lr: float = 3.0e-3  # learning rate of those steps
+    # > 0: the warm-up stops early at the first check (every 25 steps, 200 held-out prompts, greedy) reaching this
+    warmup_sft_target_accuracy: float = 0.0
 
 
 @dataclass
@@ -183,6 +185,9 @@ class GRPOConfig:
     # under-trained start); to start from a trained model instead: model.pretrained=<HF dir> grpo.warmup_sft_steps=0
     warmup_sft_steps: int = 0
     warmup_sft_lr: float = 3.0e-3
+    # > 0: the warm-up stops at the first check (every 25 steps, 200 held-out prompts, greedy) reaching this
+    # accuracy, so GRPO starts at the same level of skill on every seed (the default's ~40%)
+    warmup_sft_target_accuracy: float = 0.0
 
 
 @dataclass
@@ -493,6 +498,8 @@ def validate_grpo(cfg: RunConfig) -> None:
              f"grpo.truncated_is_cap={g.truncated_is_cap}: must be > 0 (or null to disable)")
     _require(g.warmup_sft_steps >= 0, f"grpo.warmup_sft_steps={g.warmup_sft_steps}: must be >= 0")
     _require(g.warmup_sft_lr > 0, f"grpo.warmup_sft_lr={g.warmup_sft_lr}: must be > 0")
+    _require(0 <= g.warmup_sft_target_accuracy <= 1,
+             f"grpo.warmup_sft_target_accuracy={g.warmup_sft_target_accuracy}: must be in [0, 1] (0: off)")
     _require(gen.backend in ("vllm", "hf"), f"generation.backend={gen.backend}: use vllm or hf")
     _require(gen.temperature > 0, f"generation.temperature={gen.temperature}: must be > 0 (GRPO samples; "
              "greedy rollouts would make every group identical)")
@@ -531,6 +538,8 @@ def validate_dpo(cfg: RunConfig) -> None:
     _require(d.sft_weight >= 0, f"dpo.sft_weight={d.sft_weight}: must be >= 0")
     _require(d.warmup_sft_steps >= 0, f"dpo.warmup_sft_steps={d.warmup_sft_steps}: must be >= 0")
     _require(d.warmup_sft_lr > 0, f"dpo.warmup_sft_lr={d.warmup_sft_lr}: must be > 0")
+    _require(0 <= d.warmup_sft_target_accuracy <= 1,
+             f"dpo.warmup_sft_target_accuracy={d.warmup_sft_target_accuracy}: must be in [0, 1] (0: off)")
     _require(d.reference == "initial" or Path(d.reference).expanduser().is_dir(),
              f"dpo.reference={d.reference}: use 'initial' or the path of an existing HF model directory")
     if cfg.data.packing:  # micro batches count packed rows, and each pair is packed whole into one row

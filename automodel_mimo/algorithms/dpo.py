@@ -119,13 +119,14 @@ def warmup_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, stat
     return to_microbatches(cfg, rows, state, pad_id, t.micro_batch_size)
 
 
-def sft_warmup(cfg: RunConfig, handle, state, train: datasets.Dataset, pad_id: int) -> None:
-    """dpo.warmup_sft_steps SFT steps on the chosen responses, so DPO starts from (and, with
-    dpo.reference=initial, is anchored to) a model that already writes answers. Deterministic: a resumed
-    run repeats it."""
+def sft_warmup(cfg: RunConfig, handle, state, data: datasets.DatasetDict, tokenizer) -> None:
+    """Up to dpo.warmup_sft_steps SFT steps on the chosen responses (until dpo.warmup_sft_target_accuracy held-out
+    accuracy, when set), so DPO starts from (and, with dpo.reference=initial, is anchored to) a model that already
+    writes answers. Deterministic: a resumed run repeats it."""
     d = cfg.dpo
     sft.sft_warmup("dpo", handle, state, sft.warmup_train_config(cfg.train, d.warmup_sft_steps, d.warmup_sft_lr),
-                   lambda step: warmup_microbatches(cfg, train, step, state, pad_id))
+                   lambda step: warmup_microbatches(cfg, data["train"], step, state, tokenizer.pad_token_id),
+                   sft.warmup_accuracy(cfg, data["eval"], tokenizer), d.warmup_sft_target_accuracy)
 
 
 def eval_microbatches(cfg: RunConfig, eval_ds: datasets.Dataset, state, pad_id: int) -> list[dict]:
@@ -181,7 +182,7 @@ def run_dpo(cfg: RunConfig) -> None:
     policy = LMPolicy(handle, state, cfg.train)
     pad = tokenizer.pad_token_id
     if cfg.dpo.warmup_sft_steps:
-        sft_warmup(cfg, handle, state, data["train"], pad)
+        sft_warmup(cfg, handle, state, data, tokenizer)
     init_reference(cfg, policy)  # before a resume: "initial" means the weights of step 0
 
     ckpt, start = resume(cfg, handle, policy.optimizer)

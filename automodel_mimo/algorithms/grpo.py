@@ -222,14 +222,16 @@ def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Data
 # ---------------------------------------------------------------- setup
 
 
-def sft_warmup(cfg: RunConfig, policy_state, handle, train: datasets.Dataset, pad_id: int) -> None:
-    """grpo.warmup_sft_steps SFT steps on the task's answers: the starting policy, deliberately
-    under-trained in the embedded default so that GRPO has room to improve it. Deterministic."""
+def sft_warmup(cfg: RunConfig, policy_state, handle, data: datasets.DatasetDict, tokenizer) -> None:
+    """Up to grpo.warmup_sft_steps SFT steps on the task's answers, until grpo.warmup_sft_target_accuracy held-out
+    accuracy when set: the starting policy, deliberately under-trained in the embedded default so that GRPO has
+    room to improve it (and stopped at a level of skill, so that it has the same room on every seed). Deterministic."""
     g = cfg.grpo
     warm_cfg = dataclasses.replace(cfg, train=sft.warmup_train_config(cfg.train, g.warmup_sft_steps, g.warmup_sft_lr),
                                    seed=cfg.seed + 1)
     sft.sft_warmup("grpo", handle, policy_state, warm_cfg.train,
-                   lambda step: sft.step_microbatches(warm_cfg, train, step, policy_state, pad_id))
+                   lambda step: sft.step_microbatches(warm_cfg, data["train"], step, policy_state, tokenizer.pad_token_id),
+                   sft.warmup_accuracy(cfg, data["eval"], tokenizer), g.warmup_sft_target_accuracy)
 
 
 def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[list[list[int]], list[str]]:
@@ -252,7 +254,7 @@ def run_grpo(cfg: RunConfig) -> None:
     latest = resume_checkpoint(cfg, ckpt)
     began = time.perf_counter()
     if cfg.grpo.warmup_sft_steps and latest is None:  # a resume loads the reference and the policy instead
-        sft_warmup(cfg, state, handle, data["train"], pad)
+        sft_warmup(cfg, state, handle, data, tokenizer)
     warmup_s = time.perf_counter() - began
     policy = LMPolicy(handle, state, cfg.train)
     policy.init_reference()  # the starting weights

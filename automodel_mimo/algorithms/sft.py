@@ -72,22 +72,44 @@ def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) ->
     return [split_rows(batch, i, i + micro) for i in range(0, n_rows, micro)]
 
 
+WARMUP_CHECK_EVERY, WARMUP_CHECK_SAMPLES = 25, 200
+
+
 def warmup_train_config(train: TrainConfig, steps: int, lr: float) -> TrainConfig:
     """The RL algorithms' SFT warm-up schedule: `steps` steps at a constant `lr` after a short warm-up."""
     return dataclasses.replace(train, lr=lr, min_lr=0.0, max_steps=steps, warmup_steps=min(20, steps),
                                lr_decay="constant")
 
 
-def sft_warmup(tag: str, handle, state, train: TrainConfig, microbatches: Callable[[int], list[dict]]) -> None:
-    """train.max_steps SFT steps on `microbatches(step)` with an optimizer of their own (schedule:
-    `warmup_train_config`): the starting policy of DPO and GRPO. Deterministic."""
+def sft_warmup(tag: str, handle, state, train: TrainConfig, microbatches: Callable[[int], list[dict]],
+               accuracy: Callable[[LMPolicy], float] | None = None, target: float = 0.0) -> None:
+    """Up to train.max_steps SFT steps on `microbatches(step)` with an optimizer of their own (schedule:
+    `warmup_train_config`): the starting policy of DPO and GRPO. With `target` > 0, `accuracy(policy)` (held-out
+    greedy accuracy) is checked every WARMUP_CHECK_EVERY steps and the warm-up stops at the first check that
+    reaches it: the start is then a level of skill, not a step count, which varies with the seed and the machine
+    (the step at which a tiny model learns the task does). Deterministic."""
     warm = LMPolicy(handle, state, train)
     streak = SkipStreak(train.max_skipped_steps, what=f"{tag} sft warm-up step")
     for step in range(train.max_steps):
         metrics = warm.sft_train_step(microbatches(step))
         streak.update(step + 1, metrics)
-        if state.is_rank0 and (step + 1) % 50 == 0:
-            print(f"[{tag}] sft warm-up step {step + 1}/{train.max_steps}: loss {metrics['loss']:.4f}", flush=True)
+        done = step + 1
+        checked = target > 0 and accuracy is not None and done % WARMUP_CHECK_EVERY == 0
+        reached = checked and (score := accuracy(warm)) >= target
+        if state.is_rank0 and (done % 50 == 0 or reached):
+            extra = f", held-out accuracy {score:.3f}" if checked else ""
+            print(f"[{tag}] sft warm-up step {done}/{train.max_steps}: loss {metrics['loss']:.4f}{extra}", flush=True)
+        if reached:
+            if state.is_rank0:
+                print(f"[{tag}] sft warm-up reached {target} held-out accuracy at step {done}", flush=True)
+            return
+
+
+def warmup_accuracy(cfg: RunConfig, eval_ds: datasets.Dataset, tokenizer) -> Callable[[LMPolicy], float]:
+    """The warm-up's check: held-out greedy accuracy on (at most) the first WARMUP_CHECK_SAMPLES eval prompts."""
+    n = min(WARMUP_CHECK_SAMPLES, cfg.eval.num_samples or WARMUP_CHECK_SAMPLES)
+    check_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=n))
+    return lambda policy: evaluate_accuracy(check_cfg, policy, eval_ds, tokenizer)["eval/accuracy"]
 
 
 def evaluate_accuracy(cfg: RunConfig, policy: LMPolicy, eval_ds: datasets.Dataset, tokenizer) -> dict:

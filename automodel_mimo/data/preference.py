@@ -20,7 +20,9 @@ from automodel_mimo.errors import UserInputError
 
 SYNTHETIC_PREFIX = "synthetic:"
 _IDS = datasets.List(datasets.Value("int64"))
-TOKENIZED = datasets.Features({f"{side}_{key}": _IDS for side in ("chosen", "rejected") for key in ("input_ids", "labels")})
+# the pair's two rows, plus the chosen conversation's prompt and answer (held-out greedy accuracy of the warm-up)
+TOKENIZED = datasets.Features({**{f"{side}_{key}": _IDS for side in ("chosen", "rejected") for key in ("input_ids", "labels")},
+                               "prompt_ids": _IDS, "reference": datasets.Value("string")})
 
 
 def wrong_sum(a: int, b: int, digits: int, rng: random.Random) -> str:
@@ -115,6 +117,9 @@ def tokenize_pairs(ds: datasets.Dataset, tokenizer, *, max_seq_len: int, use_cha
                 raise UserInputError(f"{side} of row {i} of the {split_name} split: {err}") from err
             out[f"{side}_input_ids"].append(t["input_ids"])
             out[f"{side}_labels"].append(t["labels"])
+            if side == "chosen":
+                out["prompt_ids"].append(t["prompt_ids"])
+                out["reference"].append(t["reference"])
     return datasets.Dataset.from_dict(out, features=TOKENIZED)
 
 
