@@ -15,7 +15,7 @@ import time
 import traceback
 
 from automodel_mimo.errors import RunStopped, UserInputError
-from automodel_mimo.run_lock import take_output_dir
+from automodel_mimo.run.lock import take_output_dir
 
 ALGOS = {
     "sft": "supervised fine-tuning (the embedded default: a tiny Llama learns 2-digit addition)",
@@ -40,7 +40,7 @@ def _sections_text() -> str:
 
     from automodel_mimo.config import RunConfig
 
-    lines = ["config sections (set in YAML or as section.key=value; defaults and comments in automodel_mimo/config.py):"]
+    lines = ["config sections (set in YAML or as section.key=value; defaults and comments in automodel_mimo/config/schema.py):"]
     top = []
     for f in dataclasses.fields(RunConfig):
         if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]] | int:
 
 def _preflight(cfg) -> None:
     """Cheap checks that need the tokenizer and model config, done once before ranks start."""
-    from automodel_mimo.quiet import quiet_third_party
+    from automodel_mimo.run.quiet import quiet_third_party
 
     quiet_third_party(cfg.logging.verbose)
     from automodel_mimo.algorithms.loop import check_resume_required
@@ -171,7 +171,7 @@ def _run_worker(cfg) -> int:
     try:
         if rank == 0 and os.environ.get(LAUNCHED_ENV) != "1":  # torchrun: no launcher of ours holds output_dir
             lock = take_output_dir(cfg.output_dir)
-        from automodel_mimo.quiet import quiet_third_party
+        from automodel_mimo.run.quiet import quiet_third_party
 
         quiet_third_party(cfg.logging.verbose)
         from automodel_mimo.algorithms.dpo import run_dpo
@@ -270,7 +270,7 @@ def _launch(cfg, args_list: list[str]) -> int:
     if cfg.launch.backend == "ray":
         from automodel_mimo.launch.ray_launcher import launch_ray
 
-        return launch_ray(cfg, args_list)
+        return launch_ray(cfg, args_list, main)
     return launch_local(cfg.launch.nproc, [sys.executable, "-m", "automodel_mimo.cli", *args_list],
                         env={LAUNCHED_ENV: "1"}, agreed_exit_codes=(2, 3))
 

@@ -38,7 +38,7 @@ def main() -> int:
     from automodel_mimo.models import packed_attention
     from automodel_mimo.models.build import build_handle
     from automodel_mimo.parallel.context_parallel import shard_batch
-    from automodel_mimo.quiet import quiet_third_party
+    from automodel_mimo.run.quiet import quiet_third_party
     from policies.lm_policy import LMPolicy
 
     quiet_third_party()

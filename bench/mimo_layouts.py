@@ -34,7 +34,7 @@ from automodel_mimo.config import TrainConfig
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.model import MimoModel, build_vision_module
-from automodel_mimo.quiet import quiet_third_party
+from automodel_mimo.run.quiet import quiet_third_party
 from policies.mimo_policy import MimoPolicy
 
 # name -> (heterogeneous?, layout); every module spans the 4 ranks

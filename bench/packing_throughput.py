@@ -50,7 +50,7 @@ def main() -> None:
     from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
     from automodel_mimo.models import packed_attention
     from automodel_mimo.models.build import build_handle
-    from automodel_mimo.quiet import quiet_third_party
+    from automodel_mimo.run.quiet import quiet_third_party
     from policies.lm_policy import LMPolicy
 
     quiet_third_party()

@@ -114,7 +114,7 @@ def main() -> None:
     if args.report:
         return _report(args.report)
     from automodel_mimo.distributed.mesh import init_distributed
-    from automodel_mimo.quiet import quiet_third_party
+    from automodel_mimo.run.quiet import quiet_third_party
 
     quiet_third_party()
     init_distributed("auto")

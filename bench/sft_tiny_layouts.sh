@@ -20,7 +20,7 @@ for i in "${!LAYOUTS[@]}"; do
   # shellcheck disable=SC2086  # the layout is a list of overrides
   "$PY" -m automodel_mimo.cli sft launch.nproc=2 $layout logging.tensorboard=false logging.progress=false \
     checkpoint.export_hf=false output_dir="$dir" "$@" 2>&1 | grep '^\[sft\]'
-  "$PY" -m automodel_mimo.metrics_check "$dir/metrics.jsonl" "loss@last < 0.1" "eval/accuracy@last >= 0.95" || true
+  "$PY" -m automodel_mimo.metrics.check "$dir/metrics.jsonl" "loss@last < 0.1" "eval/accuracy@last >= 0.95" || true
   "$PY" - "$dir/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

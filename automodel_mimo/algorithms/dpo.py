@@ -27,7 +27,7 @@ from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
-from automodel_mimo.rl_losses import dpo_loss, sequence_logprobs
+from automodel_mimo.losses import dpo_loss, sequence_logprobs
 from policies.lm_policy import LMPolicy
 
 

@@ -37,7 +37,7 @@ from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.build import build_lm_handle
 from automodel_mimo.models.tokenizer import load_tokenizer
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
-from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
+from automodel_mimo.losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
 from policies.lm_policy import LMPolicy
 
 

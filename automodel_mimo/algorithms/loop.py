@@ -17,9 +17,9 @@ import torch.distributed as dist
 from automodel_mimo.checkpoint import Checkpointer
 from automodel_mimo.config import RunConfig
 from automodel_mimo.errors import RunStopped, UserInputError
-from automodel_mimo.faults import fault_point
+from automodel_mimo.run.faults import fault_point
 from automodel_mimo.metrics import MetricsLogger
-from automodel_mimo.run_record import record_run
+from automodel_mimo.run.record import record_run
 
 SKIP_WARNING = "non-finite loss or grad_norm: step skipped, weights unchanged"
 

@@ -30,7 +30,7 @@ from automodel_mimo.data.images import ImageProcessor
 from automodel_mimo.data.mimo_batching import collate_mimo, mimo_rows
 from automodel_mimo.data.mimo_tokenize import prepare_mimo_data
 from automodel_mimo.data.synthetic import grade_exact
-from automodel_mimo.distributed.grids import LANGUAGE
+from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.distributed.nonfinite import require_finite_weights
 from automodel_mimo.errors import UserInputError

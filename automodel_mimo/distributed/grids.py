@@ -1,10 +1,6 @@
 """Heterogeneous grids: one rank layout per MIMO module (encoders, projectors, the language model).
 
-A `GridSpec` is a module's contiguous rank range (offset, size) factored into named dims, outermost first.
-Everything about it that does not need a process group is pure arithmetic on the rank tensor
-`arange(offset, offset + size).reshape(sizes)`: which ranks share a dim (`groups_along`), a rank's
-coordinates, the data-parallel blocks. `validate_layout` checks a whole layout with that arithmetic before
-any group exists, so a bad layout fails identically on every rank.
+The specs and their checks are pure arithmetic (distributed/grid_spec.py).
 
 `build_grids` then creates every grid's groups in one world-consistent order (every rank builds every
 grid, same order, even groups it is not in). A module grid's groups are those of nemo-automodel's
@@ -20,115 +16,12 @@ LLM pp > 1 are rejected with a clear message.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from automodel_mimo.errors import UserInputError
-
-# nemo's MeshContext lays ranks out as (pp, dp_replicate, dp_shard, cp, tp), tp innermost; with
-# dp_replicate = 1 that is this order, which every module grid uses.
-MODULE_DIMS = ("pp", "dp", "cp", "tp")
-LANGUAGE = "language"
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """One module's ranks: `dims` are (name, size) pairs, outermost first."""
-
-    name: str
-    dims: tuple[tuple[str, int], ...]
-    offset: int = 0
-
-    @classmethod
-    def for_module(cls, name: str, sizes: dict[str, int], offset: int = 0) -> "GridSpec":
-        return cls(name, tuple((d, int(sizes.get(d, 1))) for d in MODULE_DIMS), offset)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(d for d, _ in self.dims)
-
-    @property
-    def size(self) -> int:
-        return math.prod(s for _, s in self.dims)
-
-    def dim_size(self, dim: str) -> int:
-        return dict(self.dims)[dim]
-
-    def rank_tensor(self) -> torch.Tensor:
-        return torch.arange(self.offset, self.offset + self.size).reshape([s for _, s in self.dims])
-
-    def groups_along(self, dim: str) -> list[list[int]]:
-        """Every group of ranks that differ only in `dim` (each in `dim` order), in a fixed order."""
-        t = self.rank_tensor().movedim(self.names.index(dim), -1)
-        return t.reshape(-1, self.dim_size(dim)).tolist()
-
-    def group_of(self, rank: int, dim: str) -> list[int]:
-        return next(g for g in self.groups_along(dim) if rank in g)
-
-    def coords(self, rank: int) -> dict[str, int]:
-        index = (self.rank_tensor() == rank).nonzero()[0].tolist()
-        return dict(zip(self.names, index))
-
-    def dp_blocks(self) -> list[set[int]]:
-        """Ranks of each dp index (dp outermost after pp=1: contiguous blocks), in dp order."""
-        t = self.rank_tensor().movedim(self.names.index("dp"), 0)
-        return [set(block.reshape(-1).tolist()) for block in t]
-
-
-# ---------------------------------------------------------------- validation (no process group needed)
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise UserInputError(message)
-
-
-def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | None = None) -> None:
-    """Every check that can fail, before any group exists (so every rank raises the same error)."""
-    names = [s.name for s in specs]
-    _require(len(set(names)) == len(names), f"mimo.layout: module names repeat: {names}")
-    _require(LANGUAGE in names, f"mimo.layout.{LANGUAGE}: missing; the language model's layout is required")
-    for s in specs:
-        key = f"mimo.layout.{s.name}"
-        missing = [d for d in MODULE_DIMS if d not in s.names]
-        _require(not missing, f"{key}: dims {missing} missing (a module grid has {', '.join(MODULE_DIMS)})")
-        for d, size in s.dims:
-            _require(size >= 1, f"{key}.{d}={size}: must be >= 1")
-        _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: pipeline parallelism under MIMO is not "
-                 "supported yet; set pp=1")
-        _require(s.offset == 0 and s.size == world,
-                 f"{key}: spans ranks {s.offset}..{s.offset + s.size - 1} (dp*tp*cp*pp = {s.size}) but launch.nproc = "
-                 f"{world}; only colocated layouts (every module on all ranks) are supported so far: make "
-                 "dp*tp*cp*pp equal the number of ranks for every module")
-        if s.name != LANGUAGE:
-            _require(s.dim_size("cp") == 1, f"{key}.cp={s.dim_size('cp')}: encoders do not shard the sequence; set cp=1")
-    language = next(s for s in specs if s.name == LANGUAGE)
-    for s in specs:
-        if s.name != LANGUAGE:
-            check_nesting(s, language)
-    if global_batch_size is not None:  # the LLM splits rows over its dp; encoders split images, not rows
-        lm_dp = language.dim_size("dp")
-        _require(global_batch_size % lm_dp == 0,
-                 f"train.global_batch_size={global_batch_size} is not divisible by mimo.layout.{LANGUAGE}.dp={lm_dp}: "
-                 f"the language model splits the batch's rows over its dp ranks; use a multiple of {lm_dp}")
-
-
-def check_nesting(encoder: GridSpec, language: GridSpec) -> None:
-    """Each dp block of the coarser grid must be the union of `scale` consecutive dp blocks of the finer."""
-    e, lm = encoder.dim_size("dp"), language.dim_size("dp")
-    fine, coarse = (encoder, language) if e >= lm else (language, encoder)
-    bad = (f"mimo.layout: the dp blocks of '{encoder.name}' (dp={e}) and '{language.name}' (dp={lm}) do not nest: "
-           f"each dp block of the grid with fewer dp ranks must be the union of consecutive dp blocks of the other")
-    _require(max(e, lm) % min(e, lm) == 0, bad + f"; make one dp a multiple of the other ({max(e, lm)} % {min(e, lm)} != 0)")
-    scale = max(e, lm) // min(e, lm)
-    fine_blocks = fine.dp_blocks()
-    for i, block in enumerate(coarse.dp_blocks()):
-        _require(block == set().union(*fine_blocks[i * scale:(i + 1) * scale]),
-                 bad + " (keep dp the outermost dim of both grids)")
+from automodel_mimo.distributed.grid_spec import GridSpec, check_view, validate_layout
+from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 
 
 # ---------------------------------------------------------------- grids with process groups
@@ -163,9 +56,7 @@ class Grid:
     def group(self, dim: str) -> dist.ProcessGroup:
         return self.mesh[dim].get_group()
 
-    def parallel_state(self):
-        from automodel_mimo.distributed.mesh import ParallelState
-
+    def parallel_state(self) -> ParallelState:
         return ParallelState(mesh_context=self.mesh_context, device=self.device)
 
     def view(self, name: str, dims: tuple[tuple[str, int], ...], shared: tuple[str, ...]) -> DeviceMesh:
@@ -175,25 +66,12 @@ class Grid:
         return DeviceMesh(self.mesh.device_type, view.rank_tensor(), mesh_dim_names=view.names)
 
 
-def check_view(base: GridSpec, view: GridSpec, shared: tuple[str, ...]) -> None:
-    _require(view.size == base.size,
-             f"view {view.name}: {' x '.join(f'{d}{s}' for d, s in view.dims)} = {view.size} ranks, but grid "
-             f"{base.name} has {base.size}")
-    for dim in shared:
-        _require(dim in view.names and dim in base.names, f"view {view.name}: shared dim '{dim}' missing")
-        _require(sorted(map(sorted, view.groups_along(dim))) == sorted(map(sorted, base.groups_along(dim))),
-                 f"view {view.name}: dim '{dim}' groups ranks differently than grid {base.name}; "
-                 "shared dims must enumerate ranks identically (keep them at the same nesting level)")
-
-
 def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float32",
                 global_batch_size: int | None = None, tp_plans: dict | None = None) -> dict[str, Grid]:
     """Validate, then build every module's MeshContext in spec order on every rank (world-consistent)."""
     from nemo_automodel.components.distributed.config import FSDP2Config
     from nemo_automodel.components.distributed.mesh import MeshContext, ParallelismSizes
     from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from automodel_mimo.distributed.mesh import DTYPES
 
     world = dist.get_world_size()
     validate_layout(specs, world, global_batch_size)

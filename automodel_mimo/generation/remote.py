@@ -27,7 +27,7 @@ class GeneratorActor:
 
     def __init__(self, backend: str, model_path: str, kwargs: dict):
         from automodel_mimo.generation import build_generator
-        from automodel_mimo.quiet import quiet_third_party
+        from automodel_mimo.run.quiet import quiet_third_party
 
         quiet_third_party()
         if backend == "hf" and torch.cuda.is_available():

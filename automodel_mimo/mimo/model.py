@@ -31,7 +31,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from automodel_mimo.distributed.grids import LANGUAGE, GridSpec, build_grids
+from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec
+from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge

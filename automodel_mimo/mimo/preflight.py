@@ -1,6 +1,6 @@
 """MIMO checks that need the tokenizer and the encoder's config, run once by the CLI before ranks start.
 
-config.validate_mimo checks the config on its own (layout, batch divisibility); these read files: the
+config/checks.py (validate_mimo) checks the config on its own (layout, batch divisibility); these read files: the
 placeholder must be a token of the tokenizer, the encoder config must load, its rows per image must equal
 mimo.tokens_per_image, and the images must be preprocessed to the encoder's size. Each failure is one
 UserInputError naming the key and the fix.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from automodel_mimo.config import RunConfig
-from automodel_mimo.distributed.grids import LANGUAGE
+from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models.build import check_tp_divisibility
 from automodel_mimo.models.tokenizer import IMAGE

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 source tests/nightly/common.sh
 nightly_start dpo_tiny
 .venv/bin/automodel-mimo dpo output_dir="$OUT" "$@"
-.venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
+.venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "eval/preference_accuracy@last >= 0.9" "eval/reward_margin@last > 0" "eval/loss@last < 0.5"
 hf_export_loads "$OUT/hf"
 echo "[nightly] dpo_tiny passed"

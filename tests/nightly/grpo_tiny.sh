@@ -14,7 +14,7 @@ start=$SECONDS
 .venv/bin/automodel-mimo grpo output_dir="$OUT" "$@"
 wall=$((SECONDS - start))
 echo "[nightly] grpo_tiny wall time: ${wall}s (limit ${WALL_LIMIT_S}s)"
-.venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
+.venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "eval/accuracy_gain@last >= 0.15" "gen_kl_error@max < 1e-5" "ratio_min@min > 0.999999" "ratio_max@max < 1.000001"
 hf_export_loads "$OUT/hf"
 if (( wall > WALL_LIMIT_S )); then echo "[nightly] grpo_tiny took ${wall}s > ${WALL_LIMIT_S}s"; exit 1; fi

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 source tests/nightly/common.sh
 nightly_start sft_tiny
 .venv/bin/automodel-mimo sft output_dir="$OUT" "$@"
-.venv/bin/python -m automodel_mimo.metrics_check "$OUT/metrics.jsonl" \
+.venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "loss@last < 0.1" "eval/accuracy@last >= 0.95"
 hf_export_loads "$OUT/hf"
 echo "[nightly] sft_tiny passed"

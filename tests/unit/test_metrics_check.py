@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from automodel_mimo.metrics_check import CheckError, check, main
+from automodel_mimo.metrics.check import CheckError, check, main
 
 # Train rows and eval rows interleaved, as the trainer writes them.
 ROWS = [
@@ -110,7 +110,7 @@ def test_truncated_last_line_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_runs_as_module(metrics: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "automodel_mimo.metrics_check", str(metrics), "grad_norm@max < 100"],
+        [sys.executable, "-m", "automodel_mimo.metrics.check", str(metrics), "grad_norm@max < 100"],
         capture_output=True, text=True,
     )
     assert (proc.returncode, proc.stdout) == (0, "PASS grad_norm@max = 7.5 < 100\n")

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from automodel_mimo.config import load_config
 from automodel_mimo.data.batching import local_slice, split_microbatches
-from automodel_mimo.distributed.grids import GridSpec, build_grids, check_view, validate_layout
+from automodel_mimo.distributed.grid_spec import GridSpec, check_view, validate_layout
+from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.bridge import Bridge, sibling_groups
 from automodel_mimo.mimo.model import MimoModel, build_mimo_grids

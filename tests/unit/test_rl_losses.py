@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from automodel_mimo.metrics import combine_metrics
-from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, dpo_loss, group_advantages, kl_penalty, sequence_logprobs
+from automodel_mimo.losses import PGLossConfig, clipped_pg_loss, dpo_loss, group_advantages, kl_penalty, sequence_logprobs
 
 
 def logsigmoid(x: float) -> float:

@@ -20,7 +20,7 @@ from automodel_mimo.models.build import build_handle, build_model
 from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.algorithms.dpo import attach_reference, dpo_loss_fn, dpo_train_step
 from automodel_mimo.algorithms.grpo import grpo_forward_backward, to_microbatches
-from automodel_mimo.rl_losses import PGLossConfig, clipped_pg_loss, dpo_loss
+from automodel_mimo.losses import PGLossConfig, clipped_pg_loss, dpo_loss
 from policies.lm_policy import LMPolicy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, assert_tensors_close, full_grads, full_params, random_rows, rel_err, tiny_llama_config, train_config

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.run_lock import LOCK_NAME, take_output_dir
+from automodel_mimo.run.lock import LOCK_NAME, take_output_dir
 from tests.unit.cli_runner import TINY, metrics, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-HOLD = "import sys, time; from automodel_mimo.run_lock import take_output_dir; take_output_dir(sys.argv[1]); " \
+HOLD = "import sys, time; from automodel_mimo.run.lock import take_output_dir; take_output_dir(sys.argv[1]); " \
        "print('held', flush=True); time.sleep(120)"
 
 

@@ -121,24 +121,7 @@ def _fmt(value) -> str:
 
 
 def _start_wandb(cfg: RunConfig):
-    import wandb  # presence checked by config.validate, before any rank started
+    import wandb  # presence checked by config/checks.py, before any rank started
 
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name, config=cfg.to_dict(),
                       dir=cfg.output_dir)
-
-
-def combine_metrics(metrics: list[dict]) -> dict:
-    """Per-microbatch metric dicts -> one: `*_min` by min, `*_max` by max, everything else summed."""
-    out: dict = {}
-    for m in metrics:
-        for k, v in m.items():
-            v = float(v)
-            if k not in out:
-                out[k] = v
-            elif k.endswith("_min"):
-                out[k] = min(out[k], v)
-            elif k.endswith("_max"):
-                out[k] = max(out[k], v)
-            else:
-                out[k] += v
-    return out

@@ -1,4 +1,4 @@
-"""Gate a run on its metrics.jsonl: `python -m automodel_mimo.metrics_check FILE "loss@last < 0.3" ...`.
+"""Gate a run on its metrics.jsonl: `python -m automodel_mimo.metrics.check FILE "loss@last < 0.3" ...`.
 
 Each check is `<key>@<agg> <op> <number>`. Rows without the key are skipped, since train and
 eval rows carry different keys. Exit 0: all pass; 1: a check failed; 2: the check itself is
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-USAGE = 'usage: python -m automodel_mimo.metrics_check METRICS_JSONL "KEY@AGG OP NUMBER" ...'
+USAGE = 'usage: python -m automodel_mimo.metrics.check METRICS_JSONL "KEY@AGG OP NUMBER" ...'
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
