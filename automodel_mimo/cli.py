@@ -88,32 +88,52 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]] | int:
 
 
 def _preflight(cfg) -> None:
-    """Cheap checks that need the tokenizer and model config, done once before ranks start."""
+    """Checks of the user's files and of the model's shape, done once before ranks start. Kept to the standard
+    library where the config allows (models/facts.py): a bad layout is one line in about a second."""
     from automodel_mimo.run.quiet import quiet_third_party
 
-    quiet_third_party(cfg.logging.verbose)
-    from automodel_mimo.algorithms.loop import check_resume_required
+    quiet_third_party(cfg.logging.verbose)  # before anything below imports a library
+    from automodel_mimo.checkpoint.listing import check_resume_required
     from automodel_mimo.data.file_check import check_data_files
+    from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility, quick_facts
     from automodel_mimo.models.local_paths import check_model_paths
 
     check_model_paths(cfg.model)  # the user's files first: one line each, before anything is loaded
     check_data_files(cfg)
     check_resume_required(cfg)
-    from automodel_mimo.models.build import build_hf_config, check_tp_divisibility
-    from automodel_mimo.models.tokenizer import load_tokenizer
-    from automodel_mimo.parallel.pipeline_parallel import check_pipeline_split
-
     p = cfg.parallel
+    facts = None if cfg.mimo.layout or cfg.model.tokenizer else quick_facts(cfg.model)
+    if facts is None:  # transformers reads the config (and the tokenizer)
+        facts = _model_config(cfg)
+    elif not cfg.model.pretrained:
+        _check_vocab(facts.vocab_size)
+    check_tp_divisibility(facts, p.tp)
+    check_pipeline_split(facts.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
+    if cfg.model.pretrained and cfg.model.config:
+        print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
+
+
+def _model_config(cfg):
+    """The LLM's HF config through transformers, and the MIMO checks that need the tokenizer."""
+    from automodel_mimo.models.build import build_hf_config
+    from automodel_mimo.models.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
     hf_config = build_hf_config(cfg.model, tokenizer)
     if cfg.mimo.layout:
         from automodel_mimo.mimo.preflight import check_mimo
 
         check_mimo(cfg, tokenizer, hf_config)
-    check_tp_divisibility(hf_config, p.tp)
-    check_pipeline_split(hf_config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
-    if cfg.model.pretrained and cfg.model.config:
-        print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
+    return hf_config
+
+
+def _check_vocab(vocab_size: int | None) -> None:
+    """A random-init model.config with the built-in tokenizer: its vocabulary must hold every token id."""
+    from automodel_mimo.models.tokenizer import BUILTIN_VOCAB_SIZE
+
+    if vocab_size is not None and vocab_size < BUILTIN_VOCAB_SIZE:
+        raise UserInputError(f"model.config.vocab_size={vocab_size} is smaller than the tokenizer "
+                             f"({BUILTIN_VOCAB_SIZE} tokens)")
 
 
 def _leave_process_group() -> None:
@@ -176,13 +196,9 @@ def _run_worker(cfg) -> int:
         quiet_third_party(cfg.logging.verbose)
         from automodel_mimo.algorithms.dpo import run_dpo
         from automodel_mimo.algorithms.grpo import run_grpo
-        from automodel_mimo.algorithms.mimo_sft import run_mimo_sft_from_config
         from automodel_mimo.algorithms.sft import run_sft
 
-        if cfg.mimo.layout:  # validate_mimo admits sft only
-            run_mimo_sft_from_config(cfg)
-        else:
-            {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[cfg.algo](cfg)
+        {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[cfg.algo](cfg)
         _leave_process_group()
         return 0
     except UserInputError as e:  # identical on every rank (deterministic inputs): rank 0 speaks for all

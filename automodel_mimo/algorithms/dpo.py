@@ -1,13 +1,14 @@
 """Direct preference optimization: the SPMD loop every rank runs.
 
-data (seed, step) -> global batch of (chosen, rejected) pairs -> this DP rank's pairs -> microbatches
-(rows 2i, 2i+1 are pair i, or with data.packing sequence slots 2i, 2i+1 of one packed row; a pair never
-splits) -> reference logprobs (reference weights swapped in) ->
-DPO train step -> metrics / held-out preference accuracy / checkpoint; at the end an HF export.
+data (seed, step) -> global batch of (chosen, rejected) pairs -> this rank's block of pairs -> whole-row
+microbatches (rows 2i, 2i+1 are pair i, or with data.packing sequence slots 2i, 2i+1 of one packed row; a pair
+never splits) -> reference logprobs (reference weights swapped in) -> DPO train step -> metrics / held-out
+preference accuracy / checkpoint; at the end an HF export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -15,26 +16,21 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, open_logs, resume, run_steps
+from automodel_mimo.algorithms.run import Run, start_run
+from automodel_mimo.algorithms.warmup import sft_warmup, warmup_accuracy, warmup_train_config
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import DPOConfig, RunConfig, packed_row_size, pad_multiple
-from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
-from automodel_mimo.data.packing import pack_microbatches
+from automodel_mimo.config import DPOConfig, RunConfig
+from automodel_mimo.data.batching import global_batch_indices, local_slice
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
-from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
-from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.models.build import build_lm_handle
-from automodel_mimo.models.tokenizer import load_tokenizer
-from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
-from automodel_mimo.losses import dpo_loss, sequence_logprobs
-from policies.lm_policy import LMPolicy
+from automodel_mimo.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
+from policies.policy import Policy
 
 
 # ---------------------------------------------------------------- the step
 
 
-def attach_reference(policy: LMPolicy, microbatches: list[dict]) -> None:
+def attach_reference(policy: Policy, microbatches: list[dict]) -> None:
     """Each microbatch gets `ref_seq_logprobs`: the reference policy's summed response logprobs, one per
     row [B] (packed: one per sequence slot [R, K])."""
     for mb, lp in zip(microbatches, policy.reference_logprobs(microbatches)):
@@ -42,7 +38,7 @@ def attach_reference(policy: LMPolicy, microbatches: list[dict]) -> None:
 
 
 def dpo_loss_fn(cfg: DPOConfig, counts: dict):
-    """LMPolicy.forward_backward loss: DPO over the microbatch's pairs with the global denominators."""
+    """Policy.forward_backward loss: DPO over the microbatch's pairs with the global denominators."""
 
     def loss_fn(logprobs: torch.Tensor, mb: dict):
         seq, tokens = sequence_logprobs(logprobs, mb["loss_mask"])
@@ -53,7 +49,7 @@ def dpo_loss_fn(cfg: DPOConfig, counts: dict):
     return loss_fn
 
 
-def dpo_train_step(policy: LMPolicy, microbatches: list[dict], cfg: DPOConfig) -> dict:
+def dpo_train_step(policy: Policy, microbatches: list[dict], cfg: DPOConfig) -> dict:
     """Reference logprobs, one DPO forward/backward over the global batch, one optimizer step."""
     attach_reference(policy, microbatches)
     counts = policy.global_counts(microbatches)
@@ -78,79 +74,66 @@ def prepare_dpo_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
     return load_preference_dataset(cfg, prepare=tokenize)
 
 
-def to_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int, micro_rows: int) -> list[dict]:
-    """Rows (pairs adjacent) -> padded microbatches of `micro_rows` rows (even: pairs stay whole), sharded
-    over cp like SFT's."""
-    microbatches = [collate(mb, pad_id, state.device) for mb in split_microbatches(rows, micro_rows)]
-    if cfg.parallel.cp > 1:
-        microbatches = [shard_batch(as_single_segments(mb, cfg.parallel.cp, pad_id), cfg.parallel.cp, state.cp_rank)
-                        for mb in microbatches]
-    return microbatches
-
-
-def packed_microbatches(cfg: RunConfig, rows: list[dict], state, pad_id: int) -> list[dict]:
-    """Rows (pairs adjacent) -> packed microbatches of train.micro_batch_size rows of
-    data.packed_sequence_size tokens. Each pair is packed whole into one row, chosen then rejected, so
-    its sequences are slots 2i, 2i+1 of that row (rows hold even slot counts) and any row slice (a
-    pipeline microbatch) keeps pairs whole; sharded over cp like SFT's."""
-    size = packed_row_size(cfg.data)
-    packed = pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
-                               state.device, group=2)
-    return [shard_batch(mb, cfg.parallel.cp, state.cp_rank) for mb, _ in packed]
-
-
-def step_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
-    """This DP rank's microbatches of the global batch of `step`: train.global_batch_size rows = half as
-    many pairs, drawn by (seed, step) like SFT's; each DP rank gets a contiguous block of whole pairs."""
+def step_microbatches(cfg: RunConfig, run: Run, step: int) -> list[dict]:
+    """This rank's microbatches of the global batch of `step`: train.global_batch_size rows = half as many
+    pairs, drawn by (seed, step) like SFT's; each data block gets a contiguous run of whole pairs, packed whole
+    into one row each with data.packing."""
     t = cfg.train
-    pairs = global_batch_indices(step, len(train), t.global_batch_size // 2, cfg.seed)
-    mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
-    if cfg.data.packing:
-        return packed_microbatches(cfg, pair_rows(mine), state, pad_id)
-    return to_microbatches(cfg, pair_rows(mine), state, pad_id, t.micro_batch_size)
+    pairs = global_batch_indices(step, len(run.data["train"]), t.global_batch_size // 2, cfg.seed)
+    index, count = run.handle.data_block()
+    return run.builder.build(pair_rows(run.data["train"].select(local_slice(pairs, index, count))),
+                             t.micro_batch_size, group=2)
 
 
-def warmup_microbatches(cfg: RunConfig, train: datasets.Dataset, step: int, state, pad_id: int) -> list[dict]:
+def padded(run: Run):
+    """The run's builder with padded rows (the warm-up and the held-out pairs are never packed)."""
+    return dataclasses.replace(run.builder, packed_size=None)
+
+
+def warmup_microbatches(cfg: RunConfig, run: Run, step: int) -> list[dict]:
     """SFT warm-up batches: the chosen responses of train.global_batch_size pairs drawn by (seed, step)."""
-    t = cfg.train
+    t, train = cfg.train, run.data["train"]
     pairs = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed + 1)
-    mine = train.select(local_slice(pairs, state.dp_rank, cfg.dp))
+    index, count = run.handle.data_block()
+    mine = train.select(local_slice(pairs, index, count))
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(mine["chosen_input_ids"], mine["chosen_labels"])]
-    return to_microbatches(cfg, rows, state, pad_id, t.micro_batch_size)
+    return padded(run).build(rows, t.micro_batch_size)
 
 
-def sft_warmup(cfg: RunConfig, handle, state, data: datasets.DatasetDict, tokenizer) -> None:
+def warm_up(cfg: RunConfig, run: Run) -> None:
     """Up to dpo.warmup_sft_steps SFT steps on the chosen responses (until dpo.warmup_sft_target_accuracy held-out
     accuracy, when set), so DPO starts from (and, with dpo.reference=initial, is anchored to) a model that already
     writes answers. Deterministic: a resumed run repeats it."""
     d = cfg.dpo
-    sft.sft_warmup("dpo", handle, state, sft.warmup_train_config(cfg.train, d.warmup_sft_steps, d.warmup_sft_lr),
-                   lambda step: warmup_microbatches(cfg, data["train"], step, state, tokenizer.pad_token_id),
-                   sft.warmup_accuracy(cfg, data["eval"], tokenizer), d.warmup_sft_target_accuracy)
+    sft_warmup("dpo", run.handle, warmup_train_config(cfg.train, d.warmup_sft_steps, d.warmup_sft_lr),
+               lambda step: warmup_microbatches(cfg, run, step),
+               warmup_accuracy(cfg, run.data["eval"], run.tokenizer), d.warmup_sft_target_accuracy)
 
 
-def eval_microbatches(cfg: RunConfig, eval_ds: datasets.Dataset, state, pad_id: int) -> list[dict]:
-    """This rank's share of the held-out pairs (ceil(n / dp) each; a rank left without pairs gets one
+def eval_microbatches(cfg: RunConfig, run: Run) -> list[dict]:
+    """This block's share of the held-out pairs (ceil(n / blocks) each; a block left without pairs gets one
     weight-0 pair so every rank runs the same passes)."""
+    eval_ds = run.data["eval"]
     n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
-    per_rank = math.ceil(n / cfg.dp)
-    start = min(n, state.dp_rank * per_rank)
-    rows = pair_rows(eval_ds.select(range(start, min(n, start + per_rank))))
+    index, count = run.handle.data_block()
+    per_block = math.ceil(n / count)
+    start = min(n, index * per_block)
+    rows = pair_rows(eval_ds.select(range(start, min(n, start + per_block))))
     if not rows:
         rows = [dict(r, labels=[IGNORE_INDEX] * len(r["labels"])) for r in pair_rows(eval_ds.select([0]))]
-    return to_microbatches(cfg, rows, state, pad_id, 2 * cfg.eval.batch_size)
+    return padded(run).build(rows, 2 * cfg.eval.batch_size)
 
 
-def sequence_sums(policy: LMPolicy, microbatches: list[dict], logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [(lp * policy.whole_rows(mb["loss_mask"], mb)).sum(-1) for mb, lp in zip(microbatches, logprobs)]
+def sequence_sums(policy: Policy, microbatches: list[dict], logprobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [(lp * policy.sequence_mask(mb)).sum(-1) for mb, lp in zip(microbatches, logprobs)]
 
 
-def evaluate_preferences(cfg: RunConfig, policy: LMPolicy, microbatches: list[dict], ref_sums: list[torch.Tensor]) -> dict:
+def evaluate_preferences(cfg: RunConfig, policy: Policy, microbatches: list[dict], ref_sums: list[torch.Tensor]) -> dict:
     """Held-out DPO loss, preference accuracy (r_chosen > r_rejected) and reward margin."""
     counts = policy.global_counts(microbatches)
     per_mb = []
     for mb, seq, ref in zip(microbatches, sequence_sums(policy, microbatches, policy.logprobs(microbatches)), ref_sums):
-        tokens = policy.whole_rows(mb["loss_mask"], mb).sum(-1)
+        tokens = policy.sequence_mask(mb).sum(-1)
         _, m = dpo_loss(seq, ref, tokens, beta=cfg.dpo.beta, global_pairs=counts["pairs"],
                         average_logprobs=cfg.dpo.average_logprobs)
         per_mb.append(m)
@@ -162,7 +145,7 @@ def evaluate_preferences(cfg: RunConfig, policy: LMPolicy, microbatches: list[di
 # ---------------------------------------------------------------- the loop
 
 
-def init_reference(cfg: RunConfig, policy: LMPolicy) -> None:
+def init_reference(cfg: RunConfig, policy: Policy) -> None:
     """dpo.reference: the weights training starts from, or an HF model directory's weights."""
     if cfg.dpo.reference == "initial":
         policy.init_reference()
@@ -174,29 +157,23 @@ def init_reference(cfg: RunConfig, policy: LMPolicy) -> None:
 
 
 def run_dpo(cfg: RunConfig) -> None:
-    device = init_distributed(cfg.launch.dist_backend)
-    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
-    data = prepare_dpo_data(cfg, tokenizer)
-    handle = build_lm_handle(cfg, tokenizer, state)
-    policy = LMPolicy(handle, state, cfg.train)
-    pad = tokenizer.pad_token_id
+    run = start_run(cfg, prepare_dpo_data)
+    handle, data, tokenizer = run.handle, run.data, run.tokenizer
+    policy = Policy(handle, cfg.train)
     if cfg.dpo.warmup_sft_steps:
-        sft_warmup(cfg, handle, state, data, tokenizer)
+        warm_up(cfg, run)
     init_reference(cfg, policy)  # before a resume: "initial" means the weights of step 0
 
     ckpt, start = resume(cfg, handle, policy.optimizer)
-    eval_mbs = eval_microbatches(cfg, data["eval"], state, pad) if cfg.eval.every_steps else []
+    eval_mbs = eval_microbatches(cfg, run) if cfg.eval.every_steps else []
     eval_ref = sequence_sums(policy, eval_mbs, policy.reference_logprobs(eval_mbs)) if eval_mbs else []
-    if state.is_rank0:
-        print(f"[dpo] {dist.get_world_size()} ranks, {cfg.layout}, "
-              f"{len(data['train'])} train / {len(data['eval'])} eval pairs, reference {cfg.dpo.reference}, "
-              f"start step {start}", flush=True)
+    run.say("dpo", f"{dist.get_world_size()} ranks, {cfg.layout}, {len(data['train'])} train / {len(data['eval'])} "
+                   f"eval pairs, reference {cfg.dpo.reference}, start step {start}")
     logger = open_logs(cfg, start, cfg.layout)
 
     def step(i: int) -> dict:
         t0 = time.perf_counter()
-        microbatches = step_microbatches(cfg, data["train"], i, state, pad)
+        microbatches = step_microbatches(cfg, run, i)
         metrics = dpo_train_step(policy, microbatches, cfg.dpo)
         tokens = policy.data_tokens(microbatches)
         step_s = time.perf_counter() - t0

@@ -22,38 +22,35 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from automodel_mimo.algorithms import sft
 from automodel_mimo.algorithms.loop import finish, open_logs, resume_checkpoint, run_steps
+from automodel_mimo.algorithms.run import Run, start_run
+from automodel_mimo.algorithms.sft import prepare_sft_data, step_microbatches
+from automodel_mimo.algorithms.warmup import sft_warmup, warmup_accuracy, warmup_train_config
 from automodel_mimo.checkpoint import Checkpointer, export_hf
-from automodel_mimo.config import RunConfig, packed_row_size, pad_multiple, round_up
-from automodel_mimo.data.batching import collate, global_batch_indices, local_slice, split_microbatches
-from automodel_mimo.data.packing import pack_microbatches
+from automodel_mimo.config import RunConfig
+from automodel_mimo.data.batching import global_batch_indices, local_slice
+from automodel_mimo.data.rows import Rows
 from automodel_mimo.data.synthetic import grade_exact
-from automodel_mimo.distributed.mesh import DTYPES, build_parallel_state, init_distributed
-from automodel_mimo.errors import UserInputError
+from automodel_mimo.distributed.mesh import DTYPES
 from automodel_mimo.generation import Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
-from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.models.build import build_lm_handle
-from automodel_mimo.models.tokenizer import load_tokenizer
-from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
-from automodel_mimo.losses import PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
-from policies.lm_policy import LMPolicy
+from automodel_mimo.losses import IGNORE_INDEX, PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
+from policies.policy import Policy
 
 
 # ---------------------------------------------------------------- rollouts -> microbatches
 
 
-def sample_rows(prompts: list[list[int]], samples: list[Generation]) -> list[dict]:
-    """One training row per sample: prompt + response ids, labels on the response tokens only, and the
-    generator's logprobs at the same (shifted) positions as the labels."""
+def sample_rows(prompts: list[list[int]], samples: list[Generation], advantages: torch.Tensor) -> list[dict]:
+    """One training row per sample: prompt + response ids, labels on the response tokens only, the
+    generator's logprobs at the same (shifted) positions as the labels, and the sample's advantage."""
     rows = []
-    for s in samples:
+    for s, advantage in zip(samples, advantages.tolist()):
         prompt = prompts[s.prompt_index]
         ids = prompt + s.token_ids
         labels = [IGNORE_INDEX] * (len(prompt) - 1) + s.token_ids + [IGNORE_INDEX]
         gen_lp = [0.0] * (len(prompt) - 1) + s.logprobs + [0.0]
-        rows.append({"input_ids": ids, "labels": labels, "gen_logprobs": gen_lp})
+        rows.append({"input_ids": ids, "labels": labels, "gen_logprobs": gen_lp, "advantages": advantage})
     return rows
 
 
@@ -61,61 +58,6 @@ def rewards_of(samples: list[Generation], references: list[str], tokenizer) -> t
     """1 when the decoded response equals the prompt's reference answer (grade_exact), else 0."""
     return torch.tensor([float(grade_exact(tokenizer.decode(s.token_ids, skip_special_tokens=True),
                                            references[s.prompt_index])) for s in samples])
-
-
-def to_microbatches(rows: list[dict], advantages: torch.Tensor, micro_batch_size: int, pad_id: int, state) -> list[dict]:
-    """Padded microbatches carrying `gen_logprobs` [B, S] and `advantages` [B] beside the usual keys. Under
-    cp the usual keys are this rank's shard of each row, one segment padded to a multiple of 2*cp (as DPO's);
-    `gen_logprobs` stays whole-row at the padded width S, the layout LMPolicy's loss sees."""
-    cp = state.cp_size
-    microbatches = []
-    for start, chunk in zip(range(0, len(rows), micro_batch_size), split_microbatches(rows, micro_batch_size)):
-        mb = collate(chunk, pad_id, state.device)
-        if cp > 1:  # before the side data: as_single_segments pads the last dim of every key
-            mb = shard_batch(as_single_segments(mb, cp, pad_id), cp, state.cp_rank)
-        gen = torch.zeros(len(chunk), mb["input_ids"].shape[1] * cp, dtype=torch.float32)
-        for i, r in enumerate(chunk):
-            gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
-        mb["gen_logprobs"] = gen.to(state.device)
-        mb["advantages"] = advantages[start:start + len(chunk)].to(state.device, torch.float32)
-        microbatches.append(mb)
-    return microbatches
-
-
-def packed_microbatches(rows: list[dict], advantages: torch.Tensor, cfg: RunConfig, pad_id: int, state) -> list[dict]:
-    """data.packing: rows packed into microbatches of train.micro_batch_size rows of data.packed_sequence_size
-    tokens (sharded over cp like SFT's), with the side data in sequence slots (data/packing.py):
-    `gen_logprobs` [R, K, L] and `advantages` [R, K], 0 in empty slots."""
-    size = packed_row_size(cfg.data)
-    microbatches = []
-    for mb, slots in pack_microbatches(rows, size, pad_multiple(cfg.parallel), cfg.train.micro_batch_size, pad_id,
-                                       state.device):
-        R, K, L = mb["seq_index"].shape
-        gen, adv = torch.zeros(R, K, L), torch.zeros(R, K)
-        for r, sequences in enumerate(slots):
-            for k, i in enumerate(sequences):
-                gen[r, k, :len(rows[i]["gen_logprobs"])] = torch.tensor(rows[i]["gen_logprobs"])
-                adv[r, k] = advantages[i]
-        mb = shard_batch(mb, cfg.parallel.cp, state.cp_rank)
-        mb["gen_logprobs"], mb["advantages"] = gen.to(state.device), adv.to(state.device)
-        microbatches.append(mb)
-    return microbatches
-
-
-def rollout_microbatches(cfg: RunConfig, rows: list[dict], advantages: torch.Tensor, pad_id: int, state) -> list[dict]:
-    """This rank's rollout rows as padded (`to_microbatches`) or packed (`packed_microbatches`) microbatches."""
-    if cfg.data.packing:
-        return packed_microbatches(rows, advantages, cfg, pad_id, state)
-    return to_microbatches(rows, advantages, cfg.train.micro_batch_size, pad_id, state)
-
-
-def check_packable(cfg: RunConfig, rows: list[dict]) -> None:
-    """data.packing: every rollout (all ranks hold all of them, so all raise alike) fits a packed row."""
-    size = packed_row_size(cfg.data)
-    longest = max(round_up(len(r["input_ids"]), pad_multiple(cfg.parallel)) for r in rows)
-    if longest > size:
-        raise UserInputError(f"a rollout of prompt + response padded to {longest} tokens does not fit a packed row of "
-                             f"data.packed_sequence_size={size}; raise data.packed_sequence_size")
 
 
 # ---------------------------------------------------------------- the step
@@ -129,7 +71,7 @@ def pg_config(cfg: RunConfig) -> PGLossConfig:
 
 
 def grpo_loss_fn(loss_cfg: PGLossConfig, counts: dict):
-    """LMPolicy.forward_backward loss: clipped PG with the global denominators; kl to the reference is
+    """Policy.forward_backward loss: clipped PG with the global denominators; kl to the reference is
     reported even when it is not part of the loss (kl_beta = 0)."""
 
     def loss_fn(logprobs: torch.Tensor, mb: dict):
@@ -148,7 +90,7 @@ def grpo_loss_fn(loss_cfg: PGLossConfig, counts: dict):
     return loss_fn
 
 
-def grpo_forward_backward(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
+def grpo_forward_backward(policy: Policy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
     """Old and reference logprobs, then the clipped-PG gradients of the global batch (no optimizer step).
     Returns the reduced metrics and the seconds spent on logprobs and on the backward pass."""
     t0 = time.perf_counter()
@@ -163,7 +105,7 @@ def grpo_forward_backward(policy: LMPolicy, microbatches: list[dict], loss_cfg: 
     return metrics
 
 
-def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
+def grpo_train_step(policy: Policy, microbatches: list[dict], loss_cfg: PGLossConfig, temperature: float) -> dict:
     """`grpo_forward_backward` and one optimizer step."""
     metrics = grpo_forward_backward(policy, microbatches, loss_cfg, temperature)
     t1 = time.perf_counter()
@@ -175,12 +117,12 @@ def grpo_train_step(policy: LMPolicy, microbatches: list[dict], loss_cfg: PGLoss
 # ---------------------------------------------------------------- generator
 
 
-def build_generator(cfg: RunConfig, folder: str, state) -> Colocated:
+def build_generator(cfg: RunConfig, folder: str, device: torch.device) -> Colocated:
     """The one engine of this job behind `Colocated`: in rank 0's process, or (generation.colocated=false)
     a Ray actor that rank 0 drives and refits over a broadcast group."""
     gen = cfg.generation
     backend = None
-    if state.is_rank0:
+    if dist.get_rank() == 0:
         kwargs = {"dtype": DTYPES[cfg.model.dtype]}
         if gen.backend == "vllm":
             kwargs.update(max_model_len=gen.max_model_len, gpu_memory_utilization=gen.gpu_memory_utilization,
@@ -189,7 +131,7 @@ def build_generator(cfg: RunConfig, folder: str, state) -> Colocated:
                 kwargs["log_file"] = Path(cfg.output_dir) / "logs" / "generator.log"
         if gen.colocated:
             if gen.backend == "hf":
-                kwargs["device"] = state.device  # the trainer rank's accelerator
+                kwargs["device"] = device  # the trainer rank's accelerator
             from automodel_mimo.generation import build_generator as build_backend
 
             backend = build_backend(gen.backend, folder, **kwargs)
@@ -222,16 +164,16 @@ def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Data
 # ---------------------------------------------------------------- setup
 
 
-def sft_warmup(cfg: RunConfig, policy_state, handle, data: datasets.DatasetDict, tokenizer) -> None:
+def warm_up(cfg: RunConfig, run: Run) -> None:
     """Up to grpo.warmup_sft_steps SFT steps on the task's answers, until grpo.warmup_sft_target_accuracy held-out
     accuracy when set: the starting policy, deliberately under-trained in the embedded default so that GRPO has
     room to improve it (and stopped at a level of skill, so that it has the same room on every seed). Deterministic."""
     g = cfg.grpo
-    warm_cfg = dataclasses.replace(cfg, train=sft.warmup_train_config(cfg.train, g.warmup_sft_steps, g.warmup_sft_lr),
+    warm_cfg = dataclasses.replace(cfg, train=warmup_train_config(cfg.train, g.warmup_sft_steps, g.warmup_sft_lr),
                                    seed=cfg.seed + 1)
-    sft.sft_warmup("grpo", handle, policy_state, warm_cfg.train,
-                   lambda step: sft.step_microbatches(warm_cfg, data["train"], step, policy_state, tokenizer.pad_token_id),
-                   sft.warmup_accuracy(cfg, data["eval"], tokenizer), g.warmup_sft_target_accuracy)
+    rows = Rows(run.data["train"])
+    sft_warmup("grpo", run.handle, warm_cfg.train, lambda step: step_microbatches(warm_cfg, run, rows, step),
+               warmup_accuracy(cfg, run.data["eval"], run.tokenizer), g.warmup_sft_target_accuracy)
 
 
 def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[list[list[int]], list[str]]:
@@ -244,19 +186,15 @@ def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[li
 
 
 def run_grpo(cfg: RunConfig) -> None:
-    device = init_distributed(cfg.launch.dist_backend)
-    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
-    pad = tokenizer.pad_token_id
-    data = sft.prepare_sft_data(cfg, tokenizer)
-    handle = build_lm_handle(cfg, tokenizer, state)
+    run = start_run(cfg, prepare_sft_data)
+    handle, data, tokenizer = run.handle, run.data, run.tokenizer
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     latest = resume_checkpoint(cfg, ckpt)
     began = time.perf_counter()
     if cfg.grpo.warmup_sft_steps and latest is None:  # a resume loads the reference and the policy instead
-        sft_warmup(cfg, state, handle, data, tokenizer)
+        warm_up(cfg, run)
     warmup_s = time.perf_counter() - began
-    policy = LMPolicy(handle, state, cfg.train)
+    policy = Policy(handle, cfg.train)
     policy.init_reference()  # the starting weights
     start, initial_accuracy = 0, None
     if latest is not None:
@@ -266,18 +204,16 @@ def run_grpo(cfg: RunConfig) -> None:
 
     # the generator starts from an HF export of the current (starting or resumed) weights; refits stream in place
     init_folder = export_hf(handle, tokenizer, Path(cfg.output_dir) / "init_hf")
-    generator = build_generator(cfg, str(init_folder), state)
+    generator = build_generator(cfg, str(init_folder), handle.device)
     plan = build_stream_plan(handle, DTYPES[cfg.model.dtype], cfg.generation.bucket_bytes)
     transport = stage_transport(plan)
     generator.validate_manifest(plan.manifest)
     loss_cfg = pg_config(cfg)
     g = cfg.grpo
-    if state.is_rank0:
-        where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
-        print(f"[grpo] {dist.get_world_size()} ranks, {cfg.layout}, {cfg.generation.backend} "
-              f"generator {where}, {g.prompts_per_step} prompts x {g.num_generations} samples per step, "
-              f"{len(data['train'])} train / {len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, "
-              f"start step {start}", flush=True)
+    where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
+    run.say("grpo", f"{dist.get_world_size()} ranks, {cfg.layout}, {cfg.generation.backend} generator {where}, "
+                    f"{g.prompts_per_step} prompts x {g.num_generations} samples per step, {len(data['train'])} train / "
+                    f"{len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, start step {start}")
     logger = open_logs(cfg, start, cfg.layout)
     if cfg.eval.every_steps and start == 0:
         first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
@@ -291,12 +227,10 @@ def run_grpo(cfg: RunConfig) -> None:
         t_gen = time.perf_counter() - t0
         rewards = rewards_of(samples, references, tokenizer)
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
-        rows = sample_rows(prompts, samples)
-        if cfg.data.packing:
-            check_packable(cfg, rows)
-        mine = local_slice(list(range(len(samples))), state.dp_rank, cfg.dp)  # whole rows, contiguous block
-        rows = [rows[j] for j in mine]
-        microbatches = rollout_microbatches(cfg, rows, advantages[mine], pad, state)
+        rows = sample_rows(prompts, samples, advantages)
+        run.builder.check_fits(rows, "a rollout of prompt + response")  # all rollouts, on every rank: all raise alike
+        index, count = handle.data_block()
+        microbatches = run.builder.build(local_slice(rows, index, count), cfg.train.micro_batch_size)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
         generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))

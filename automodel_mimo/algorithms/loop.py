@@ -34,16 +34,6 @@ def resume(cfg: RunConfig, model, optimizer) -> tuple[Checkpointer, int]:
     return ckpt, start
 
 
-def check_resume_required(cfg: RunConfig) -> None:
-    """Before any rank starts: checkpoint.resume_required with no complete checkpoint at all is one line now (a
-    damaged one is found by the ranks' verification, `resume_checkpoint`)."""
-    c = cfg.checkpoint
-    if c.resume and c.resume_required and not Checkpointer(cfg.output_dir).complete():
-        raise UserInputError(f"checkpoint.resume=true: {Checkpointer(cfg.output_dir).root} holds no checkpoint, and "
-                             "checkpoint.resume_required=true; point output_dir at the run to continue, or set "
-                             "checkpoint.resume_required=false to start from step 0")
-
-
 def resume_checkpoint(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
     """Collective. With checkpoint.resume: the newest intact checkpoint (Checkpointer.latest_intact); when there
     is none, a note and None (start at step 0), or with checkpoint.resume_required a UserInputError."""

@@ -16,7 +16,6 @@ wrong with each newer one (a checkpoint without a manifest, from before manifest
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,14 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from automodel_mimo.checkpoint.listing import checkpoint_root, complete_checkpoints
 from automodel_mimo.checkpoint.manifest import checkpoint_files, file_entry, file_problem, read_manifest, write_manifest
 from automodel_mimo.distributed.nonfinite import require_finite_weights
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.run.faults import fault_point
-from automodel_mimo.models.handle import ModelHandle
+from automodel_mimo.models.handle import Handle
 from automodel_mimo.optim import PartOptimizers
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _rng_state() -> dict:
@@ -50,15 +49,15 @@ def _set_rng_state(state: dict) -> None:
 
 class Checkpointer:
     def __init__(self, output_dir: str | Path, keep_last: int = 2):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = checkpoint_root(output_dir)
         self.keep_last = keep_last
 
-    def _train_state(self, handle: ModelHandle, optimizers: PartOptimizers) -> dict:
+    def _train_state(self, handle: Handle, optimizers: PartOptimizers) -> dict:
         # Keys are the unsplit model's parameter names, so any layout (pp1/pp2, dp, tp) can load them.
         return {"model": handle.state_dict(), "optim": optimizers.state_dict()}
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, handle: ModelHandle, optimizers: PartOptimizers, reference=None,
+    def save(self, step: int, handle: Handle, optimizers: PartOptimizers, reference=None,
              extra: dict | None = None) -> Path:
         """Collective: every rank calls it. Returns the final directory. `reference`: a ReferenceWeights
         (policies/reference.py) saved beside the model; `extra`: small values the loop needs on resume."""
@@ -105,11 +104,7 @@ class Checkpointer:
     # ------------------------------------------------------------ resume
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.pt").is_file()]
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, unverified (resume uses latest_intact)."""
@@ -145,7 +140,7 @@ class Checkpointer:
             return None
         return found[0] + (f", and {len(found) - 1} more" if len(found) > 1 else "")
 
-    def load(self, path: Path, handle: ModelHandle, optimizers: PartOptimizers) -> int:
+    def load(self, path: Path, handle: Handle, optimizers: PartOptimizers) -> int:
         """Restore model, optimizer, scheduler and RNG in place; returns the step the checkpoint was taken at.
         A checkpoint that does not fit this run (another model) is a one-line UserInputError."""
         state = self._train_state(handle, optimizers)
@@ -164,7 +159,7 @@ class Checkpointer:
             _set_rng_state(torch.load(rng, weights_only=False))
         return int(trainer["step"])
 
-    def load_reference(self, path: Path, handle: ModelHandle, reference) -> None:
+    def load_reference(self, path: Path, handle: Handle, reference) -> None:
         """The reference weights saved at `path` into `reference`; the handle's own weights are unchanged."""
         with reference.swapped_in():
             state = {"model": handle.state_dict()}

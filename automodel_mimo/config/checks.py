@@ -10,6 +10,7 @@ from pathlib import Path
 
 from automodel_mimo.config.schema import PP_SCHEDULES, DataConfig, LaunchConfig, RunConfig
 from automodel_mimo.config.sizes import packed_row_size, pad_multiple, round_up
+from automodel_mimo.data.paths import SYNTHETIC_PREFIX
 from automodel_mimo.errors import UserInputError
 
 
@@ -34,7 +35,7 @@ SYNTHETIC_ONLY_KEYS = ("num_train", "num_eval", "digits", "text_only_fraction")
 def _note_synthetic_only_keys(d: DataConfig, notes: list[str]) -> None:
     """Keys of the synthetic tasks that a file or hub dataset ignores, when set to something else than
     their defaults (e.g. a MIMO config whose data.dataset is overridden with a parquet file)."""
-    if d.dataset.startswith("synthetic:"):
+    if d.dataset.startswith(SYNTHETIC_PREFIX):
         return
     default = DataConfig()
     ignored = [f"data.{k}={getattr(d, k)}" for k in SYNTHETIC_ONLY_KEYS if getattr(d, k) != getattr(default, k)]
@@ -234,7 +235,6 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
              "leave the parallel section at its defaults")
-    _require(not cfg.data.packing, "data.packing is not supported with mimo yet; set data.packing=false")
     modules = {m.encoder_name, LANGUAGE}
     _require(set(m.layout) == modules,
              f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")
@@ -248,6 +248,11 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     specs = [GridSpec.for_module(n, m.layout[n]) for n in (m.encoder_name, LANGUAGE)]
     validate_layout(specs, world, t.global_batch_size)
     enc_dp, lm_dp = (s.dim_size("dp") for s in specs)
+    lm_cp = specs[1].dim_size("cp")
+    if cfg.data.packing and lm_cp > 1:  # packed sequences are padded to whole load-balanced cp chunks of the LLM
+        _require(packed_row_size(cfg.data) % (2 * lm_cp) == 0,
+                 f"data.packed_sequence_size={packed_row_size(cfg.data)} must be a multiple of 2 * "
+                 f"mimo.layout.{LANGUAGE}.cp = {2 * lm_cp}")
     per_rank = t.global_batch_size // min(enc_dp, lm_dp)
     _require(per_rank % t.micro_batch_size == 0,
              f"train.micro_batch_size={t.micro_batch_size} must divide the {per_rank} rows each rank receives "

@@ -53,3 +53,26 @@ def collate(rows: list[dict], pad_id: int, device: torch.device | str = "cpu") -
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["loss_mask"] = (batch["labels"] != IGNORE_INDEX).float()
     return batch
+
+
+def pad_rows(batch: dict, n_rows: int, pad_id: int) -> dict:
+    """Append weight-0 rows (pad tokens, no loss tokens) up to `n_rows`. A packed / cp-sharded batch's dummy
+    rows are one padding segment of the full row (`cu_seqlens_padded` [0, S, S, ...]) and have empty sequence
+    slots, so the cp gather and the per-sequence view treat them like any row; they hold no images (`pixel_values`
+    is per image, not per row)."""
+    have = batch["input_ids"].shape[0]
+    if have == n_rows:
+        return batch
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 1, "position_ids": 0, "seq_index": -1}
+    if "cu_seqlens_padded" in batch:
+        fill["cu_seqlens_padded"] = int(batch["cu_seqlens_padded"][:, -1].max())
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            out[key] = value
+            continue
+        extra = value.new_full((n_rows - have, *value.shape[1:]), fill.get(key, 0))
+        if key == "cu_seqlens_padded":
+            extra[:, 0] = 0
+        out[key] = torch.cat([value, extra])
+    return out

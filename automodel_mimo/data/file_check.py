@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from automodel_mimo.data.sources import FILE_BUILDERS, SYNTHETIC_PREFIX, _looks_like_path
+from automodel_mimo.data.paths import FILE_BUILDERS, SYNTHETIC_PREFIX, looks_like_path
 from automodel_mimo.errors import UserInputError
 
 
@@ -23,7 +23,7 @@ def check_data_files(cfg) -> None:
         return
     path = Path(source).expanduser()
     if not path.exists():
-        if _looks_like_path(source):
+        if looks_like_path(source):
             raise UserInputError(f"data.dataset={source} does not exist; point data.dataset at an existing file or directory")
         return  # a hub dataset: the ranks load it
     files = [path] if path.is_file() else _data_files(path)

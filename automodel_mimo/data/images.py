@@ -78,7 +78,7 @@ def _is_image_like(feature: Any) -> bool:
 
 def _image_column(ds: datasets.Dataset, image_key: str, base_dir: Path | None) -> datasets.Dataset:
     """Cast `image_key` to undecoded images (one per row, or a list); accepts images, lists of them, and file paths."""
-    sources._require_column(ds, image_key, "data.image_key")
+    sources.require_column(ds, image_key, "data.image_key")
     feature = ds.features[image_key]
     is_list = isinstance(feature, (datasets.List, datasets.Sequence))
     inner = feature.feature if is_list else feature
@@ -104,19 +104,19 @@ def _to_rows(ds: datasets.Dataset, split: str, *, image_key: str, prompt_key: st
     """One split -> columns `images` (list) and `messages`; errors name the config key and split."""
     messages_key = sources.chat_column(ds, prompt_key, messages_key)
     if messages_key is not None:
-        sources._require_column(ds, messages_key, "data.messages_key")
+        sources.require_column(ds, messages_key, "data.messages_key")
     else:
-        sources._require_column(ds, prompt_key, "data.prompt_key")
-        sources._require_column(ds, response_key, "data.response_key")
+        sources.require_column(ds, prompt_key, "data.prompt_key")
+        sources.require_column(ds, response_key, "data.response_key")
     ds = _image_column(ds, image_key, base_dir)
 
     def convert(row: dict[str, Any], idx: int) -> dict[str, Any]:
         value = row[image_key]
         images = [] if value is None else [value] if isinstance(value, dict) else [v for v in value if v is not None]
         if messages_key is not None:
-            messages = sources._clean_messages(row, idx, messages_key)
+            messages = sources.clean_messages(row, idx, messages_key)
         else:
-            messages = sources._pair_to_messages(row, idx, prompt_key, response_key)
+            messages = sources.pair_to_messages(row, idx, prompt_key, response_key)
         return {"images": images, **messages}
 
     if len(ds) == 0:
@@ -163,8 +163,8 @@ def load_image_dataset(
     else:
         path = Path(source).expanduser()
         base_dir = path.parent if path.is_file() else path if path.is_dir() else None
-        raw = sources._load_raw(source, name)
-        splits = sources._train_eval(raw, train_split=train_split, eval_split=eval_split,
+        raw = sources.load_raw(source, name)
+        splits = sources.train_eval(raw, train_split=train_split, eval_split=eval_split,
                                      eval_fraction=eval_fraction, seed=seed)
     return datasets.DatasetDict({
         split: _to_rows(ds, split, image_key=image_key, prompt_key=prompt_key, response_key=response_key,

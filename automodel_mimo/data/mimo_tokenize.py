@@ -14,9 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from automodel_mimo.data.images import _UNDECODED, load_image_dataset
 from automodel_mimo.data.tokenize import FEATURES as TEXT_FEATURES
-from automodel_mimo.data.tokenize import Message, _shifted_labels, conversation_ids, map_tokenized
+from automodel_mimo.data.tokenize import Message, conversation_ids, labeled_row, map_tokenized
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.tokenizer import image_token_id
 
 FEATURES = datasets.Features({**TEXT_FEATURES, "num_images": datasets.Value("int64")})
@@ -73,14 +72,7 @@ def tokenize_mimo_messages(
                 f"{last_placeholder}); raise data.max_seq_len"
             )
         ids, is_target = ids[:max_seq_len], is_target[:max_seq_len]
-    labels = _shifted_labels(ids, is_target)
-    if all(label == IGNORE_INDEX for label in labels):
-        raise UserInputError(
-            f"no assistant token is left to train on within data.max_seq_len={max_seq_len} "
-            f"({len(prompt_ids)} prompt tokens); raise data.max_seq_len"
-        )
-    return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": messages[-1]["content"],
-            "num_images": num_images}
+    return {**labeled_row(ids, is_target, prompt_ids, messages, max_seq_len), "num_images": num_images}
 
 
 def tokenize_mimo_dataset(

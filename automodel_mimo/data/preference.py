@@ -13,12 +13,12 @@ from typing import Any
 
 import datasets
 
-from automodel_mimo.data.sources import Prepare, _hold_out, _load_raw, _pick_splits
-from automodel_mimo.data.synthetic import _sample_pairs
+from automodel_mimo.data.paths import SYNTHETIC_PREFIX
+from automodel_mimo.data.sources import Prepare, hold_out, load_raw, pick_splits
+from automodel_mimo.data.synthetic import sample_pairs
 from automodel_mimo.data.tokenize import tokenize_messages
 from automodel_mimo.errors import UserInputError
 
-SYNTHETIC_PREFIX = "synthetic:"
 _IDS = datasets.List(datasets.Value("int64"))
 # the pair's two rows, plus the chosen conversation's prompt and answer (held-out greedy accuracy of the warm-up)
 TOKENIZED = datasets.Features({**{f"{side}_{key}": _IDS for side in ("chosen", "rejected") for key in ("input_ids", "labels")},
@@ -37,7 +37,7 @@ def addition_preferences(num_train: int, num_eval: int, digits: int, seed: int) 
     """"a+b=" with the right sum chosen and a one-digit-wrong sum rejected; train and eval share no (a, b)."""
     if num_train < 1 or num_eval < 0:
         raise UserInputError(f"data.num_train={num_train}, data.num_eval={num_eval}: set data.num_train >= 1 and data.num_eval >= 0")
-    pairs = _sample_pairs(num_train + num_eval, digits, seed)
+    pairs = sample_pairs(num_train + num_eval, digits, seed)
     rng = random.Random(seed + 1)
     rows = {"prompt": [f"{a:0{digits}d}+{b:0{digits}d}=" for a, b in pairs],
             "chosen": [f"{a + b:0{digits + 1}d}" for a, b in pairs],
@@ -67,11 +67,11 @@ def load_preference_dataset(cfg, prepare: Prepare | None = None) -> datasets.Dat
         raw = SYNTHETIC_PREFERENCES[task](d.num_train, d.num_eval, d.digits, cfg.seed)
         return datasets.DatasetDict({split: convert(ds, split, ("prompt", "chosen", "rejected"))
                                      for split, ds in raw.items()})
-    picked = _pick_splits(_load_raw(d.dataset, d.name), train_split=d.train_split, eval_split=d.eval_split)
+    picked = pick_splits(load_raw(d.dataset, d.name), train_split=d.train_split, eval_split=d.eval_split)
     keys = (d.prompt_key, cfg.dpo.chosen_key, cfg.dpo.rejected_key)
     shown = {"train": d.train_split, "eval": d.eval_split}  # the dataset's own split names
     converted = datasets.DatasetDict({split: convert(ds, shown[split], keys) for split, ds in picked.items()})
-    return _hold_out(converted, eval_fraction=d.eval_fraction, seed=cfg.seed)
+    return hold_out(converted, eval_fraction=d.eval_fraction, seed=cfg.seed)
 
 
 def _messages(value: Any, key: str, row: int, split: str) -> list[dict]:

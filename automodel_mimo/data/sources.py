@@ -9,11 +9,10 @@ from typing import Any
 import datasets
 from datasets.exceptions import DatasetNotFoundError
 
+from automodel_mimo.data.paths import FILE_BUILDERS, SYNTHETIC_PREFIX, looks_like_path
 from automodel_mimo.data.synthetic import SYNTHETIC_TASKS
 from automodel_mimo.errors import UserInputError
 
-SYNTHETIC_PREFIX = "synthetic:"
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Explicit so an empty split still gets the column, and every source yields the same schema.
 MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 FEATURES = datasets.Features({"messages": datasets.List(MESSAGE)})
@@ -30,11 +29,7 @@ def _load_synthetic(task: str, *, num_train: int, num_eval: int, digits: int, se
     return SYNTHETIC_TASKS[task](num_train=num_train, num_eval=num_eval, digits=digits, seed=seed)
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix in FILE_BUILDERS
-
-
-def _load_raw(source: str, name: str | None) -> datasets.DatasetDict:
+def load_raw(source: str, name: str | None) -> datasets.DatasetDict:
     """A local file, a local directory, or a hub dataset, as loaded by `datasets`."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -46,7 +41,7 @@ def _load_raw(source: str, name: str | None) -> datasets.DatasetDict:
         return datasets.load_dataset(builder, data_files=str(path))
     if path.is_dir():
         return datasets.load_dataset(str(path), name=name)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise UserInputError(
             f"data.dataset={source} does not exist; point data.dataset at an existing file or directory"
         )
@@ -59,15 +54,15 @@ def _load_raw(source: str, name: str | None) -> datasets.DatasetDict:
         ) from err
 
 
-def _train_eval(
+def train_eval(
     raw: datasets.DatasetDict, *, train_split: str, eval_split: str | None, eval_fraction: float, seed: int
 ) -> datasets.DatasetDict:
     """Use the named eval split when present; otherwise hold out eval_fraction of train."""
-    return _hold_out(_pick_splits(raw, train_split=train_split, eval_split=eval_split),
+    return hold_out(pick_splits(raw, train_split=train_split, eval_split=eval_split),
                      eval_fraction=eval_fraction, seed=seed)
 
 
-def _pick_splits(raw: datasets.DatasetDict, *, train_split: str, eval_split: str | None) -> datasets.DatasetDict:
+def pick_splits(raw: datasets.DatasetDict, *, train_split: str, eval_split: str | None) -> datasets.DatasetDict:
     """"train" (data.train_split), and "eval" when the dataset has data.eval_split; rows in the files' order."""
     if train_split not in raw:
         raise UserInputError(
@@ -78,7 +73,7 @@ def _pick_splits(raw: datasets.DatasetDict, *, train_split: str, eval_split: str
     return datasets.DatasetDict({"train": raw[train_split]})
 
 
-def _hold_out(splits: datasets.DatasetDict, *, eval_fraction: float, seed: int) -> datasets.DatasetDict:
+def hold_out(splits: datasets.DatasetDict, *, eval_fraction: float, seed: int) -> datasets.DatasetDict:
     """Without an "eval" split, eval_fraction of "train" held out (a seeded shuffle, the same for any columns)."""
     if "eval" in splits:
         return splits
@@ -90,7 +85,7 @@ def _hold_out(splits: datasets.DatasetDict, *, eval_fraction: float, seed: int) 
     return datasets.DatasetDict({"train": parts["train"], "eval": parts["test"]})
 
 
-def _require_column(ds: datasets.Dataset, column: str, key: str) -> None:
+def require_column(ds: datasets.Dataset, column: str, key: str) -> None:
     if column not in ds.column_names:
         offer_messages = key != "data.messages_key" and "messages" in ds.column_names
         hint = ", or set data.messages_key=messages" if offer_messages else ""
@@ -108,13 +103,13 @@ def _as_text(value: Any, key: str, row: int) -> str:
     raise UserInputError(f"{key}: row {row} holds {type(value).__name__} {value!r}, not text; fix the data or {key}")
 
 
-def _pair_to_messages(row: dict[str, Any], idx: int, prompt_key: str, response_key: str) -> dict[str, Any]:
+def pair_to_messages(row: dict[str, Any], idx: int, prompt_key: str, response_key: str) -> dict[str, Any]:
     prompt = _as_text(row[prompt_key], "data.prompt_key", idx)
     response = _as_text(row[response_key], "data.response_key", idx)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
-def _clean_messages(row: dict[str, Any], idx: int, messages_key: str) -> dict[str, Any]:
+def clean_messages(row: dict[str, Any], idx: int, messages_key: str) -> dict[str, Any]:
     """Keep only role/content, and check the conversation ends with the assistant target."""
     messages = row[messages_key]
     where = f"data.messages_key={messages_key}: row {idx}"
@@ -146,12 +141,12 @@ def _to_messages(
 ) -> datasets.Dataset:
     messages_key = chat_column(ds, prompt_key, messages_key)
     if messages_key is not None:
-        _require_column(ds, messages_key, "data.messages_key")
-        fn, kwargs = _clean_messages, {"messages_key": messages_key}
+        require_column(ds, messages_key, "data.messages_key")
+        fn, kwargs = clean_messages, {"messages_key": messages_key}
     else:
-        _require_column(ds, prompt_key, "data.prompt_key")
-        _require_column(ds, response_key, "data.response_key")
-        fn, kwargs = _pair_to_messages, {"prompt_key": prompt_key, "response_key": response_key}
+        require_column(ds, prompt_key, "data.prompt_key")
+        require_column(ds, response_key, "data.response_key")
+        fn, kwargs = pair_to_messages, {"prompt_key": prompt_key, "response_key": response_key}
     if len(ds) == 0:  # map on an empty dataset would not produce the new column
         return datasets.Dataset.from_dict({"messages": []}, features=FEATURES)
     try:
@@ -195,7 +190,7 @@ def load_sft_dataset(
         task = source[len(SYNTHETIC_PREFIX):]
         splits = _load_synthetic(task, num_train=num_train, num_eval=num_eval, digits=digits, seed=seed)
         return datasets.DatasetDict({split: convert(ds, split) for split, ds in splits.items()})
-    picked = _pick_splits(_load_raw(source, name), train_split=train_split, eval_split=eval_split)
+    picked = pick_splits(load_raw(source, name), train_split=train_split, eval_split=eval_split)
     shown = {"train": train_split, "eval": eval_split}  # the dataset's own split names
     converted = datasets.DatasetDict({split: convert(ds, shown[split]) for split, ds in picked.items()})
-    return _hold_out(converted, eval_fraction=eval_fraction, seed=seed)
+    return hold_out(converted, eval_fraction=eval_fraction, seed=seed)

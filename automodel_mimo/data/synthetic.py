@@ -15,7 +15,7 @@ MAX_DIGITS = 9
 FEATURES = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")})
 
 
-def _sample_pairs(count: int, digits: int, seed: int) -> list[tuple[int, int]]:
+def sample_pairs(count: int, digits: int, seed: int) -> list[tuple[int, int]]:
     """Distinct (a, b) pairs, sampled without replacement so no pair repeats across splits."""
     if not 1 <= digits <= MAX_DIGITS:
         raise UserInputError(f"data.digits={digits} is out of range; set data.digits between 1 and {MAX_DIGITS}")
@@ -45,7 +45,7 @@ def addition_dataset(num_train: int, num_eval: int, digits: int, seed: int) -> d
         raise UserInputError(
             f"data.num_train={num_train}, data.num_eval={num_eval}: set data.num_train >= 1 and data.num_eval >= 0"
         )
-    pairs = _sample_pairs(num_train + num_eval, digits, seed)
+    pairs = sample_pairs(num_train + num_eval, digits, seed)
     return datasets.DatasetDict({"train": _to_dataset(pairs[:num_train], digits), "eval": _to_dataset(pairs[num_train:], digits)})
 
 

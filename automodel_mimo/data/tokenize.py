@@ -112,7 +112,7 @@ def conversation_ids(messages: list[Message], tokenizer: PreTrainedTokenizerBase
     return _plain_ids(messages, tokenizer)
 
 
-def _shifted_labels(ids: list[int], is_target: list[bool]) -> list[int]:
+def shifted_labels(ids: list[int], is_target: list[bool]) -> list[int]:
     """labels[t] is the token the model should predict after position t, or -100 where that is not a target."""
     labels = [ids[t + 1] if is_target[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
     return (labels + [IGNORE_INDEX]) if ids else []
@@ -138,7 +138,13 @@ def tokenize_messages(
                 "raise data.max_seq_len or set data.truncate=true"
             )
         ids, is_target = ids[:max_seq_len], is_target[:max_seq_len]
-    labels = _shifted_labels(ids, is_target)
+    return labeled_row(ids, is_target, prompt_ids, messages, max_seq_len)
+
+
+def labeled_row(ids: list[int], is_target: list[bool], prompt_ids: list[int], messages: list[Message],
+                max_seq_len: int) -> dict[str, Any]:
+    """A tokenized row: ids, shifted labels (at least one), the final turn's prompt ids and reference answer."""
+    labels = shifted_labels(ids, is_target)
     if all(label == IGNORE_INDEX for label in labels):
         raise UserInputError(
             f"no assistant token is left to train on within data.max_seq_len={max_seq_len} "

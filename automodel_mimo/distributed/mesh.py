@@ -58,6 +58,10 @@ class ParallelState:
         return self._axis("dp").get_local_rank()
 
     @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self._axis("dp").get_group()
+
+    @property
     def tp_size(self) -> int:
         return self._axis("tp").size()
 

@@ -49,7 +49,7 @@ def clipped_pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     """Clipped policy-gradient loss (PPO / GRPO / GSPO family) of one microbatch.
 
     logprobs (differentiable), old_logprobs, ref_logprobs, gen_logprobs, mask: [B, T] in the same token
-    layout (whole rows: LMPolicy.forward_backward gathers context-parallel shards before the loss);
+    layout (whole rows: the handle gathers context-parallel shards before the loss, models/loss_view.py);
     advantages: [B] (one per sequence) or [B, T]. Per token:
         ratio = exp(lp - lp_old)                     (GSPO: exp(mean over the row of lp - lp_old))
         pg    = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))

@@ -13,7 +13,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from automodel_mimo.config import RunConfig
 from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.build import check_tp_divisibility
+from automodel_mimo.models.facts import check_tp_divisibility
 from automodel_mimo.models.tokenizer import IMAGE
 
 # Encoder rows per image for the towers we know: SigLIP yields its patches, CLIP adds a class token.

@@ -12,12 +12,13 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from automodel_mimo.config import ModelConfig, RunConfig
+from automodel_mimo.config import ModelConfig, RunConfig, pad_multiple
 from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
-from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline, check_pipeline_split
+from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
+from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline
 
 
 def build_hf_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -100,7 +101,7 @@ def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id:
     """The model behind a ModelHandle: one parallelized module, or AutoPipeline stages (parallel.pp > 1)."""
     p = cfg.parallel
     if p.pp == 1:
-        return ModelHandle(parallelize(model, state), state.dp_cp_group, state.device)
+        return ModelHandle(parallelize(model, state), state, pad_id, pad_multiple(p))
     check_pipeline_split(model.config.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     config = model.config
     pipeline = build_pipeline(  # AutoPipeline wants the model on its device before the split
@@ -109,7 +110,7 @@ def build_handle(cfg: RunConfig, model: nn.Module, state: ParallelState, pad_id:
         seq_len=cfg.data.max_seq_len, compute_dtype=DTYPES[cfg.model.dtype],
         parallelize_fn=lambda part, **_: parallelize(part, state))
     driver = PipelineDriver(pipeline, cfg.train.micro_batch_size, pad_id, state.dp_cp_group, state.pp_group, state.device)
-    return PipelineModelHandle(driver, config)
+    return PipelineModelHandle(driver, config, state, pad_id, pad_multiple(p))
 
 
 def _sum_gradient_reduction(model: nn.Module) -> None:
@@ -120,10 +121,3 @@ def _sum_gradient_reduction(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-
-
-def check_tp_divisibility(hf_config: PretrainedConfig, tp: int) -> None:
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        value = getattr(hf_config, name, None)
-        if tp > 1 and value is not None and value % tp:
-            raise UserInputError(f"parallel.tp={tp} must divide the model's {name}={value}; choose a tp that divides it")

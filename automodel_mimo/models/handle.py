@@ -1,15 +1,28 @@
-"""ModelHandle: one model seen the same way whether it is one nn.Module or pipeline stages.
+"""ModelHandle: one model seen the same way whether it is one nn.Module, pipeline stages or a MIMO model.
 
-Code above the handle (policies, algorithms, checkpointing, export) never asks "is this pipelined?": it
-calls `forward_backward` (training) and `forward_capture` (inference: the values it wants computed from
-the logits, e.g. next tokens or per-token logprobs, on every rank) and reads `state_dict()` with the
-unsplit model's parameter names. `ModelHandle` is the plain module; `PipelineModelHandle` the AutoPipeline
-parts, whose schedule is driven by `automodel_mimo.parallel.pipeline_parallel`.
+Code above a handle (policies, algorithms, checkpointing, export) never asks "is this pipelined, context
+parallel, packed, multimodal?". It hands a handle whole-row microbatches (padded or packed rows, text and
+images) and gets back what a loss needs:
+
+  forward_backward(mbs, loss_fn, temperature)  loss_fn(logprobs, view) per microbatch, gradients accumulated;
+                                               logprobs/view are whole rows (or one sequence per row, packed)
+  logprobs(mbs, temperature)                   per-token logprobs of the same layout, on every rank
+  next_tokens(batch, lengths, banned)          greedy next token of each generated row, on every rank
+  data_block() / data_group / loss_view(mb)    which rows of the global batch this rank holds, the group over
+                                               which the rows a loss sees partition it, and those rows
+  grad_norm(), parts, part_names               the optimizer's view (one optimizer per part)
+  state_dict() / full_state_dict() / write_hf  checkpoints (unsplit names) and the Hugging Face export
+
+The handle owns context parallelism (it shards each row over cp, runs attention under `cp_attention`, gathers
+logprobs back to whole rows) and the packed view (`models/loss_view.py`). `ModelHandle` is one module;
+`PipelineModelHandle` AutoPipeline parts driven by `parallel/pipeline_parallel.py`; the MIMO model's handle is
+`mimo/handle.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,12 +33,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
+from automodel_mimo.distributed.grad_norm import global_grad_norm
+from automodel_mimo.distributed.mesh import ParallelState
+from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.models.names import canonical_name
+from automodel_mimo.parallel.context_parallel import cp_attention, shard_batch
 
-# loss_fn(logits, microbatch) -> (loss to backpropagate, metrics of this microbatch)
+# loss_fn(logprobs, view) -> (loss to backpropagate, metrics of this microbatch): models/loss_view.py
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 # capture_fn(logits, batch) -> one value row per batch row
 CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
@@ -33,39 +51,38 @@ CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-class ModelHandle:
+def at_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, V] full-vocabulary logits of row b at positions[b]; a vocab-sharded DTensor (TP) is gathered for
+    those positions only."""
+    local = logits.to_local() if isinstance(logits, DTensor) else logits
+    picked = local[torch.arange(local.shape[0], device=local.device), positions.to(local.device)]
+    if isinstance(logits, DTensor):
+        vocab = [Shard(picked.dim() - 1) if p.is_shard() else p for p in logits.placements]
+        picked = DTensor.from_local(picked, logits.device_mesh, vocab).full_tensor()
+    return picked
+
+
+class Handle:
+    """What every handle shares: the model's parts (modules holding parameters: the one module, this rank's
+    pipeline stages, a MIMO model's modules) and what follows from them alone. Subclasses provide the data
+    layout, the compute and the state of the interface above."""
+
+    parts: list[nn.Module]
     stage_group: dist.ProcessGroup | None = None  # pipeline stages to sum gradient norms over
+    part_names: list[str] | None = None  # prefixes of each part's state keys; None: names are unique already
 
-    def __init__(self, module: nn.Module, dp_group: dist.ProcessGroup | None = None,
-                 device: torch.device = torch.device("cpu")):
-        self.parts: list[nn.Module] = [module]
-        self.has_first_stage = True
-        self.has_last_stage = True
-        self.dp_group, self.device = dp_group, device
-
-    @property
-    def config(self):
-        return self.parts[0].config
-
-    # ------------------------------------------------------------ modes and parameters
-    def train(self) -> "ModelHandle":
+    def train(self) -> "Handle":
         for part in self.parts:
             part.train()
         return self
 
-    def eval(self) -> "ModelHandle":
+    def eval(self) -> "Handle":
         for part in self.parts:
             part.eval()
         return self
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
-
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The model's own names (activation-checkpointing wrappers left out: see models/names.py)."""
-        for part in self.parts:
-            for name, param in part.named_parameters():
-                yield canonical_name(name), param
 
     def reshard(self) -> None:
         """Drop the full parameters FSDP gathered for a forward. A forward without a backward (inference)
@@ -76,36 +93,130 @@ class ModelHandle:
                 if isinstance(module, FSDPModule):
                     module.reshard()
 
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP reduce-scatters gradients only when enabled: on the last microbatch of a step."""
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(enabled)
+
+
+class ModelHandle(Handle):
+    """One causal LM: a parallelized module (FSDP2, TP) on this rank's ParallelState."""
+
+    def __init__(self, module: nn.Module, state: ParallelState, pad_id: int = 0, pad_multiple: int = 1):
+        self.parts: list[nn.Module] = [module]
+        self.state, self.device, self.pad_id = state, state.device, pad_id
+        self.pad_multiple = pad_multiple  # packed sequences' padding: 2 * cp (x tp under sequence parallelism)
+
+    @property
+    def config(self):
+        return self.parts[0].config
+
+    # ------------------------------------------------------------ data layout
+    def data_block(self) -> tuple[int, int]:
+        """(index, count) of this rank's block of the global batch."""
+        return self.state.dp_rank, self.state.dp_size
+
+    @property
+    def data_group(self) -> dist.ProcessGroup:
+        """The ranks whose `loss_view`s partition the global batch (tp and cp ranks hold the same rows)."""
+        return self.state.dp_group
+
+    @property
+    def cp_size(self) -> int:
+        return self.state.cp_size
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.state.cp_group if self.state.cp_size > 1 else None
+
+    def loss_view(self, mb: dict) -> dict:
+        """The rows of a whole-row microbatch whose loss this rank computes (all of them for an LM)."""
+        return mb
+
+    def generation_rows(self, n_rows: int) -> range:
+        """Rows of a generation batch whose next tokens this rank computes."""
+        return range(n_rows)
+
+    def rows_multiple(self) -> int:
+        """A microbatch's row count must be a multiple of this (a MIMO fan-out splits rows over LLM slots)."""
+        return 1
+
+    def _shard(self, mb: dict) -> dict:
+        return shard_batch(mb, self.state.cp_size, self.state.cp_rank)  # no-op without cp
+
+    # ------------------------------------------------------------ parameters
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's own names (activation-checkpointing wrappers left out: see models/names.py)."""
+        for part in self.parts:
+            for name, param in part.named_parameters():
+                yield canonical_name(name), param
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of every gradient, identical on every rank."""
+        return global_grad_norm(self.parameters(), self.device, extra_group=self.stage_group)
+
     # ------------------------------------------------------------ compute
     def _logits(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return self.parts[0](**inputs, use_cache=False).logits
 
-    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+    def _equalized(self, microbatches: list[dict]) -> list[dict]:
+        """Weight-0 dummies until every data rank runs as many passes (FSDP's collectives are paired)."""
+        return equal_step_count(microbatches, weightless(microbatches[0]), self.state.dp_cp_group, self.device)
+
+    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn, temperature: float = 1.0) -> list[dict]:
         """Forward, loss and backward of each microbatch in turn; gradients accumulate in the parameters.
-
-        FSDP reduce-scatters gradients only after the last microbatch (earlier ones accumulate unsharded).
-        A rank with fewer microbatches than another data rank runs weight-0 dummies (their metrics are
-        returned too, all zero-weight) so FSDP's collectives stay paired.
-        """
+        FSDP reduce-scatters gradients only after the last microbatch (earlier ones accumulate unsharded)."""
+        self.train()
         metrics = []
-        microbatches = equal_step_count(microbatches, weightless(microbatches[0]), self.dp_group, self.device)
-        for i, mb in enumerate(microbatches):
-            self._gradient_sync(i == len(microbatches) - 1)
-            loss, m = loss_fn(self._logits(mb), mb)
-            loss.backward()
-            metrics.append(m)
+        microbatches = self._equalized(microbatches)
+        with cp_attention(self.cp_group):
+            for i, mb in enumerate(microbatches):
+                self.set_gradient_sync(i == len(microbatches) - 1)
+                shard = self._shard(mb)
+                loss, m = loss_fn(*whole_rows(self._logits(shard), shard, temperature, self.cp_group))
+                loss.backward()
+                metrics.append(m)
         return metrics
-
-    def _gradient_sync(self, enabled: bool) -> None:
-        for part in self.parts:
-            if isinstance(part, FSDPModule):
-                part.set_requires_gradient_sync(enabled)
 
     @torch.no_grad()
     def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """capture_fn(logits, batch): one row of `row_shape`/`dtype` per batch row, on every rank."""
         return capture_fn(self._logits(batch), batch)
+
+    @torch.no_grad()
+    def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token logprobs of each microbatch's labels (logits / temperature), fp32, 0 where labels are
+        ignored: [B, S] whole rows, or sequence slots [R, K, L] for a packed microbatch; on every rank."""
+        n = len(microbatches)
+        self.eval()
+        out = []
+        with cp_attention(self.cp_group):
+            for mb in self._equalized(list(microbatches)):
+                shard = self._shard(mb)
+
+                def capture(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+                    return in_slots(row_logprobs(logits, batch, temperature, self.cp_group), batch)
+
+                out.append(self.forward_capture(shard, capture, slot_shape(mb), torch.float32))
+        self.reshard()  # parameters written after this pass (optimizer, swap) must not meet stale gathers
+        self.train()
+        return out[:n]
+
+    @torch.no_grad()
+    def next_tokens(self, batch: dict, lengths: torch.Tensor, banned: int | None = None) -> torch.Tensor:
+        """Greedy next token of every row of a right-padded batch, read at each row's last real token
+        (`lengths` - 1), `banned` never chosen; on every rank. Rows are not sharded over cp: a generation
+        step is one short pass per token."""
+
+        def pick(logits: torch.Tensor, b: dict) -> torch.Tensor:
+            last = at_positions(logits, b["lengths"] - 1)
+            if banned is not None:
+                last[:, banned] = -torch.inf
+            return last.argmax(-1)
+
+        return self.forward_capture({**batch, "lengths": lengths}, pick, (), torch.long)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -129,15 +240,26 @@ class ModelHandle:
         for part in self.parts:
             set_model_state_dict(part, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
+    def write_hf(self, state: dict, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+        """Rank 0: the causal LM with `state` (full tensors) and the tokenizer, as a transformers folder."""
+        config = self.config
+        config.use_cache = True
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.tie_weights()
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        config.use_cache = False
+
 
 class PipelineModelHandle(ModelHandle):
     """AutoPipeline parts of this rank's stage(s), driven through the schedule."""
 
-    def __init__(self, driver, config):
+    def __init__(self, driver, config, state: ParallelState, pad_id: int = 0, pad_multiple: int = 1):
+        super().__init__(None, state, pad_id, pad_multiple)
         self.driver = driver
-        info = driver.info
-        self.parts = list(info.model_parts)
-        self.has_first_stage, self.has_last_stage = info.has_first_stage, info.has_last_stage
+        self.parts = list(driver.info.model_parts)
         self.stage_group = driver.pp_group
         self._config = config
 
@@ -145,8 +267,12 @@ class PipelineModelHandle(ModelHandle):
     def config(self):
         return self._config
 
-    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
-        return self.driver.forward_backward(microbatches, loss_fn)
+    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn, temperature: float = 1.0) -> list[dict]:
+        self.train()
+        with cp_attention(self.cp_group):
+            return self.driver.forward_backward(
+                [self._shard(mb) for mb in microbatches],
+                lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))
 
     @torch.no_grad()
     def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from automodel_mimo.errors import UserInputError
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: the CLI's checks read only the constants
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, END = "<|pad|>", "<|bos|>", "<|eos|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -24,6 +26,9 @@ CHAT_TEMPLATE = (
 )
 
 
+BUILTIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # bytes, then the special tokens
+
+
 def _byte_symbols() -> list[str]:
     """The GPT-2 byte-to-unicode table, so that token id i is byte i."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -39,6 +44,9 @@ def _byte_symbols() -> list[str]:
 
 def build_default_tokenizer() -> PreTrainedTokenizerFast:
     """A 264-token byte-level tokenizer with chat and image special tokens; needs no files or downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     symbols = _byte_symbols()
     # The table must agree with the pre-tokenizer's alphabet or some bytes would be unknown.
     assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
@@ -59,6 +67,8 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast:
     """The default tokenizer for None; otherwise a Hugging Face tokenizer, padded with eos if it lacks a pad."""
     if name_or_path is None:
         return build_default_tokenizer()
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

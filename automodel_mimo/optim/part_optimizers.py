@@ -37,13 +37,15 @@ def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
 class PartOptimizers:
     """One optimizer and LR schedule per model part, stepped together.
 
-    Pipeline stages give a rank several parts (interleaved schedules), and DCP's optimizer state dict maps
-    parameters to names through one module at a time; the flattened per-part dicts (keys by parameter
-    name) merge into one that any layout (pp1 or pp2) can load.
+    Pipeline stages give a rank several parts (interleaved schedules), a MIMO model one per module, and DCP's
+    optimizer state dict maps parameters to names through one module at a time; the flattened per-part dicts
+    (keys by parameter name, prefixed `<name>.` when the parts are named, as MIMO modules are) merge into one
+    that any layout (pp1 or pp2, another MIMO layout) can load.
     """
 
-    def __init__(self, parts: list[torch.nn.Module], cfg: TrainConfig):
+    def __init__(self, parts: list[torch.nn.Module], cfg: TrainConfig, names: list[str] | None = None):
         self.parts = parts
+        self.prefixes = [f"{n}." for n in names] if names else [""] * len(parts)
         self.optimizers = [build_optimizer(part.named_parameters(), cfg) for part in parts]
         self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
 
@@ -73,16 +75,17 @@ class PartOptimizers:
 
         options = StateDictOptions(flatten_optimizer_state_dict=True)
         merged = {}
-        for part, opt in zip(self.parts, self.optimizers):
-            merged.update(get_optimizer_state_dict(part, opt, options=options))
+        for part, opt, prefix in zip(self.parts, self.optimizers, self.prefixes):
+            merged.update({prefix + k: v for k, v in get_optimizer_state_dict(part, opt, options=options).items()})
         return merged
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         options = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
-        for part, opt in zip(self.parts, self.optimizers):
-            set_optimizer_state_dict(part, opt, state, options=options)
+        for part, opt, prefix in zip(self.parts, self.optimizers, self.prefixes):
+            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
+            set_optimizer_state_dict(part, opt, mine, options=options)
 
     def scheduler_state(self) -> dict:
         return self.schedulers[0].state_dict()  # identical for every part

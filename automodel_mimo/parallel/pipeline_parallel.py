@@ -21,10 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from automodel_mimo.data.batching import split_rows
+from automodel_mimo.data.batching import pad_rows, split_rows
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
-from automodel_mimo.errors import UserInputError
-from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.metrics import combine_metrics
 
 SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B"}
@@ -33,26 +31,6 @@ ROW_IDS = "row_ids"
 # loss_fn(output, microbatch) -> (loss, metrics); capture_fn(output, microbatch) -> tensor with one row per row
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
-
-
-# ---------------------------------------------------------------- validation (before anything is built)
-
-
-def check_pipeline_split(num_layers: int, pp: int, schedule: str, layers_per_stage: int | None) -> None:
-    """The layer split AutoPipeline will make must exist; raised identically on every rank (and in the CLI)."""
-    from nemo_automodel.components.distributed.pipelining.functional import calculate_virtual_stages
-
-    if pp == 1:
-        return
-    single = schedule == "1f1b"
-    try:
-        stages, _ = calculate_virtual_stages(num_layers, layers_per_stage, pp, single)
-    except ValueError as e:
-        raise UserInputError(f"parallel.layers_per_stage={layers_per_stage} with parallel.pp={pp}: {e}") from None
-    if layers_per_stage is None and num_layers % stages:
-        raise UserInputError(
-            f"the model's {num_layers} layers do not divide over {stages} pipeline stages "
-            f"(parallel.pp={pp}, parallel.pp_schedule={schedule}); change parallel.pp or set parallel.layers_per_stage")
 
 
 # ---------------------------------------------------------------- CPU / gloo compatibility
@@ -121,19 +99,6 @@ class LastStageCapture:
 
 
 # ---------------------------------------------------------------- batches
-
-
-def pad_batch(batch: dict, n_rows: int, pad_id: int) -> dict:
-    """Append weight-0 rows (pad tokens, no loss tokens) up to `n_rows`."""
-    have = batch["input_ids"].shape[0]
-    if have == n_rows:
-        return batch
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 1, "position_ids": 0}
-    out = {}
-    for key, value in batch.items():
-        extra = value.new_full((n_rows - have, *value.shape[1:]), fill.get(key, 0))
-        out[key] = torch.cat([value, extra])
-    return out
 
 
 # ---------------------------------------------------------------- broadcast from the last stage
@@ -205,7 +170,7 @@ class PipelineDriver:
                 for start in range(0, n, step)]
 
     def _padded(self, chunk: dict) -> dict:
-        chunk = pad_batch(chunk, self.rows_per_step, self.pad_id)
+        chunk = pad_rows(chunk, self.rows_per_step, self.pad_id)
         chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
         return chunk
 

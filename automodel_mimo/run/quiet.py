@@ -23,11 +23,17 @@ _HARMLESS = (
 
 
 def quiet_third_party(verbose: bool = False) -> None:
+    """Set before the libraries load (environment variables and logger levels; nothing heavy is imported here,
+    so the CLI's checks stay fast); a library already loaded is quieted directly."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
         return
     # vLLM logs INFO lines per refit and per generate call (engine processes inherit this); warnings stay.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' and datasets' progress bars ("Writing model shards" at every HF export, map() over a split)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for text in _HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
     # torchao (imported by nemo-automodel) logs a warning per CUDA-only kernel it cannot load on CPU.
@@ -35,12 +41,11 @@ def quiet_third_party(verbose: bool = False) -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # DTensor's hint that gathering FSDP x TP shards takes two all-gathers: only the one-off export does it.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # "Writing model shards" at every HF export
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -16,8 +16,10 @@ TINY = [
 ]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "automodel_mimo.cli", *args], capture_output=True, text=True,
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
+            python_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (`python_args`: the interpreter's own flags, e.g. ("-X", "importtime"))."""
+    return subprocess.run([sys.executable, *python_args, "-m", "automodel_mimo.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2])
 
 

@@ -9,7 +9,7 @@ import torch
 from automodel_mimo.config import ModelConfig
 from automodel_mimo.data.batching import collate
 from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.mimo.model import build_vision_module
+from automodel_mimo.mimo.modules import build_vision_module
 from automodel_mimo.models.build import build_model
 from tests.unit.oracle import VOCAB, full_grads, full_params, tiny_llama_config
 

@@ -39,13 +39,16 @@ def _resume_choices(out_dir: str) -> dict:
     from automodel_mimo.checkpoint import Checkpointer
     from automodel_mimo.config import RunConfig
     from automodel_mimo.errors import UserInputError
+    from automodel_mimo.config import ParallelConfig
+    from automodel_mimo.distributed.mesh import build_parallel_state
     from automodel_mimo.models.handle import ModelHandle
     from automodel_mimo.optim import PartOptimizers
 
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = torch.nn.Linear(128, 128)  # 64 KiB of weights, 128 KiB of AdamW moments
-    handle, optimizers = ModelHandle(model), PartOptimizers([model], RunConfig().train)
+    state = build_parallel_state(ParallelConfig(dp=dist.get_world_size()), torch.device("cpu"))
+    handle, optimizers = ModelHandle(model, state), PartOptimizers([model], RunConfig().train)
     ckpt = Checkpointer(out_dir, keep_last=0)
     model(torch.ones(2, 128)).sum().backward()
     for step in (2, 4):

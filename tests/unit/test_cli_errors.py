@@ -88,3 +88,13 @@ def test_no_command_prints_usage_not_an_argparse_error():
     assert "the following arguments are required" not in r.stderr
     r = run_cli("sfx", timeout=60)
     assert r.returncode == 2 and "unknown command 'sfx'; use one of sft, dpo, grpo" in r.stderr
+
+
+def test_model_shape_errors_are_found_without_importing_torch(tmp_path):
+    """Checks that need the model's shape read model.config (or a local config.json) directly: on a busy machine
+    importing torch and transformers alone took 12-60 s before the one-line error."""
+    r = run_cli("sft", "parallel.tp=2", "model.config.num_attention_heads=3", f"output_dir={tmp_path}", timeout=120,
+                python_args=("-X", "importtime"))
+    assert r.returncode == 2 and "parallel.tp=2 must divide the model's num_attention_heads=3" in r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "automodel_mimo.config" in imported and not imported & {"torch", "transformers", "datasets"}

@@ -1,16 +1,16 @@
 """Context parallelism oracle: one SFT step under cp2 (padded and packed), cp2 x tp2 and cp2 x pp2 with
 packing equals the single-process reference (loss, grad norm, every gradient, post-step weights)."""
 
-import datasets
 import pytest
 import torch
 
-from automodel_mimo.algorithms.sft import step_microbatches
 from automodel_mimo.config import DataConfig, ModelConfig, ParallelConfig, RunConfig
+from automodel_mimo.data.batching import local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.models.build import build_handle, build_model
 from automodel_mimo.parallel.context_parallel import cp_indices
-from policies.lm_policy import LMPolicy
+from policies.policy import Policy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import (
     TOL, assert_tensors_close, full_grads, full_params, random_rows, reference_sft_step, tiny_llama_config, train_config)
@@ -40,8 +40,9 @@ def _layout_step(parallel: dict, packing: bool, micro: int, rows: list[dict]) ->
     for optimizer, clip in OPTIMIZERS:
         cfg = RunConfig(parallel=parallel, data=data, train=train_config(optimizer, clip, ROWS, micro), seed=0)
         handle = build_handle(cfg, _model(packed=True), state, pad_id=0)
-        policy = LMPolicy(handle, state, cfg.train)
-        microbatches = step_microbatches(cfg, datasets.Dataset.from_list(rows), 0, state, pad_id=0)
+        policy = Policy(handle, cfg.train)
+        local = local_slice(rows, *handle.data_block())
+        microbatches = MicrobatchBuilder.for_run(cfg, handle, pad_id=0).build(local, micro)
         metrics = policy.sft_forward_backward(microbatches)
         grads = full_grads(handle.named_parameters())
         metrics.update(policy.optimizer_step())

@@ -12,15 +12,16 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.config import load_config
-from automodel_mimo.data.batching import local_slice, split_microbatches
+from automodel_mimo.data.batching import local_slice
 from automodel_mimo.distributed.grid_spec import GridSpec, check_view, validate_layout
 from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.bridge import Bridge, sibling_groups
-from automodel_mimo.mimo.model import MimoModel, build_mimo_grids
-from policies.mimo_policy import MimoPolicy
+from automodel_mimo.data.microbatches import MicrobatchBuilder
+from automodel_mimo.mimo.handle import MimoHandle, build_mimo_grids
+from policies.policy import Policy
 from tests.unit.mimo_oracle import (
-    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_collate, mimo_rows, reference_mimo_step)
+    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_rows, reference_mimo_step)
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, train_config
 
@@ -192,14 +193,14 @@ def _check_bridge_results(per_rank: list[dict]) -> None:
 # ---------------------------------------------------------------- the oracle: 4 layouts in one 4-rank run
 
 
-def _mimo_model(layout: dict, grids: dict | None = None) -> MimoModel:
+def _mimo_model(layout: dict, grids: dict | None = None) -> MimoHandle:
     encoders, llm = build_modules(packed=layout["language"].get("cp", 1) > 1)
-    return MimoModel(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH, grids=grids)
+    return MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH, grids=grids)
 
 
-def _microbatches(model: MimoModel, rows: list[dict], micro: int) -> list[dict]:
-    index, count = model.data_parallel()
-    return [mimo_collate(mb) for mb in split_microbatches(local_slice(rows, index, count), micro)]
+def _microbatches(model: MimoHandle, rows: list[dict], micro: int) -> list[dict]:
+    builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple)
+    return builder.build(local_slice(rows, *model.data_block()), micro)
 
 
 def _layout_steps(rows: list[dict]) -> dict:
@@ -208,7 +209,7 @@ def _layout_steps(rows: list[dict]) -> dict:
         grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
         for optimizer, clip in OPTIMIZERS:
             model = _mimo_model(layout, grids)
-            policy = MimoPolicy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
+            policy = Policy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
             metrics = policy.sft_forward_backward(_microbatches(model, rows, micro))
             grads = full_grads(model.named_parameters())
             metrics.update(policy.optimizer_step())
@@ -219,7 +220,7 @@ def _layout_steps(rows: list[dict]) -> dict:
             model.destroy()
     # a NaN gradient on one rank: every rank skips the step (world consensus), weights unchanged
     model = _mimo_model(LAYOUTS[0][1])
-    policy = MimoPolicy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2))
+    policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2))
     before = full_params(model.named_parameters())
     policy.sft_forward_backward(_microbatches(model, rows, 2))
     if dist.get_rank() == 2:
@@ -233,10 +234,60 @@ def _layout_steps(rows: list[dict]) -> dict:
     if dist.get_rank() == 3:
         bad[1]["input_ids"][0, -1] = PLACEHOLDER
     try:
-        MimoPolicy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2)).sft_forward_backward(bad)
+        Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, 2)).sft_forward_backward(bad)
     except UserInputError as e:
         results["mismatch"] = str(e)
     return results
+
+
+PACKED_LAYOUTS = [LAYOUTS[0], LAYOUTS[1], LAYOUTS[3]]  # fan-in, fan-out, LLM cp2 (fan-in)
+PACKED_SIZE = 48  # the rows (6-24 tokens with their image placeholders) pack 2-4 to a row
+
+
+def _packed_steps(rows: list[dict]) -> dict:
+    """Each layout with data.packing: rows (image placeholders with their text) bin-packed into rows of
+    PACKED_SIZE tokens, one packed row per microbatch (weight-0 rows added where a fan-out needs an even count)."""
+    results = {}
+    for name, layout, _ in PACKED_LAYOUTS:
+        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
+        for optimizer, clip in OPTIMIZERS:
+            encoders, llm = build_modules(packed=True)
+            model = MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH,
+                               grids=grids)
+            builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple,
+                                        packed_size=PACKED_SIZE, rows_multiple=model.rows_multiple())
+            microbatches = builder.build(local_slice(rows, *model.data_block()), 1)
+            policy = Policy(model, train_config(optimizer, clip, GLOBAL_BATCH, 1))
+            metrics = policy.sft_forward_backward(microbatches)
+            grads = full_grads(model.named_parameters())
+            metrics.update(policy.optimizer_step())
+            params = full_params(model.named_parameters())
+            packed = [int(n) for mb in microbatches for n in (mb["seq_index"][:, :, 0] >= 0).sum(1)]
+            results[name, optimizer] = {**metrics, "sequences_per_row": packed,
+                                        **({"grads": grads, "params": params} if dist.get_rank() == 0 else {})}
+            model.destroy()
+    return results
+
+
+def test_mimo_packed_oracle(mimo_reference):
+    """data.packing under MIMO: a packed step equals the unpacked single-process step (fan-in, fan-out, LLM cp2)."""
+    rows, ref = mimo_reference
+    per_rank = run_ranks(_packed_steps, 4, rows)
+    for name, _, _ in PACKED_LAYOUTS:
+        for optimizer, _ in OPTIMIZERS:
+            _assert_layout_matches(per_rank, name, optimizer, ref[optimizer], f"packed {name} {optimizer}")
+        rows_held = [n for result in per_rank for n in result[name, "sgd"]["sequences_per_row"]]
+        assert max(rows_held) >= 2, (name, rows_held)  # rows really hold several sequences (and their images)
+
+
+def _assert_layout_matches(per_rank: list, name: str, optimizer: str, r: dict, what: str) -> None:
+    """every rank's loss and grad norm, rank 0's gradients and post-step weights equal the reference step"""
+    for result in per_rank:
+        got = result[name, optimizer]
+        assert abs(got["loss"] - r["loss"]) <= TOL * r["loss"], (what, got["loss"], r["loss"])
+        assert abs(got["grad_norm"] - r["grad_norm"]) <= TOL * r["grad_norm"], (what, got["grad_norm"])
+        assert got["skipped"] == 0, what
+    _assert_step_close(per_rank[0][name, optimizer], r, what)
 
 
 def _assert_step_close(got: dict, ref: dict, what: str) -> None:
@@ -269,14 +320,7 @@ def test_mimo_oracle_all_layouts(mimo_reference):
     per_rank = run_ranks(_layout_steps, 4, rows)
     for name, _, _ in LAYOUTS:
         for optimizer, _ in OPTIMIZERS:
-            r = ref[optimizer]
-            for result in per_rank:
-                got = result[name, optimizer]
-                assert abs(got["loss"] - r["loss"]) <= TOL * r["loss"], (name, optimizer, got["loss"], r["loss"])
-                assert abs(got["grad_norm"] - r["grad_norm"]) <= TOL * r["grad_norm"], (name, optimizer, got["grad_norm"])
-                assert got["skipped"] == 0
-            got = per_rank[0][name, optimizer]
-            _assert_step_close(got, r, f"{name} {optimizer}")
+            _assert_layout_matches(per_rank, name, optimizer, ref[optimizer], f"{name} {optimizer}")
     # the vision tower's own TP plan is applied where vision tp=2 (q_proj sharded over FSDP x TP)
     assert "tp" in per_rank[0]["fan-out", "sgd"]["vision_q_mesh"], per_rank[0]["fan-out", "sgd"]["vision_q_mesh"]
     assert "tp" not in per_rank[0]["fan-in", "sgd"]["vision_q_mesh"]
@@ -288,7 +332,7 @@ def test_mimo_oracle_all_layouts(mimo_reference):
 # ---------------------------------------------------------------- checkpoint: save fan-in, resume fan-out
 
 
-def _full_optimizer_state(policy: MimoPolicy) -> dict:
+def _full_optimizer_state(policy: Policy) -> dict:
     return {k: full(v) for k, v in policy.optimizer.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
@@ -298,7 +342,7 @@ def _save_and_resume(rows: list[dict], out_dir: str) -> dict:
     saved = {}
     for name, layout, micro in (LAYOUTS[0], LAYOUTS[3]):  # fan-in saves; cp2 (another layout) resumes
         model = _mimo_model(layout)
-        policy = MimoPolicy(model, train_config("adamw", 0.5, GLOBAL_BATCH, micro))
+        policy = Policy(model, train_config("adamw", 0.5, GLOBAL_BATCH, micro))
         ckpt = Checkpointer(out_dir)
         if not saved:
             policy.sft_train_step(_microbatches(model, rows, micro))
@@ -313,25 +357,22 @@ def _save_and_resume(rows: list[dict], out_dir: str) -> dict:
 
 
 def _sft_loop(rows: list[dict], out_dir: str) -> list[dict]:
-    """run_mimo_sft: 2 steps on the fan-out layout with the built-in tokenizer + an image token."""
+    """The one SFT loop (algorithms/sft.run_sft) on a MIMO config: 2 steps on the fan-out layout, synthetic images."""
     import json
 
-    from automodel_mimo.algorithms.mimo_sft import run_mimo_sft
-    from automodel_mimo.config import CheckpointConfig, LoggingConfig, MimoConfig, ModelConfig, RunConfig
-    from automodel_mimo.models.tokenizer import load_tokenizer
+    from automodel_mimo.algorithms.sft import run_sft
+    from automodel_mimo.config import (
+        CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, MimoConfig, ModelConfig, RunConfig)
     from tests.unit.oracle import TINY
 
-    tokenizer = load_tokenizer(None)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
-    rows = [dict(r, input_ids=[image_id if i == PLACEHOLDER else i for i in r["input_ids"]]) for r in rows]
     llm = {k: v for k, v in TINY.items() if k not in ("vocab_size", "pad_token_id")}
     cfg = RunConfig(output_dir=out_dir, model=ModelConfig(config={"model_type": "llama", **llm}),
-                    train=train_config("adamw", 1.0, GLOBAL_BATCH, 2), logging=LoggingConfig(progress=False, tensorboard=False),
-                    checkpoint=CheckpointConfig(every_steps=2),
+                    data=DataConfig(dataset="synthetic:shapes", num_train=16, num_eval=4, image_size=16, max_seq_len=64),
+                    train=train_config("adamw", 1.0, GLOBAL_BATCH, 2), eval=EvalConfig(every_steps=0),
+                    logging=LoggingConfig(progress=False, tensorboard=False), checkpoint=CheckpointConfig(every_steps=2),
                     mimo=MimoConfig(layout=LAYOUTS[1][1], encoder=VISION, tokens_per_image=TOKENS_PER_IMAGE))
     cfg.train.max_steps = 2
-    run_mimo_sft(cfg, tokenizer, rows, mimo_collate)
+    run_sft(cfg)
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if dist.get_rank() == 0 else []
     return [json.loads(line) for line in lines]
 
@@ -353,8 +394,8 @@ def test_bridge_bad_layouts_and_checkpoint_under_another_layout(tmp_path):
     for kind in ("model", "optim"):
         for key, value in saved[kind].items():
             assert torch.equal(value, resumed[kind][key]), (kind, key)
-    # the SFT loop: 2 steps on one repeated batch, loss going down, a checkpoint at step 2
-    steps = per_rank[0]["sft"]
+    # the SFT loop: 2 steps, loss going down, a checkpoint at step 2
+    steps = [m for m in per_rank[0]["sft"] if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2] and steps[1]["loss"] < steps[0]["loss"], steps
     assert (tmp_path / "sft" / "checkpoints" / "step_2" / "trainer_state.pt").is_file()
 
@@ -363,7 +404,7 @@ def test_vision_encoder_from_pretrained(tmp_path):
     """A saved vision tower, and the vision half of a full SigLIP checkpoint, load with their weights."""
     from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-    from automodel_mimo.mimo.model import build_vision_module
+    from automodel_mimo.mimo.modules import build_vision_module
 
     vision = {k: v for k, v in VISION.items() if k not in ("model_type", "vision_use_head")}
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50)

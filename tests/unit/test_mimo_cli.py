@@ -25,7 +25,7 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=2", "checkpoint.every_steps=2",
                 timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "vision: dp2 tp1 cp1, language: dp1 tp2 cp1" in r.stdout
+    assert "vision: dp=2 tp=1 cp=1 pp=1, language: dp=1 tp=2 cp=1 pp=1" in r.stdout
     rows = metrics(tmp_path)
     train = [row for row in rows if "loss" in row]
     assert [row["step"] for row in train] == [1, 2] and all(TRAIN_KEYS <= set(row) for row in train)
@@ -47,15 +47,16 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
                 "checkpoint.export_hf=false", "mimo.layout.vision={tp: 2}", "mimo.layout.language={dp: 2}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "vision: dp1 tp2 cp1, language: dp2 tp1 cp1" in r.stdout and "start step 2" in r.stdout
+    assert "vision: dp=1 tp=2 cp=1 pp=1, language: dp=2 tp=1 cp=1 pp=1" in r.stdout and "start step 2" in r.stdout
     rows = metrics(tmp_path)
     resumed = [row for row in rows if "loss" in row]
     assert [row["step"] for row in resumed] == [1, 2, 3] and resumed[:2] == train
     assert [(row["step"], row["eval/num_samples"]) for row in rows if "eval/accuracy" in row] == [(2, 6), (3, 6)]
 
 
-def test_mimo_on_a_local_parquet_image_dataset(tmp_path):
-    """An HF-style parquet file with an image column and a test split, read through `datasets`."""
+def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
+    """An HF-style parquet file with an image column and a test split, read through `datasets`, trained packed
+    (THD rows holding several image+text sequences; the packed oracle is in test_mimo.py)."""
     for split, n in (("train", 16), ("test", 4)):
         ds = datasets.Dataset.from_dict(
             {"picture": [draw_shape("red" if i % 2 else "blue", "square", 14, i % 8, 3, 32, seed=i) for i in range(n)],
@@ -66,9 +67,9 @@ def test_mimo_on_a_local_parquet_image_dataset(tmp_path):
     out = tmp_path / "run"
     r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={out}", "train.max_steps=2", f"data.dataset={tmp_path}",
                 "data.image_key=picture", "data.prompt_key=question", "data.response_key=answer",
-                "data.eval_split=test", "checkpoint.export_hf=false", timeout=300)
+                "data.eval_split=test", "checkpoint.export_hf=false", "data.packing=true", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "16 train rows / 4 eval rows" in r.stdout
+    assert "16 train / 4 eval rows" in r.stdout
     rows = metrics(out)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert [row["eval/num_samples"] for row in rows if "eval/accuracy" in row] == [4]
@@ -170,18 +171,19 @@ def _reference_generation() -> list[list[int]]:
 
 def _parallel_generation(layout: dict) -> dict:
     from automodel_mimo.config import TrainConfig
-    from automodel_mimo.mimo.model import MimoModel
-    from policies.mimo_policy import MimoPolicy
+    from automodel_mimo.mimo.handle import MimoHandle
+    from policies.policy import Policy
     from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules
 
     encoders, llm = build_modules(packed=layout["language"].get("cp", 1) > 1)
-    model = MimoModel(encoders, llm, layout, torch.device("cpu"), PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=4)
+    model = MimoHandle(encoders, llm, layout, torch.device("cpu"), PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=4)
     prompts, pixels = _generation_prompts()
-    rows, answers = MimoPolicy(model, TrainConfig()).greedy_generate(prompts, pixels, GEN_COUNTS, 4, GEN_TOKENS,
-                                                                      set(), pad_id=0)
-    reported = len(rows) if model.reports_language_rows() else 0
+    policy = Policy(model, TrainConfig())
+    images = {"pixel_values": pixels, "image_counts": torch.tensor(GEN_COUNTS)}
+    rows, answers = policy.greedy_generate(prompts, GEN_TOKENS, set(), 0, images, banned=PLACEHOLDER, rows=4)
+    counted = int(policy.sum_over_data_ranks(torch.tensor(float(len(rows)))))  # how eval counts rows
     model.destroy()
-    return {"answers": dict(zip(rows, answers)), "reported": reported}
+    return {"answers": dict(zip(rows, answers)), "counted": counted}
 
 
 def _three_layouts() -> list[dict]:
@@ -197,8 +199,8 @@ def test_greedy_generation_matches_single_process_under_fan_in_fan_out_and_llm_c
 
     reference = _reference_generation()
     per_rank = run_ranks(_three_layouts, 2)
-    for layout in range(3):  # eval counts every row once: one rank per LLM replica reports its rows
-        assert sum(rank[layout]["reported"] for rank in per_rank) == 4, (layout, per_rank)
+    for layout in range(3):  # eval counts every row once: rows summed over the LLM's dp ranks, on every rank
+        assert [rank[layout]["counted"] for rank in per_rank] == [4, 4], (layout, per_rank)
     fan_in, fan_out, cp = ([r["answers"] for r in results] for results in zip(*per_rank))
     assert [fan_in[0][r] for r in range(4)] == [fan_in[1][r] for r in range(4)] == reference  # tp: both ranks, all rows
     assert {**fan_out[0], **fan_out[1]} == dict(enumerate(reference)) and len(fan_out[0]) == 2  # dp: one slot each

@@ -25,6 +25,8 @@ def _votes_and_refused_save(out_dir: str) -> dict:
     from automodel_mimo.checkpoint import Checkpointer
     from automodel_mimo.distributed.nonfinite import skip_step, weights_finite
     from automodel_mimo.errors import RunStopped
+    from automodel_mimo.config import ParallelConfig
+    from automodel_mimo.distributed.mesh import build_parallel_state
     from automodel_mimo.models.handle import ModelHandle
 
     rank, nan, inf = dist.get_rank(), float("nan"), float("inf")
@@ -42,7 +44,8 @@ def _votes_and_refused_save(out_dir: str) -> dict:
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-    handle, optimizers = ModelHandle(model), PartOptimizers([model], TrainConfig())
+    state = build_parallel_state(ParallelConfig(dp=dist.get_world_size()), torch.device("cpu"))
+    handle, optimizers = ModelHandle(model, state), PartOptimizers([model], TrainConfig())
     ckpt = Checkpointer(out_dir)
     ckpt.save(1, handle, optimizers)  # finite: written
     if rank == 1:

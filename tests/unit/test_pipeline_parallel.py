@@ -10,7 +10,7 @@ from automodel_mimo.data.batching import collate
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.losses import token_logprobs
 from automodel_mimo.models.build import build_handle, build_model
-from policies.lm_policy import LMPolicy
+from policies.policy import Policy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import random_rows, rel_err, tiny_llama_config, train_config
 
@@ -39,7 +39,7 @@ def _capture(parallel: dict, rows: list[dict], prompts: list[list[int]]) -> dict
     logprobs = handle.forward_capture(batch, lambda logits, mb: token_logprobs(logits, mb["labels"]),
                                       (batch["labels"].shape[1],), torch.float32)
     my_prompts = prompts[state.dp_rank::parallel.dp]
-    tokens = LMPolicy(handle, state, cfg.train).greedy_generate(my_prompts, 5, stop_ids={1}, pad_id=0)
+    _, tokens = Policy(handle, cfg.train).greedy_generate(my_prompts, 5, stop_ids={1}, pad_id=0)
     return {"dp_rank": state.dp_rank, "logprobs": logprobs, "tokens": tokens}
 
 
@@ -86,7 +86,7 @@ def _train_uneven(rows: list[dict], parallel: dict) -> dict:
     handle = build_handle(cfg, _model(), state, pad_id=0)
     mine = _my_rows(rows, 2, state.dp_rank)
     microbatches = [collate(mine[i:i + ROWS_PER_STEP], pad_id=0) for i in range(0, len(mine), ROWS_PER_STEP)]
-    metrics = LMPolicy(handle, state, cfg.train).sft_forward_backward(microbatches)
+    metrics = Policy(handle, cfg.train).sft_forward_backward(microbatches)
     return {"loss": metrics["loss"], "grads": full_grads(handle.named_parameters())}
 
 

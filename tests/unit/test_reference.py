@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from automodel_mimo.config import ModelConfig, ParallelConfig, RunConfig
-from automodel_mimo.data.batching import collate, local_slice, split_microbatches
+from automodel_mimo.data.batching import collate, local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.models.build import build_handle, build_model
-from policies.lm_policy import LMPolicy
+from policies.policy import Policy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import full_params, random_rows, tiny_llama_config, train_config
 
@@ -32,8 +33,8 @@ def _swap_run(parallel: dict, micro: int, rows: list[dict]) -> dict:
     state = build_parallel_state(parallel, torch.device("cpu"))
     cfg = RunConfig(parallel=parallel, train=train_config("adamw", 1.0, ROWS, micro))
     handle = build_handle(cfg, _model(), state, pad_id=0)
-    policy = LMPolicy(handle, state, cfg.train)
-    mbs = [collate(mb, 0) for mb in split_microbatches(local_slice(rows, state.dp_rank, parallel.dp), micro)]
+    policy = Policy(handle, cfg.train)
+    mbs = MicrobatchBuilder(0, state.device).build(local_slice(rows, *handle.data_block()), micro)
     initial = policy.logprobs(mbs)
     # a greedy eval right before the swap (as the RL warm-up's accuracy check does) must leave no gathered
     # parameters behind for the in-place swap to meet (a SIGSEGV under FSDP before greedy_generate resharded)

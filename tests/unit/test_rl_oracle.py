@@ -1,27 +1,25 @@
-"""RL oracle: DPO and the clipped policy-gradient loss through LMPolicy.forward_backward under dp2, cp2, pp2, tp2
+"""RL oracle: DPO and the clipped policy-gradient loss through Policy.forward_backward under dp2, cp2, pp2, tp2
 and 1 vs 4 microbatches equal the single-process result of the same global batch (loss, every gradient, post-step
 weights with SGD) on non-uniform masks; reference logprobs of the DPO step come through the weight swap. The GRPO
-step as run_grpo wires it (grpo.to_microbatches from rollout rows, old / reference logprobs at the sampling
+step as run_grpo wires it (the microbatch builder on rollout rows, old / reference logprobs at the sampling
 temperature, clipped PG with the generator's logprobs) is checked the same way. So are the DPO and GRPO steps
 with data.packing (sequences packed into rows, a DPO pair whole in one row; the losses see one sequence per
 row), against the same padded single-process reference, GRPO also with GSPO sequence-level normalization."""
 
-import dataclasses
 
 import pytest
 import torch
 
-from automodel_mimo.algorithms import dpo, grpo
-from automodel_mimo.config import DataConfig, DPOConfig, ModelConfig, ParallelConfig, RunConfig
-from automodel_mimo.data.batching import collate, local_slice, split_microbatches
+from automodel_mimo.config import DPOConfig, ModelConfig, ParallelConfig, RunConfig, pad_multiple
+from automodel_mimo.data.batching import collate, local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.build import build_handle, build_model
-from automodel_mimo.parallel.context_parallel import as_single_segments, shard_batch
 from automodel_mimo.algorithms.dpo import attach_reference, dpo_loss_fn, dpo_train_step
-from automodel_mimo.algorithms.grpo import grpo_forward_backward, to_microbatches
+from automodel_mimo.algorithms.grpo import grpo_forward_backward
 from automodel_mimo.losses import PGLossConfig, clipped_pg_loss, dpo_loss
-from policies.lm_policy import LMPolicy
+from policies.policy import Policy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, assert_tensors_close, full_grads, full_params, random_rows, rel_err, tiny_llama_config, train_config
 
@@ -93,11 +91,13 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
         if parallel.tp > 1:  # the TP plan applied: the LM head is vocab-sharded
             head = dict(handle.named_parameters())["lm_head.weight"]
             assert any(p.is_shard(0) for p in head.placements), head.placements
-        return handle, LMPolicy(handle, state, cfg.train)
+        return handle, Policy(handle, cfg.train)
 
-    def microbatches():  # under cp: padded rows as single segments, this rank's dual-chunk shard
-        mbs = [collate(mb, 0) for mb in split_microbatches(local, micro)]
-        return [shard_batch(as_single_segments(mb, cp, 0), cp, state.cp_rank) for mb in mbs] if cp > 1 else mbs
+    padded = MicrobatchBuilder(0, state.device, cp=cp)  # under cp: each row one shardable segment
+    packed = MicrobatchBuilder(0, state.device, cp=cp, pad_multiple=pad_multiple(parallel), packed_size=PACKED_SIZE)
+
+    def microbatches():
+        return padded.build(local, micro)
 
     def perturbed(packed: bool = False):  # the reference is the initial model; scaled weights make rewards non-zero
         handle, policy = fresh(packed)
@@ -136,24 +136,30 @@ def _layout(parallel: dict, micro: int, rows: list[dict]) -> dict:
 
     handle, policy = perturbed()  # GRPO: the reference is the initial model, the policy has moved
     rollout, advantages = _rollout_rows(rows)
-    rollout, advantages = local_slice(rollout, state.dp_rank, parallel.dp), advantages[mine]
-    mbs = to_microbatches(rollout, advantages, micro, 0, state)
+    rollout = local_slice([{**r, "advantages": float(a)} for r, a in zip(rollout, advantages)], state.dp_rank, parallel.dp)
+    mbs = padded.build(rollout, micro)
     results["grpo"] = finished(handle, policy, grpo_forward_backward(policy, mbs, GRPO, TEMPERATURE))
 
-    # data.packing: the same steps on packed rows (micro counts packed rows), through the algorithms' packing
-    packed_cfg = dataclasses.replace(cfg, data=DataConfig(packing=True, packed_sequence_size=PACKED_SIZE))
+    # data.packing: the same steps on packed rows (micro counts packed rows), through the microbatch builder
     handle, policy = perturbed(packed=True)  # dpo_train_step, with the gradients read before the optimizer
-    mbs = dpo.packed_microbatches(packed_cfg, local, state, 0)
+    mbs = packed.build(local, micro, group=2)
     results["dpo_row_sequences"] = _row_sequences(mbs)
     attach_reference(policy, mbs)
     metrics = policy.forward_backward(mbs, dpo_loss_fn(DPO, policy.global_counts(mbs)))
     results["packed-dpo"] = finished(handle, policy, {**metrics, "accuracy": metrics["preference_accuracy"]})
     for name, pg_cfg in (("packed-grpo", GRPO), ("packed-grpo-seq", GRPO_SEQ)):
         handle, policy = perturbed(packed=True)
-        mbs = grpo.rollout_microbatches(packed_cfg, rollout, advantages, 0, state)
+        mbs = packed.build(rollout, micro)
         results["grpo_row_sequences"] = _row_sequences(mbs)
         results[name] = finished(handle, policy, grpo_forward_backward(policy, mbs, pg_cfg, TEMPERATURE))
     return results
+
+
+def _metric_close(got: float, ref: float) -> bool:
+    """Within TOL of the reference, relative to its size or to 0.1 when smaller: means of signed per-token terms
+    (k1 kl, pg_loss) nearly cancel, so their rounding error scales with the terms (~0.1-1 here), not with the mean
+    (a kl of -0.0023 differed by 6e-8 = 2.5e-5 relative under tp2, on main as well)."""
+    return abs(got - ref) <= TOL * max(abs(ref), 0.1)
 
 
 def _row_sequences(microbatches: list[dict]) -> list[int]:
@@ -168,7 +174,7 @@ def _pg_inputs_rows(lp: torch.Tensor, start: int, n: int) -> dict:
 
 
 def _reference(rows: list[dict]) -> dict:
-    """Single process, whole global batch in one forward, plain model (no FSDP, no LMPolicy)."""
+    """Single process, whole global batch in one forward, plain model (no FSDP, no Policy)."""
     batch = collate(rows, 0)
     mask = batch["loss_mask"]
     lr = train_config("sgd", 0.0, ROWS, ROWS).lr
@@ -263,7 +269,7 @@ def test_rl_losses_match_single_process(reference, parallel, micro):
                 assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[name][key])) < TOL, (name, key)
         for name, ref_name in (("grpo", "grpo"), ("packed-grpo", "grpo"), ("packed-grpo-seq", "grpo-seq")):
             for key in ("kl", "gen_kl_error", "token_mult_prob_error", "pg_loss", "entropy", "advantage_mean"):
-                assert rel_err(torch.tensor(rank[name][key]), torch.tensor(ref[ref_name][key])) < TOL, (name, key)
+                assert _metric_close(rank[name][key], ref[ref_name][key]), (name, key, rank[name][key], ref[ref_name][key])
             assert abs(rank[name]["ratio_min"] - 1) < 1e-6 and abs(rank[name]["ratio_max"] - 1) < 1e-6  # on-policy
     # the packed layouts are not trivial: a row holds two pairs, another one; rows of 1 to 3+ rollouts
     dpo_rows = [n for rank in got for n in rank["dpo_row_sequences"]]

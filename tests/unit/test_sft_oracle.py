@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from automodel_mimo.config import ModelConfig, ParallelConfig, RunConfig
-from automodel_mimo.data.batching import collate, local_slice, split_microbatches
+from automodel_mimo.data.batching import local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state
 from automodel_mimo.models.build import build_handle, build_model
-from policies.lm_policy import LMPolicy
+from policies.policy import Policy
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import (
     TOL, assert_tensors_close, full_grads, full_params, random_rows, reference_sft_step, tiny_llama_config, tiny_qwen2_config,
@@ -36,9 +37,9 @@ def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "ll
         cfg = RunConfig(parallel=parallel, train=train_config(optimizer, clip, GLOBAL_BATCH, micro))
         handle = build_handle(cfg, _model(family), state, pad_id=0)
         assert _recomputes(handle) == parallel.activation_checkpointing
-        policy = LMPolicy(handle, state, cfg.train)
-        local = local_slice(rows, state.dp_rank, parallel.dp)
-        metrics = policy.sft_forward_backward([collate(mb, 0) for mb in split_microbatches(local, micro)])
+        policy = Policy(handle, cfg.train)
+        local = local_slice(rows, *handle.data_block())
+        metrics = policy.sft_forward_backward(MicrobatchBuilder(0, state.device).build(local, micro))
         grads = full_grads(handle.named_parameters())
         metrics.update(policy.optimizer_step())
         results[optimizer] = {**metrics, "grads": grads, "params": full_params(handle.named_parameters())}

@@ -113,6 +113,8 @@ def test_pretrained_start_reproduces_the_exported_models_loss(uninterrupted, tmp
     on the step-0 global batch, computed here with plain transformers."""
     from automodel_mimo.algorithms.sft import prepare_sft_data, step_microbatches
     from automodel_mimo.config import load_config
+    from automodel_mimo.data.microbatches import MicrobatchBuilder
+    from automodel_mimo.data.rows import Rows
     from automodel_mimo.models.tokenizer import load_tokenizer
 
     hf, out = uninterrupted / "hf", tmp_path / "from_hf"
@@ -123,8 +125,9 @@ def test_pretrained_start_reproduces_the_exported_models_loss(uninterrupted, tmp
 
     cfg = load_config("sft", None, args)
     tokenizer = load_tokenizer(str(hf))
-    rank0 = SimpleNamespace(dp_rank=0, cp_rank=0, device="cpu")
-    batch = step_microbatches(cfg, prepare_sft_data(cfg, tokenizer)["train"], 0, rank0, tokenizer.pad_token_id)
+    one_rank = SimpleNamespace(handle=SimpleNamespace(data_block=lambda: (0, 1)),
+                               builder=MicrobatchBuilder(tokenizer.pad_token_id, torch.device("cpu")))
+    batch = step_microbatches(cfg, one_rank, Rows(prepare_sft_data(cfg, tokenizer)["train"]), 0)
     model = AutoModelForCausalLM.from_pretrained(hf)
     nll, tokens = 0.0, 0.0
     with torch.no_grad():

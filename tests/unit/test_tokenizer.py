@@ -105,3 +105,9 @@ def test_load_tokenizer_default_and_path(tmp_path: Path) -> None:
     no_pad.save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token == loaded.eos_token == "<|eos|>"
+
+
+def test_builtin_vocab_size_constant_matches_the_tokenizer():
+    from automodel_mimo.models.tokenizer import BUILTIN_VOCAB_SIZE
+
+    assert len(build_default_tokenizer()) == BUILTIN_VOCAB_SIZE

@@ -1,16 +1,18 @@
-"""MimoModel: a vision encoder + projector and an HF causal LM, each parallelized on its own grid.
+"""MimoHandle: a vision encoder + projector and an HF causal LM, each parallelized on its own grid, behind the
+ModelHandle interface (models/handle.py), so policies, algorithms, checkpoints and exports drive it as they drive
+an LM.
 
 Colocated layouts: every module spans all ranks with its own (dp, tp, cp) factorization. Each module is
 parallelized by nemo-automodel's `parallelize_model` (FSDP2, SUM gradient reduction, TP) on its own
-MeshContext (distributed/grids.py). nemo has no TP plan for HF vision towers, so `vision_tp_plan` is ours
-(q/k/v and fc1 column-parallel, out_proj and fc2 row-parallel, the projector likewise).
+MeshContext (distributed/grids.py); the vision tower's TP plan is ours (mimo/modules.py).
 
 Data: every rank receives the rows of its dp block of the module with the FEWEST dp ranks (the coarse
-grid, `data_parallel()`); that block is `scale` slots of the finer module (bridge.py). The LLM splits rows
+grid, `data_block()`); that block is `scale` slots of the finer module (bridge.py). The LLM splits rows
 (fan-out: each LLM slot takes its share of the block's rows); an encoder splits IMAGES (fan-in: each
 encoder slot encodes an even, contiguous share of the block's images, whichever rows they belong to), so
 the encoder's dp can exceed the number of LLM rows of a microbatch and uneven images per row still spread
-evenly. One microbatch:
+evenly. Rows are padded or packed (data/microbatches.py; a packed row's images follow its placeholders).
+One microbatch:
   1. the encoder runs on its images -> (images, tokens_per_image, llm hidden), batch-major;
   2. the bridge moves those rows to this rank's LLM rows (fan-in: the slots' shares in slot order are the
      block's images in batch-major order);
@@ -18,94 +20,36 @@ evenly. One microbatch:
   4. under LLM cp the full spliced sequence is sharded (dual chunk swap) together with its positions, so
      RoPE sees global positions and the embedding gradient of every chunk reaches the bridge (which sums
      it over cp);
-  5. the LLM runs on `inputs_embeds` and returns logits (vocab-sharded DTensor under TP).
+  5. the LLM runs on `inputs_embeds` and returns logits (vocab-sharded DTensor under TP), which become whole-
+     row logprobs for the loss as for an LM (models/loss_view.py).
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
+from automodel_mimo.distributed.grad_norm import global_grad_norm
 from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec
 from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge
+from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
 from automodel_mimo.models import packed_attention
+from automodel_mimo.models.handle import Handle
+from automodel_mimo.models.loss_view import in_slots, row_logprobs, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
 
-TEXT_KEYS = ("input_ids", "labels", "loss_mask", "attention_mask", "position_ids")
-
-
-class Projector(nn.Module):
-    """Two-layer MLP from the encoder's hidden size to the LLM's."""
-
-    def __init__(self, in_size: int, out_size: int, hidden: int | None = None):
-        super().__init__()
-        hidden = hidden or out_size
-        self.fc1, self.act, self.fc2 = nn.Linear(in_size, hidden), nn.GELU(), nn.Linear(hidden, out_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class VisionModule(nn.Module):
-    """An HF vision tower (SigLIP / CLIP vision model) and its projector: one MIMO module, one grid."""
-
-    def __init__(self, encoder: nn.Module, projector: Projector):
-        super().__init__()
-        self.encoder, self.projector = encoder, projector
-        self.config = encoder.config  # nemo's parallelizer checks heads against tp on it
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, C, H, W) -> (images, tokens_per_image, llm hidden)."""
-        return self.projector(self.encoder(pixel_values=pixel_values).last_hidden_state)
-
-
-COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")
-ROW = ("self_attn.out_proj", "mlp.fc2")
-
-
-def vision_tp_plan(module: VisionModule) -> dict:
-    """TP plan of a SigLIP/CLIP vision tower + projector, from the module's own names (towers nest their
-    layers differently across models and transformers versions): q/k/v and fc1 column-parallel, out_proj
-    and fc2 row-parallel, so activations between blocks stay replicated."""
-    plan = {}
-    for name, _ in module.named_modules():
-        if name.startswith("encoder.") and name.endswith(COLUMN):
-            plan[name] = ColwiseParallel()
-        elif name.startswith("encoder.") and name.endswith(ROW):
-            plan[name] = RowwiseParallel()
-    if not plan:
-        raise UserInputError(f"mimo.encoder: no attention/MLP projections ({', '.join(COLUMN + ROW)}) found in "
-                             f"{type(module.encoder).__name__}; its tensor-parallel plan is unknown, use tp=1 for it")
-    return {**plan, "projector.fc1": ColwiseParallel(), "projector.fc2": RowwiseParallel()}
-
-
-def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector_hidden: int | None = None) -> VisionModule:
-    """From `{"pretrained": path}` (a vision-tower checkpoint, or a full CLIP/SigLIP one) or HF config kwargs
-    with model_type (e.g. siglip_vision_model, clip_vision_model). Same seed -> same weights on every rank."""
-    from transformers import AutoConfig, AutoModel
-
-    torch.manual_seed(seed)
-    cfg = dict(encoder_cfg)
-    if cfg.get("pretrained"):
-        config = AutoConfig.from_pretrained(cfg["pretrained"])
-        config = getattr(config, "vision_config", config)
-        cls = AutoModel._model_mapping[type(config)]
-        encoder = cls.from_pretrained(cfg["pretrained"], config=config, dtype=torch.float32)
-    else:
-        model_type = cfg.pop("model_type", None)
-        if model_type is None:
-            raise UserInputError("mimo.encoder.model_type: missing; e.g. siglip_vision_model or clip_vision_model")
-        encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.float32)
-    projector = Projector(encoder.config.hidden_size, llm_hidden, projector_hidden)
-    return VisionModule(encoder, projector)
+IMAGE_KEYS = ("pixel_values", "image_counts")
 
 
 def image_share(n_images: int, scale: int, slot: int) -> range:
@@ -141,8 +85,10 @@ def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: 
     return build_grids(specs, device, dtype, global_batch_size)
 
 
-class MimoModel:
+class MimoHandle(Handle):
     """The modules, their grids, states and bridges on this rank. Collective constructor."""
+
+    stage_group = None  # no pipeline stages (yet): every module is pp=1
 
     def __init__(self, encoders: dict[str, VisionModule], language: nn.Module, layout: dict[str, dict],
                  device: torch.device, placeholder_id: int, tokens_per_image: int, pad_id: int = 0,
@@ -170,11 +116,42 @@ class MimoModel:
         self.bridge = Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE])
         self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
 
+    @property
+    def config(self):
+        """The LLM's config (what generation and the export read)."""
+        return self.modules[LANGUAGE].config
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        return list(self.modules.values())
+
+    @property
+    def part_names(self) -> list[str]:
+        return list(self.modules)
+
     # ------------------------------------------------------------ layout
-    def data_parallel(self) -> tuple[int, int]:
+    def data_block(self) -> tuple[int, int]:
         """(index, count) of this rank's block of the global batch: the dp block of the coarsest module."""
         coarse = min(self.grids.values(), key=lambda g: g.size("dp"))
         return coarse.local_rank("dp"), coarse.size("dp")
+
+    @property
+    def data_group(self) -> dist.ProcessGroup:
+        """The LLM's dp ranks: their rows (`loss_view`) partition the global batch."""
+        return self.grids[LANGUAGE].group("dp")
+
+    @property
+    def cp_size(self) -> int:
+        return self.language_state.cp_size
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return self.language_state.cp_group if self.cp_size > 1 else None
+
+    @property
+    def pad_multiple(self) -> int:
+        """Packed sequences are padded to whole load-balanced cp chunks of the LLM (2 * cp)."""
+        return 2 * self.cp_size if self.cp_size > 1 else 1
 
     def rows_multiple(self) -> int:
         """A coarse-block microbatch's row count must be a multiple of this: the LLM slots' share of rows
@@ -186,11 +163,18 @@ class MimoModel:
         b = self.bridge
         return slot_range(n_rows, b.scale, b.slot) if b.direction == "fan_out" else range(n_rows)
 
-    def reports_language_rows(self) -> bool:
-        """True on one rank per LLM replica (tp and cp index 0): the rank that counts its rows' results, so
-        that every row counts once (all tp and cp ranks of a replica compute the same rows)."""
-        g = self.grids[LANGUAGE]
-        return g.local_rank("tp") == 0 and g.local_rank("cp") == 0
+    generation_rows = language_row_range
+
+    def loss_view(self, mb: dict) -> dict:
+        """This rank's LLM rows of a coarse-block microbatch (text, side data; whole rows, before any cp
+        sharding), with `loss_mask`."""
+        n = mb["input_ids"].shape[0]
+        rows = self.language_row_range(n)
+        out = {k: v[rows.start:rows.stop] for k, v in mb.items()
+               if k not in IMAGE_KEYS and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
+        if "loss_mask" not in out:
+            out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
+        return out
 
     def _encoder_images(self, counts: list[int]) -> tuple[range, list[int]]:
         """(images of a coarse-block microbatch this rank encodes, encoder rows per bridge slot in slot order)."""
@@ -200,14 +184,6 @@ class MimoModel:
             return shares[b.slot], [len(r) * tpi for r in shares]
         slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)]  # the LLM slots' rows (one if equal)
         return range(n), [sum(counts[r.start:r.stop]) * tpi for r in slots]
-
-    def language_rows(self, mb: dict) -> dict:
-        """The text of this rank's LLM rows, with `loss_mask`, before any cp sharding."""
-        rows = self.language_row_range(mb["input_ids"].shape[0])
-        out = {k: mb[k][rows.start:rows.stop] for k in TEXT_KEYS if k in mb}
-        if "loss_mask" not in out:
-            out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
-        return out
 
     # ------------------------------------------------------------ compute
     def check_batch(self, microbatches: list[dict]) -> None:
@@ -233,8 +209,12 @@ class MimoModel:
         if first:
             raise UserInputError(f"MIMO batch: {first}; every image needs exactly tokens_per_image placeholders in its row")
 
-    def forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
-        """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch they belong to."""
+    def _equalized(self, microbatches: list[dict]) -> list[dict]:
+        """Weight-0 dummies until every rank runs as many passes: every module's collectives span the world."""
+        return equal_step_count(microbatches, weightless(microbatches[0]), dist.group.WORLD, self.device)
+
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
+        """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch shard they belong to."""
         images, slot_rows = self._encoder_images(mb["image_counts"].tolist())
         n_img = len(images)
         pixels = mb["pixel_values"][images.start:images.stop].to(self.device)
@@ -245,7 +225,50 @@ class MimoModel:
         assert feats.dim() == 3 and feats.shape[0] == n_img, (
             f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
         rows = self.bridge(feats.reshape(-1, feats.shape[-1]), slot_rows)
-        return self._language_forward(self.language_rows(mb), rows)
+        return self._language_forward(self.loss_view(mb), rows)
+
+    def forward_backward(self, microbatches: list[dict], loss_fn, temperature: float = 1.0) -> list[dict]:
+        """Forward (encoder, bridge, LLM), loss on whole-row logprobs of this rank's LLM rows, backward through
+        both modules; gradients accumulate (FSDP reduces them after the last microbatch)."""
+        self.check_batch(microbatches)
+        self.train()
+        metrics = []
+        microbatches = self._equalized(microbatches)
+        for i, mb in enumerate(microbatches):
+            self.set_gradient_sync(i == len(microbatches) - 1)
+            logits, shard = self._forward(mb)
+            loss, m = loss_fn(*whole_rows(logits, shard, temperature, self.cp_group))
+            loss.backward()
+            metrics.append(m)
+        return metrics
+
+    @torch.no_grad()
+    def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token logprobs of this rank's LLM rows, whole rows [B, S] or sequence slots [R, K, L]."""
+        n = len(microbatches)
+        self.eval()
+        out = []
+        for mb in self._equalized(list(microbatches)):
+            logits, shard = self._forward(mb)
+            out.append(in_slots(row_logprobs(logits, shard, temperature, self.cp_group), shard))
+        self.reshard()
+        self.train()
+        return out[:n]
+
+    @torch.no_grad()
+    def next_tokens(self, batch: dict, lengths: torch.Tensor, banned: int | None = None) -> torch.Tensor:
+        """Greedy next token of this rank's LLM rows (`generation_rows`) of a right-padded coarse-block batch
+        with its images, read at each row's `lengths` - 1 (taken from the cp rank that holds that position)."""
+        text = {k: v for k, v in batch.items() if k not in IMAGE_KEYS}
+        if self.cp_size > 1:  # whole rows as one cp-shardable segment each (the builder's padded layout)
+            text = as_single_segments(text, self.cp_size, self.pad_id)
+        text["loss_mask"] = torch.zeros_like(text["input_ids"], dtype=torch.float32)
+        logits, _ = self._forward({**text, **{k: batch[k] for k in IMAGE_KEYS}})
+        rows = self.generation_rows(batch["input_ids"].shape[0])
+        last = self.logits_at(logits, lengths[rows.start:rows.stop] - 1)
+        if banned is not None:
+            last[:, banned] = -torch.inf
+        return last.argmax(-1)
 
     def logits_at(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [rows, V] of this rank's LLM rows at `positions` (one per row, in the full
@@ -281,11 +304,10 @@ class MimoModel:
     def _language_forward(self, batch: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The LLM runs on the full text ids; a hook on its input embedding splices the encoder rows into
         the full sequence's embeddings and then (cp > 1) keeps this cp rank's chunks — inside the LLM's own
-        forward, which FSDP needs to run first (the embedding is one of its units)."""
+        forward, which FSDP needs to run first (the embedding is one of its units). `batch` holds whole rows
+        (cp > 1: cp-shardable segments, `cu_seqlens_padded`)."""
         llm, state = self.modules[LANGUAGE], self.language_state
         cp = state.cp_size
-        if cp > 1:
-            batch = as_single_segments(batch, cp, self.pad_id)  # full padded sequence, global positions
         full_ids = batch["input_ids"]
 
         def splice_then_shard(module, args, embeds):
@@ -305,29 +327,23 @@ class MimoModel:
             hook.remove()
         return logits, local
 
-    # ------------------------------------------------------------ modes, parameters, gradient sync
-    def train(self) -> "MimoModel":
-        for m in self.modules.values():
-            m.train()
-        return self
-
-    def eval(self) -> "MimoModel":
-        for m in self.modules.values():
-            m.eval()
-        return self
-
+    # ------------------------------------------------------------ parameters, gradients
     def named_parameters(self):
         for name, module in self.modules.items():
             for n, p in module.named_parameters():
                 yield f"{name}.{n}", p
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_parameters()]
-
-    def set_gradient_sync(self, enabled: bool) -> None:
-        for module in self.modules.values():
-            if isinstance(module, FSDPModule):
-                module.set_requires_gradient_sync(enabled)
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
+        reduced over that module's grid (a DTensor norm covers its shards) into its slot of a world vector
+        (every member holds the same value), combined over the world with MAX. NaN would vanish in a MAX
+        reduction, inf survives it: any rank's inf/NaN reaches every rank (and the step is skipped)."""
+        slots = torch.zeros(len(self.modules), dtype=torch.float32, device=self.device)
+        for i, module in enumerate(self.modules.values()):
+            slots[i] = global_grad_norm(module.parameters(), self.device) ** 2
+        slots = torch.nan_to_num(slots, nan=math.inf)
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX)
+        return slots.sum().sqrt()
 
     # ------------------------------------------------------------ state (keys: <module>.<param>)
     def state_dict(self) -> dict:
@@ -335,7 +351,7 @@ class MimoModel:
 
     def load_state_dict(self, state: dict) -> None:
         for name, m in self.modules.items():
-            set_model_state_dict(m, _strip(state, name))
+            set_model_state_dict(m, prefixed(state, name + "."))
 
     def full_state_dict(self) -> dict:
         """Full tensors on CPU (collective)."""
@@ -345,12 +361,35 @@ class MimoModel:
 
     def load_full_state_dict(self, state: dict) -> None:
         for name, m in self.modules.items():
-            set_model_state_dict(m, _strip(state, name), options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(m, prefixed(state, name + "."), options=StateDictOptions(full_state_dict=True))
+
+    def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
+        """Rank 0: `<folder>/language` (the LLM + tokenizer, loadable by plain transformers) and
+        `<folder>/<encoder>` (the vision tower via save_pretrained, usable as mimo.encoder.pretrained, plus
+        projector.safetensors)."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        config = self.config
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        llm.load_state_dict(prefixed(state, LANGUAGE + "."), assign=True, strict=True)
+        llm.tie_weights()
+        llm.config.use_cache = True
+        llm.save_pretrained(folder / LANGUAGE, safe_serialization=True)
+        llm.config.use_cache = False
+        tokenizer.save_pretrained(folder / LANGUAGE)
+        name = self.encoder_name
+        with torch.device("meta"):
+            encoder = AutoModel.from_config(self.modules[name].config, dtype=torch.float32)
+        encoder.load_state_dict(prefixed(state, f"{name}.encoder."), assign=True, strict=True)
+        encoder.save_pretrained(folder / name, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in prefixed(state, f"{name}.projector.").items()},
+                  str(folder / name / "projector.safetensors"))
 
     def destroy(self) -> None:
         self.bridge.destroy()
 
 
-def _strip(state: dict, module: str) -> dict:
-    prefix = module + "."
+def prefixed(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
