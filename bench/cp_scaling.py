@@ -37,9 +37,8 @@ def main() -> int:
     from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
     from automodel_mimo.models import packed_attention
     from automodel_mimo.models.build import build_handle
-    from automodel_mimo.parallel.context_parallel import shard_batch
     from automodel_mimo.run.quiet import quiet_third_party
-    from policies.lm_policy import LMPolicy
+    from policies.policy import Policy
 
     quiet_third_party()
     device = init_distributed("auto")
@@ -62,7 +61,7 @@ def main() -> int:
     rows = [{"input_ids": ids.tolist(), "labels": ids[1:].tolist() + [-100]}]
     multiple = 2 * cp if cp > 1 else 1
     batch = collate_packed(rows, pack([L], L, multiple), L, multiple, 0, device=device)
-    microbatches = [shard_batch(batch, cp, state.cp_rank)]
+    microbatches = [batch]  # whole rows: the handle shards them over cp
     result = {"seq_len": L, "cp": cp, "activation_checkpointing": args.activation_checkpointing, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     try:
         torch.manual_seed(0)
@@ -70,7 +69,7 @@ def main() -> int:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**kwargs), dtype=torch.float32,
                                                      attn_implementation=packed_attention.NAME)
         model.config.use_cache = False
-        policy = LMPolicy(build_handle(cfg, model, state, pad_id=0), state, cfg.train)
+        policy = Policy(build_handle(cfg, model, state, pad_id=0), cfg.train)
         times = []
         for i in range(1 + args.steps):
             if device.type == "cuda":

@@ -33,9 +33,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from automodel_mimo.config import TrainConfig
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.mimo.model import MimoModel, build_vision_module
+from automodel_mimo.mimo.handle import MimoHandle
+from automodel_mimo.mimo.modules import build_vision_module
 from automodel_mimo.run.quiet import quiet_third_party
-from policies.mimo_policy import MimoPolicy
+from policies.policy import Policy
 
 # name -> (heterogeneous?, layout); every module spans the 4 ranks
 LAYOUTS = {
@@ -120,7 +121,7 @@ def sync(device: torch.device) -> None:
     dist.barrier()
 
 
-def encoder_times(model: MimoModel, spec: dict, device: torch.device, args) -> dict:
+def encoder_times(model: MimoHandle, spec: dict, device: torch.device, args) -> dict:
     """The vision module alone (encoder + projector, forward and backward of a mean-square loss) on this rank's
     share of the global batch's images (all images / encoder dp: the same FLOPs per GPU in every layout).
     Median wall time; median time until Python returns (close to the wall time: bound by the host, not the
@@ -163,17 +164,17 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
     placeholder = spec["llm"]["vocab_size"] - 1
     tokens_per_image = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
     try:  # every rank validates the same layout against the same batch: all raise or none
-        model = MimoModel({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
+        model = MimoHandle({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
                           dtype=spec["dtype"], global_batch_size=spec["global_batch"])
     except UserInputError as e:
         return {"infeasible": str(e)}
-    index, count = model.data_parallel()
+    index, count = model.data_block()
     # a coarse-block microbatch of m rows gives the LLM m rows (fan-in/equal) or m/scale (fan-out): keep the
     # LLM's rows per microbatch the same across layouts (capped by the rows one LLM replica gets)
     multiple = model.rows_multiple()
     llm_rows = min(spec["llm_rows_per_microbatch"], spec["global_batch"] // model.grids["language"].size("dp"))
     micro = llm_rows * multiple
-    policy = MimoPolicy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
+    policy = Policy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
                                            micro_batch_size=micro, lr=1e-5))
     batch = [{k: v.to(device) for k, v in mb.items()}
              for mb in microbatches(global_batch(spec, tokens_per_image, placeholder), index, count, micro)]

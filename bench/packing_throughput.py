@@ -51,7 +51,7 @@ def main() -> None:
     from automodel_mimo.models import packed_attention
     from automodel_mimo.models.build import build_handle
     from automodel_mimo.run.quiet import quiet_third_party
-    from policies.lm_policy import LMPolicy
+    from policies.policy import Policy
 
     quiet_third_party()
     device = init_distributed("auto")
@@ -90,7 +90,7 @@ def main() -> None:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**kwargs), dtype=torch.float32,
                                                      attn_implementation=attn)
         model.config.use_cache = False
-        policy = LMPolicy(build_handle(cfg, model, state, pad_id=0), state, cfg.train)
+        policy = Policy(build_handle(cfg, model, state, pad_id=0), cfg.train)
         times = []
         for i in range(args.warmup + args.steps):
             if device.type == "cuda":

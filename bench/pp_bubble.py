@@ -40,7 +40,7 @@ def _measure(pp: int, m: int, seq: int, tiny: bool, steps: int, warmup: int) -> 
     from automodel_mimo.data.batching import collate
     from automodel_mimo.distributed.mesh import build_parallel_state
     from automodel_mimo.models.build import build_handle
-    from policies.lm_policy import LMPolicy
+    from policies.policy import Policy
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     kwargs = _model_config(tiny)
@@ -55,7 +55,7 @@ def _measure(pp: int, m: int, seq: int, tiny: bool, steps: int, warmup: int) -> 
     with device:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.config.use_cache = False
-    policy = LMPolicy(build_handle(cfg, model, state, pad_id=0), state, cfg.train)
+    policy = Policy(build_handle(cfg, model, state, pad_id=0), cfg.train)
     g = torch.Generator().manual_seed(1)
     rows = []
     for _ in range(m):
