@@ -66,8 +66,9 @@ def _shared_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
     base.update(extra)
     base.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     # Each rank would otherwise start one compute thread per core, so nproc ranks oversubscribe the cores
-    # (a 2-rank CPU run is ~25% slower that way); torchrun sets 1. The user's own setting wins.
-    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # (a 2-rank CPU run is ~25% slower that way); torchrun sets 1. The user's own setting wins. The cores are
+    # the ones this process may run on (taskset, a Slurm or container cgroup), not all of the machine's.
+    base.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     return base
 
 
