@@ -97,11 +97,11 @@ def _short(value) -> str:
 def run_steps(cfg: RunConfig, start: int, logger: MetricsLogger, step: Callable[[int], dict],
               evaluate: Callable[[int], dict] | None = None,
               save: Callable[[int], None] | None = None) -> None:
-    """Steps start..train.max_steps-1: `step(i)` returns its metrics row; `evaluate(done)` runs every
+    """Steps start..train.max_steps-1 (or to train.stop_at_step): `step(i)` returns its metrics row; `evaluate(done)` runs every
     eval.every_steps and at the end, `save(done)` every checkpoint.every_steps. A skipped step's row carries
     `warning`; train.max_skipped_steps skips in a row stop the run (SkipStreak)."""
     began = time.perf_counter()
-    last = cfg.train.max_steps
+    last = cfg.train.stop_at_step or cfg.train.max_steps
     streak = SkipStreak(cfg.train.max_skipped_steps)
     try:
         for i in range(start, last):

@@ -80,6 +80,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
              f"parallel.dp*tp*cp*pp = {p.dp}*{p.tp}*{p.cp}*{p.pp} = {p.dp * non_dp} but launch.nproc = {world}; "
              "make the product equal the number of ranks")
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1")
+    _require(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
+             f"train.stop_at_step={t.stop_at_step}: must be between 1 and train.max_steps={t.max_steps} (or null)")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size}: must be >= 1")
     if cfg.mimo.layout:
         validate_mimo(cfg, world)

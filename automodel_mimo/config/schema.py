@@ -75,6 +75,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
+    # end after this step while the LR schedule still spans max_steps: the first steps of the full recipe,
+    # bit for bit (a short CI gate, a time-limited job resumed later); None: run to max_steps
+    stop_at_step: int | None = None
     global_batch_size: int = 32  # sequences per optimizer step, summed over data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
     optimizer: str = "adamw"  # adamw | sgd

@@ -189,3 +189,20 @@ def test_hf_export_under_pp_has_unsplit_names(pipelined, uninterrupted):
     dcp.load(state, checkpoint_id=str(pipelined / "checkpoints" / "step_4"))
     for name, value in trained.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
+
+
+def test_stop_at_step_is_the_start_of_the_full_run(uninterrupted, tmp_path):
+    """train.stop_at_step ends early on the full run's LR schedule (a short CI gate, a time-limited job): its
+    rows are the full run's first rows, and resuming it finishes the full run bit for bit."""
+    out = tmp_path / "stopped"
+    r = run_cli("sft", *RUN, f"output_dir={out}", "train.stop_at_step=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = [row for row in metrics(uninterrupted) if "loss" in row]
+    short = [row for row in metrics(out) if "loss" in row]
+    keys = ("step", "loss", "lr", "grad_norm")
+    assert [[row[k] for k in keys] for row in short] == [[row[k] for k in keys] for row in full[:2]]
+    r = run_cli("sft", *RUN, f"output_dir={out}", "checkpoint.resume=true")
+    assert r.returncode == 0 and "start step 2" in r.stdout, r.stderr[-3000:]
+    assert train_losses(out) == train_losses(uninterrupted)
+    r = run_cli("sft", *RUN, f"output_dir={tmp_path / 'bad'}", "train.stop_at_step=5")
+    assert r.returncode == 2 and "train.stop_at_step=5: must be between 1 and train.max_steps=4" in r.stderr
