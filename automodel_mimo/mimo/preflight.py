@@ -3,7 +3,8 @@
 config/checks.py (validate_mimo) checks the config on its own (layout, batch divisibility); these read files: the
 placeholder must be a token of the tokenizer, the encoder config must load, its rows per image must equal
 mimo.tokens_per_image, and the images must be preprocessed to the encoder's size. A model.pretrained must be a
-LLaVA folder whose image token is the placeholder; its vision config and feature selection replace mimo.encoder's.
+LLaVA folder with a special image token (the placeholder then); its vision config and feature selection replace
+mimo.encoder's.
 Each failure is one UserInputError naming the key and the fix.
 """
 
@@ -44,14 +45,16 @@ def rows_per_image(config: PretrainedConfig, select_strategy: str) -> int | None
 
 
 def _check_llava_image_token(path: str, llava: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The image token must be one of the tokenizer's added tokens: the data's <|image|> markers are written as it,
+    and no text may tokenize into it."""
     index = llava.image_token_index
-    token = tokenizer.convert_ids_to_tokens(index) if 0 <= index < len(tokenizer) else None
-    if token is None:
+    if not 0 <= index < len(tokenizer):
         raise UserInputError(f"model.pretrained={path}: its image_token_index={index} is not a token of the tokenizer "
-                             f"({len(tokenizer)} tokens); the LLaVA folder needs its image token ({IMAGE}) in its tokenizer")
-    if token != IMAGE:
-        raise UserInputError(f"model.pretrained={path}: its image token is {token!r} (image_token_index={index}); the "
-                             f"image data marks images with {IMAGE!r}: other image tokens are not supported yet")
+                             f"({len(tokenizer)} tokens); the LLaVA folder needs its image token in its tokenizer")
+    if index not in tokenizer.added_tokens_decoder:
+        raise UserInputError(f"model.pretrained={path}: its image token {tokenizer.convert_ids_to_tokens(index)!r} "
+                             f"(image_token_index={index}) is not a special token of the tokenizer, so text could "
+                             "tokenize into it; the LLaVA folder needs a special image token such as <image>")
 
 
 def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: PretrainedConfig) -> None:
@@ -69,7 +72,7 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     else:
         config, strategy = encoder_config(m.encoder), m.vision_feature_select_strategy
         source = f"the {config.model_type} encoder"
-    if m.placeholder_token not in tokenizer.get_vocab():
+    if not cfg.model.pretrained and m.placeholder_token not in tokenizer.get_vocab():
         raise UserInputError(f"mimo.placeholder_token={m.placeholder_token!r} is not a token of the tokenizer "
                              f"({cfg.model.tokenizer or cfg.model.pretrained}); add it as a special token (and resize "
                              "the LLM's embeddings), or use the built-in tokenizer (model.tokenizer: null), which has it")
@@ -86,7 +89,11 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     if vision_tp > 1 and heads is not None and heads % vision_tp:
         raise UserInputError(f"mimo.layout.{m.encoder_name}.tp={vision_tp} must divide the encoder's "
                              f"num_attention_heads={heads}")
+    lm_tp, vocab = m.layout[LANGUAGE].get("tp", 1), getattr(llm_config, "vocab_size", None)
+    if lm_tp > 1 and vocab is not None and vocab % lm_tp:  # uneven vocabulary shards break the gathers (a gloo abort)
+        raise UserInputError(f"mimo.layout.{LANGUAGE}.tp={lm_tp} must divide the LLM's vocab_size={vocab}; pad the "
+                             "vocabulary (and the embeddings) to a multiple of it, or choose another tp")
     try:
-        check_tp_divisibility(llm_config, m.layout[LANGUAGE].get("tp", 1))
+        check_tp_divisibility(llm_config, lm_tp)
     except UserInputError as e:
         raise UserInputError(str(e).replace("parallel.tp", f"mimo.layout.{LANGUAGE}.tp")) from None

@@ -89,18 +89,21 @@ def test_export_is_a_llava_folder_with_the_trainers_logits_and_loads_back_bit_id
 
 
 def _llava_folder(path: Path, model_type: str = "llava", image_token: int | None = None, tower: str = "siglip",
-                  lm: str = "llama") -> Path:
+                  lm: str = "llama", new_token: str | None = None, vocab_multiple: int = 8) -> Path:
     """A tiny LLaVA checkpoint made with transformers' own classes and random weights: a SigLIP tower (all rows)
     or a CLIP one (without its CLS row, as llava-1.5), 32 px images in 8 px patches (16 rows), features of
-    the second-to-last layer, a Llama or Qwen2 LM, the built-in tokenizer; or a plain Llama folder
-    (model_type="llama")."""
+    the second-to-last layer, a Llama or Qwen2 LM, the built-in tokenizer (plus `new_token` as the image token,
+    as llava-hf's <image>); or a plain Llama folder (model_type="llama")."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                               LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
     tok = build_default_tokenizer()
+    if new_token:
+        tok.add_tokens([new_token], special_tokens=True)
+        image_token = tok.convert_tokens_to_ids(new_token)
     text = {"llama": LlamaConfig, "qwen2": Qwen2Config}[lm](
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=-(-len(tok) // vocab_multiple) * vocab_multiple, max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
     vision = SiglipVisionConfig(**sizes, vision_use_head=False) if tower == "siglip" else CLIPVisionConfig(**sizes)
@@ -114,13 +117,14 @@ def _llava_folder(path: Path, model_type: str = "llava", image_token: int | None
     return path
 
 
-@pytest.mark.parametrize("tower,lm", [("siglip", "llama"), ("clip", "qwen2")])
-def test_a_transformers_llava_folder_trains_from_the_cli_and_its_export_loads_again(tmp_path, tower, lm):
-    from transformers import LlavaForConditionalGeneration
+@pytest.mark.parametrize("tower,lm,token", [("siglip", "llama", None), ("clip", "qwen2", "<image>")])
+def test_a_transformers_llava_folder_trains_from_the_cli_and_its_export_loads_again(tmp_path, tower, lm, token):
+    """<image>: the checkpoint's own image token; the data's <|image|> markers are written as it."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from automodel_mimo.mimo.llava import load_llava
 
-    source = _llava_folder(tmp_path / "llava", tower=tower, lm=lm)
+    source = _llava_folder(tmp_path / "llava", tower=tower, lm=lm, new_token=token)
     out = tmp_path / "run"
     r = run_cli("sft", *CONFIG, *SHORT, f"model.pretrained={source}", f"output_dir={out}", "train.max_steps=1",
                 timeout=400)
@@ -134,6 +138,7 @@ def test_a_transformers_llava_folder_trains_from_the_cli_and_its_export_loads_ag
 
     hf = LlavaForConditionalGeneration.from_pretrained(out / "hf")
     start = LlavaForConditionalGeneration.from_pretrained(source)
+    assert hf.config.image_token_id == AutoTokenizer.from_pretrained(out / "hf").convert_tokens_to_ids(token or IMAGE)
     differ = {k for k, v in hf.config.to_dict().items() if start.config.to_dict().get(k) != v}
     assert differ <= {"_name_or_path", "text_config"}, differ  # tower, feature selection, image token (text: below)
     assert all(getattr(hf.config.text_config, k) == getattr(start.config.text_config, k)
@@ -155,7 +160,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("folders")
     return {"llama": _llava_folder(root / "llama", model_type="llama"), "llava": _llava_folder(root / "llava"),
             "byte_token": _llava_folder(root / "byte_token", image_token=ord("b")),
-            "no_token": _llava_folder(root / "no_token", image_token=5000)}
+            "no_token": _llava_folder(root / "no_token", image_token=5000),
+            "odd_vocab": _llava_folder(root / "odd_vocab", new_token="<image>", vocab_multiple=1)}
 
 
 @pytest.mark.parametrize("folder,overrides,expected", [
@@ -163,8 +169,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     ("llava", ["mimo.tokens_per_image=12"], "mimo.tokens_per_image=12, but the LLaVA folder's siglip_vision_model tower "
                                             "(vision_feature_select_strategy=full) yields 16 rows per image; set "
                                             "mimo.tokens_per_image=16"),
-    ("byte_token", [], "its image token is 'b' (image_token_index=98)"),
+    ("byte_token", [], "its image token 'b' (image_token_index=98) is not a special token of the tokenizer"),
     ("no_token", [], "its image_token_index=5000 is not a token of the tokenizer"),
+    ("odd_vocab", [], "mimo.layout.language.tp=2 must divide the LLM's vocab_size=265"),
 ])
 def test_bad_pretrained_folders_are_one_line(folders, tmp_path, folder, overrides, expected):
     r = run_cli("sft", *CONFIG, f"model.pretrained={folders[folder]}", f"output_dir={tmp_path / 'out'}", *overrides,
