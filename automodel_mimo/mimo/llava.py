@@ -66,7 +66,11 @@ def llava_config(path: str) -> LlavaConfig:
 
 def load_llava(path: str, attn_implementation: str = "sdpa") -> tuple[VisionModule, nn.Module]:
     """The vision module and the causal LM of a LLaVA checkpoint, fp32 on CPU, the same on every rank."""
-    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    llava, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:  # transformers would train them from random init, after a report only
+        missing = sorted(info["missing_keys"])
+        raise UserInputError(f"model.pretrained={path}: {len(missing)} weights of its LLaVA config are missing from "
+                             f"its checkpoint (e.g. {missing[0]}); point it at a complete LLaVA folder")
     vision = VisionModule(llava.model.vision_tower, llava.model.multi_modal_projector, llava.config)
     llm = AutoModelForCausalLM.from_config(llava.config.text_config, dtype=torch.float32,
                                            attn_implementation=attn_implementation)

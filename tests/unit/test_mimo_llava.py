@@ -180,3 +180,18 @@ def test_bad_pretrained_folders_are_one_line(folders, tmp_path, folder, override
     assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()  # stopped before any rank started
+
+
+def test_a_llava_checkpoint_missing_weights_is_an_error_not_a_random_init(tmp_path):
+    """transformers only reports missing weights (and initializes them at random): load_llava refuses."""
+    from safetensors.torch import load_file, save_file
+
+    from automodel_mimo.errors import UserInputError
+    from automodel_mimo.mimo.llava import load_llava
+
+    folder = _llava_folder(tmp_path / "llava")
+    weights = load_file(folder / "model.safetensors")
+    key = next(k for k in weights if "multi_modal_projector.linear_1.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != key}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match="1 weights of its LLaVA config are missing from its checkpoint"):
+        load_llava(str(folder))
