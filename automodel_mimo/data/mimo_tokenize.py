@@ -1,8 +1,9 @@
 """MIMO rows (images + chat messages) -> token ids with one placeholder per encoder output row.
 
 The prompt holds one `<|image|>` marker per image (written as the model's own image token when a LLaVA
-checkpoint has another one); each marker token becomes `tokens_per_image` contiguous placeholder ids, which the model overwrites with the projected encoder rows. Labels follow the text path
-(data/tokenize.py): shifted, on assistant tokens only, so placeholders never carry loss.
+checkpoint has another one); each marker token becomes `tokens_per_image` contiguous placeholder ids, which
+the model overwrites with the projected encoder rows. Labels follow the text path (data/tokenize.py): shifted,
+on assistant tokens only, so placeholders never carry loss.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlavaConfig, LlavaFor
 
 from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.mimo.handle import prefixed
 from automodel_mimo.mimo.modules import VisionModule
 
 # (MIMO prefix without the encoder's name, LLaVA prefix): LlavaForConditionalGeneration's module names
@@ -74,9 +75,7 @@ def load_llava(path: str, attn_implementation: str = "sdpa") -> tuple[VisionModu
     vision = VisionModule(llava.model.vision_tower, llava.model.multi_modal_projector, llava.config)
     llm = AutoModelForCausalLM.from_config(llava.config.text_config, dtype=torch.float32,
                                            attn_implementation=attn_implementation)
-    prefix = LANGUAGE + "."
-    language = {k[len(prefix):]: v for k, v in from_llava(llava.state_dict(), "vision").items() if k.startswith(prefix)}
-    llm.load_state_dict(language, strict=True)
+    llm.load_state_dict(prefixed(from_llava(llava.state_dict(), "vision"), LANGUAGE + "."), strict=True)
     llm.tie_weights()
     llm.config.use_cache = False
     return vision, llm

@@ -29,10 +29,9 @@ class VisionModule(nn.Module):
         self._freeze_unused()
 
     def _freeze_unused(self) -> None:
-        """LLaVA's features never reach some of the tower's parameters (its post-layernorm, a pooling head, layers
-        after the feature layer): found by autograd on a blank image and frozen, so they keep their values
-        for the export and no optimizer state exists for them that a checkpoint would lack (they get no
-        gradient, so their state would appear only on a fresh optimizer)."""
+        """Freeze the tower's parameters that LLaVA's features never reach (its post-layernorm, a pooling head,
+        layers after the feature layer), found by autograd on a blank image: they would never get a gradient,
+        so their optimizer state would exist on a fresh optimizer only and a checkpoint could not resume."""
         c = self.config
         params = [p for p in self.encoder.parameters() if p.requires_grad]
         blank = torch.zeros(1, c.num_channels, c.image_size, c.image_size)

@@ -103,9 +103,11 @@ def _llava_folder(path: Path, model_type: str = "llava", image_token: int | None
         image_token = tok.convert_tokens_to_ids(new_token)
     text = {"llama": LlamaConfig, "qwen2": Qwen2Config}[lm](
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=-(-len(tok) // vocab_multiple) * vocab_multiple, max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+        vocab_size=-(-len(tok) // vocab_multiple) * vocab_multiple, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                 patch_size=8)
     vision = SiglipVisionConfig(**sizes, vision_use_head=False) if tower == "siglip" else CLIPVisionConfig(**sizes)
     image_token = tok.convert_tokens_to_ids(IMAGE) if image_token is None else image_token
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, image_seq_length=16,
