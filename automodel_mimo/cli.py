@@ -111,6 +111,9 @@ def _preflight(cfg) -> None:
     check_pipeline_split(facts.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     if cfg.model.pretrained and cfg.model.config:
         print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)
+    if cfg.mimo.layout and cfg.model.pretrained and cfg.mimo.encoder:
+        print(f"note: the LLaVA folder model.pretrained={cfg.model.pretrained} holds the vision tower; the mimo.encoder "
+              "entries are ignored", file=sys.stderr)
 
 
 def _model_config(cfg):
@@ -124,6 +127,7 @@ def _model_config(cfg):
         from automodel_mimo.mimo.preflight import check_mimo
 
         check_mimo(cfg, tokenizer, hf_config)
+        hf_config = getattr(hf_config, "text_config", hf_config)  # a LLaVA folder: its LLM
     return hf_config
 
 

@@ -82,7 +82,7 @@ def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
                                            dtype=torch.float32, attn_implementation="sdpa")
     llm.config.use_cache = False
     vision = build_vision_module({"model_type": "siglip_vision_model", "vision_use_head": False, **spec["vision"]},
-                                 spec["llm"]["hidden_size"], seed=0)
+                                 llm.config, seed=0)
     return vision, llm
 
 

@@ -262,13 +262,18 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     _require(lm_dp <= enc_dp or t.micro_batch_size % (lm_dp // enc_dp) == 0,
              f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {lm_dp // enc_dp} "
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
-    _require(bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
+    _require(bool(cfg.model.pretrained) or bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
              "mimo.encoder: set pretrained (a vision tower or CLIP/SigLIP checkpoint) or model_type "
-             "(e.g. siglip_vision_model) with its config")
+             "(e.g. siglip_vision_model) with its config, or model.pretrained to a LLaVA folder")
     _require(m.tokens_per_image >= 1, f"mimo.tokens_per_image={m.tokens_per_image}: must be >= 1 (encoder rows per image)")
-    if m.encoder.get("model_type") == "siglip_vision_model" and "image_size" in m.encoder and "patch_size" in m.encoder:
-        patches = (m.encoder["image_size"] // m.encoder["patch_size"]) ** 2
-        _require(m.tokens_per_image == patches,
-                 f"mimo.tokens_per_image={m.tokens_per_image}, but the SigLIP encoder yields (image_size / patch_size)^2 "
-                 f"= {patches} rows per image; set mimo.tokens_per_image={patches}")
+    _require(m.vision_feature_select_strategy in ("default", "full"),
+             f"mimo.vision_feature_select_strategy={m.vision_feature_select_strategy}: use full (every row) or default "
+             "(without the first, CLS, row), as in LLaVA")
+    siglip = m.encoder.get("model_type") == "siglip_vision_model"
+    if not cfg.model.pretrained and siglip and "image_size" in m.encoder and "patch_size" in m.encoder:
+        rows = (m.encoder["image_size"] // m.encoder["patch_size"]) ** 2 - (m.vision_feature_select_strategy == "default")
+        _require(m.tokens_per_image == rows,
+                 f"mimo.tokens_per_image={m.tokens_per_image}, but the SigLIP encoder yields {rows} rows per image "
+                 f"((image_size / patch_size)^2, vision_feature_select_strategy={m.vision_feature_select_strategy}); "
+                 f"set mimo.tokens_per_image={rows}")
     _require(bool(m.placeholder_token), "mimo.placeholder_token: must be a non-empty token string")

@@ -139,12 +139,17 @@ class DPOConfig:
 
 @dataclass
 class MimoConfig:
-    """Encoder + projector + LLM, each on its own grid of the same ranks (docs/mimo.md). Empty layout: no MIMO."""
+    """Encoder + projector + LLM, each on its own grid of the same ranks (docs/mimo.md). Empty layout: no MIMO.
+    model.pretrained, if set, is a transformers LLaVA folder holding all three (mimo/llava.py)."""
 
     layout: dict = field(default_factory=dict)  # <module>: {dp, tp, cp, pp}; modules: encoder_name and language
     encoder_name: str = "vision"
     encoder: dict = field(default_factory=dict)  # {pretrained: path} or HF vision config kwargs incl. model_type
-    projector_hidden: int | None = None  # projector MLP width; None: the LLM's hidden size
+    # the image features, as LLaVA selects them: the tower's hidden states after this layer (-1: the last, before any
+    # post-layernorm), all rows (full) or without the first, CLS, row (default). A LLaVA model.pretrained brings its
+    # own (a list of layers there is concatenated, as LLaVA does)
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "full"
     tokens_per_image: int = 0  # encoder rows (= placeholder tokens) per image
     placeholder_token: str = "<|image|>"
 

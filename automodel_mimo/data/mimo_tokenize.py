@@ -1,8 +1,9 @@
 """MIMO rows (images + chat messages) -> token ids with one placeholder per encoder output row.
 
-The prompt holds one `<|image|>` marker per image; each marker token becomes `tokens_per_image` contiguous
-placeholder ids, which the model overwrites with the projected encoder rows. Labels follow the text path
-(data/tokenize.py): shifted, on assistant tokens only, so placeholders never carry loss.
+The prompt holds one `<|image|>` marker per image (written as the model's own image token when a LLaVA
+checkpoint has another one); each marker token becomes `tokens_per_image` contiguous placeholder ids, which
+the model overwrites with the projected encoder rows. Labels follow the text path (data/tokenize.py): shifted,
+on assistant tokens only, so placeholders never carry loss.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from automodel_mimo.data.images import _UNDECODED, load_image_dataset
 from automodel_mimo.data.tokenize import FEATURES as TEXT_FEATURES
 from automodel_mimo.data.tokenize import Message, conversation_ids, labeled_row, map_tokenized
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.tokenizer import image_token_id
+from automodel_mimo.models.tokenizer import IMAGE, image_token_id
 
 FEATURES = datasets.Features({**TEXT_FEATURES, "num_images": datasets.Value("int64")})
 
@@ -47,8 +48,10 @@ def tokenize_mimo_messages(
     prompt_ids (the final turn's prompt, placeholders expanded) is never truncated: it feeds generation.
     Truncation cuts text after the last placeholder only; a cut through an image is an error.
     """
-    ids, is_target, prompt_ids = conversation_ids(messages, tokenizer, use_chat_template)
     marker = tokenizer.convert_ids_to_tokens(placeholder_id)
+    if marker != IMAGE:  # a LLaVA checkpoint's own image token (e.g. <image>); the data marks images with <|image|>
+        messages = [{**m, "content": m["content"].replace(IMAGE, marker)} for m in messages]
+    ids, is_target, prompt_ids = conversation_ids(messages, tokenizer, use_chat_template)
     if any(token == placeholder_id and target for token, target in zip(ids, is_target)):
         raise UserInputError(f"an assistant message holds the image marker {marker}; images belong in the prompt")
     markers = ids.count(placeholder_id)
@@ -111,7 +114,12 @@ def prepare_mimo_data(cfg, tokenizer: PreTrainedTokenizerBase, tokens_per_image:
         messages_key=d.messages_key, train_split=d.train_split, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, name=d.name, num_train=d.num_train, num_eval=d.num_eval,
         image_size=d.image_size, text_only_fraction=d.text_only_fraction)
-    placeholder_id = image_token_id(tokenizer)
+    if cfg.model.pretrained:  # a LLaVA folder (mimo/llava.py): its image token
+        from automodel_mimo.mimo.llava import llava_config
+
+        placeholder_id = llava_config(cfg.model.pretrained).image_token_index
+    else:
+        placeholder_id = image_token_id(tokenizer)
     return datasets.DatasetDict({
         split: tokenize_mimo_dataset(ds, tokenizer, placeholder_id=placeholder_id, tokens_per_image=tokens_per_image,
                                      max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,

@@ -1,5 +1,6 @@
-"""A MIMO model from the config: vision tower + projector and the LLM, built identically on every rank (same seed),
-then parallelized, each module on its own grid, behind a MimoHandle."""
+"""A MIMO model from the config: vision tower + projector and the LLM, built identically on every rank (same seed)
+or loaded from a LLaVA folder (model.pretrained, mimo/llava.py), then parallelized, each module on its own grid,
+behind a MimoHandle."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from automodel_mimo.config import RunConfig
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.handle import MimoHandle
 from automodel_mimo.mimo.modules import build_vision_module
+from automodel_mimo.models import packed_attention
 from automodel_mimo.models.build import build_hf_config, build_model
 
 
@@ -22,9 +24,17 @@ def placeholder_id(tokenizer, token: str) -> int:
 def build_mimo_handle(cfg: RunConfig, tokenizer, device: torch.device) -> MimoHandle:
     """Collective: every rank builds every module and every grid."""
     m = cfg.mimo
-    hf_config = build_hf_config(cfg.model, tokenizer)
-    encoders = {m.encoder_name: build_vision_module(m.encoder, hf_config.hidden_size, cfg.seed, m.projector_hidden)}
     packed = cfg.data.packing or m.layout["language"].get("cp", 1) > 1
-    llm = build_model(cfg.model, hf_config, cfg.seed, packed=packed)
-    return MimoHandle(encoders, llm, m.layout, device, placeholder_id(tokenizer, m.placeholder_token), m.tokens_per_image,
+    if cfg.model.pretrained:  # a LLaVA folder holds every module (mimo.encoder and model.config are not used)
+        from automodel_mimo.mimo.llava import llava_config, load_llava
+
+        llava_config(cfg.model.pretrained)  # a clear error for anything else
+        vision, llm = load_llava(cfg.model.pretrained, packed_attention.NAME if packed else cfg.model.attn_implementation)
+    else:
+        hf_config = build_hf_config(cfg.model, tokenizer)
+        vision = build_vision_module(m.encoder, hf_config, cfg.seed, m.vision_feature_layer, m.vision_feature_select_strategy)
+        llm = build_model(cfg.model, hf_config, cfg.seed, packed=packed)
+    # a LLaVA folder's image token is the placeholder (the data writes <|image|> markers as it)
+    image = vision.llava_config.image_token_index if cfg.model.pretrained else placeholder_id(tokenizer, m.placeholder_token)
+    return MimoHandle({m.encoder_name: vision}, llm, m.layout, device, image, m.tokens_per_image,
                       pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size)

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, Shard
@@ -364,27 +363,22 @@ class MimoHandle(Handle):
             set_model_state_dict(m, prefixed(state, name + "."), options=StateDictOptions(full_state_dict=True))
 
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
-        """Rank 0: `<folder>/language` (the LLM + tokenizer, loadable by plain transformers) and
-        `<folder>/<encoder>` (the vision tower via save_pretrained, usable as mimo.encoder.pretrained, plus
-        projector.safetensors)."""
-        from transformers import AutoModel, AutoModelForCausalLM
+        """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,
+        mimo/llava.py), loadable as model.pretrained; `<folder>/language` the LLM alone + tokenizer, for
+        text-only tools (a causal-LM generator, serving the LLM without images)."""
+        from transformers import AutoModelForCausalLM
 
-        config = self.config
+        from automodel_mimo.mimo.llava import export_config, save_llava
+
+        name = self.encoder_name
+        config = export_config(self.modules[name], self.config, self.placeholder_id, self.tokens_per_image)
+        save_llava(state, name, config, tokenizer, folder)
         with torch.device("meta"):
-            llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            llm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.float32)
         llm.load_state_dict(prefixed(state, LANGUAGE + "."), assign=True, strict=True)
         llm.tie_weights()
-        llm.config.use_cache = True
         llm.save_pretrained(folder / LANGUAGE, safe_serialization=True)
-        llm.config.use_cache = False
         tokenizer.save_pretrained(folder / LANGUAGE)
-        name = self.encoder_name
-        with torch.device("meta"):
-            encoder = AutoModel.from_config(self.modules[name].config, dtype=torch.float32)
-        encoder.load_state_dict(prefixed(state, f"{name}.encoder."), assign=True, strict=True)
-        encoder.save_pretrained(folder / name, safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in prefixed(state, f"{name}.projector.").items()},
-                  str(folder / name / "projector.safetensors"))
 
     def destroy(self) -> None:
         self.bridge.destroy()

@@ -1,8 +1,8 @@
-"""The modules of a MIMO model besides the LLM: an HF vision tower and its projector (one MIMO module, one grid),
-and the tower's tensor-parallel plan.
+"""The modules of a MIMO model besides the LLM: an HF vision tower and LLaVA's projector (one MIMO module, one
+grid), and the tower's tensor-parallel plan.
 
 nemo has no TP plan for HF vision towers, so `vision_tp_plan` is ours (q/k/v and fc1 column-parallel,
-out_proj and fc2 row-parallel, the projector likewise).
+out_proj and fc2 row-parallel, the projector's linear_1 / linear_2 likewise).
 """
 
 from __future__ import annotations
@@ -14,29 +14,40 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from automodel_mimo.errors import UserInputError
 
 
-class Projector(nn.Module):
-    """Two-layer MLP from the encoder's hidden size to the LLM's."""
-
-    def __init__(self, in_size: int, out_size: int, hidden: int | None = None):
-        super().__init__()
-        hidden = hidden or out_size
-        self.fc1, self.act, self.fc2 = nn.Linear(in_size, hidden), nn.GELU(), nn.Linear(hidden, out_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionModule(nn.Module):
-    """An HF vision tower (SigLIP / CLIP vision model) and its projector: one MIMO module, one grid."""
+    """An HF vision tower (SigLIP / CLIP vision model) and LLaVA's projector (linear-GELU-linear to the LLM's
+    hidden size): one MIMO module, one grid. The features are LLaVA's (`LlavaModel.get_image_features`): the
+    tower's hidden states after `vision_feature_layer` (before any post-layernorm), without the first (CLS) row
+    under `vision_feature_select_strategy="default"`, so the module is exactly the image path of
+    `LlavaForConditionalGeneration` built from `llava_config` (mimo/llava.py exports and loads it)."""
 
-    def __init__(self, encoder: nn.Module, projector: Projector):
+    def __init__(self, encoder: nn.Module, projector: nn.Module, llava_config):
         super().__init__()
         self.encoder, self.projector = encoder, projector
+        self.llava_config = llava_config  # feature layer(s) and strategy; the export's config
         self.config = encoder.config  # nemo's parallelizer checks heads against tp on it
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Freeze the tower's parameters that LLaVA's features never reach (its post-layernorm, a pooling head,
+        layers after the feature layer), found by autograd on a blank image: they would never get a gradient,
+        so their optimizer state would exist on a fresh optimizer only and a checkpoint could not resume."""
+        c = self.config
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        blank = torch.zeros(1, c.num_channels, c.image_size, c.image_size)
+        with torch.enable_grad():  # also when built under no_grad
+            grads = torch.autograd.grad(self(blank).sum(), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                p.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, C, H, W) -> (images, tokens_per_image, llm hidden)."""
-        return self.projector(self.encoder(pixel_values=pixel_values).last_hidden_state)
+        hidden = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        layer = self.llava_config.vision_feature_layer
+        drop = 1 if self.llava_config.vision_feature_select_strategy == "default" else 0
+        layers = [layer] if isinstance(layer, int) else layer
+        return self.projector(torch.cat([hidden[i][:, drop:] for i in layers], -1))
 
 
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")
@@ -56,13 +67,16 @@ def vision_tp_plan(module: VisionModule) -> dict:
     if not plan:
         raise UserInputError(f"mimo.encoder: no attention/MLP projections ({', '.join(COLUMN + ROW)}) found in "
                              f"{type(module.encoder).__name__}; its tensor-parallel plan is unknown, use tp=1 for it")
-    return {**plan, "projector.fc1": ColwiseParallel(), "projector.fc2": RowwiseParallel()}
+    return {**plan, "projector.linear_1": ColwiseParallel(), "projector.linear_2": RowwiseParallel()}
 
 
-def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector_hidden: int | None = None) -> VisionModule:
+def build_vision_module(encoder_cfg: dict, text_config, seed: int, vision_feature_layer: int | list[int] = -1,
+                        vision_feature_select_strategy: str = "full") -> VisionModule:
     """From `{"pretrained": path}` (a vision-tower checkpoint, or a full CLIP/SigLIP one) or HF config kwargs
-    with model_type (e.g. siglip_vision_model, clip_vision_model). Same seed -> same weights on every rank."""
-    from transformers import AutoConfig, AutoModel
+    with model_type (e.g. siglip_vision_model, clip_vision_model), and the LLM's config `text_config`.
+    Same seed -> same weights on every rank."""
+    from transformers import AutoConfig, AutoModel, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     torch.manual_seed(seed)
     cfg = dict(encoder_cfg)
@@ -76,5 +90,7 @@ def build_vision_module(encoder_cfg: dict, llm_hidden: int, seed: int, projector
         if model_type is None:
             raise UserInputError("mimo.encoder.model_type: missing; e.g. siglip_vision_model or clip_vision_model")
         encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.float32)
-    projector = Projector(encoder.config.hidden_size, llm_hidden, projector_hidden)
-    return VisionModule(encoder, projector)
+    # from dicts: LlavaConfig resets the attention implementation of the config objects it is given
+    llava = LlavaConfig(vision_config=encoder.config.to_dict(), text_config=text_config.to_dict(),
+                        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy)
+    return VisionModule(encoder, LlavaMultiModalProjector(llava), llava)

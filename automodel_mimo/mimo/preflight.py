@@ -2,8 +2,10 @@
 
 config/checks.py (validate_mimo) checks the config on its own (layout, batch divisibility); these read files: the
 placeholder must be a token of the tokenizer, the encoder config must load, its rows per image must equal
-mimo.tokens_per_image, and the images must be preprocessed to the encoder's size. Each failure is one
-UserInputError naming the key and the fix.
+mimo.tokens_per_image, and the images must be preprocessed to the encoder's size. A model.pretrained must be a
+LLaVA folder with a special image token (the placeholder then); its vision config and feature selection replace
+mimo.encoder's.
+Each failure is one UserInputError naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -33,12 +35,26 @@ def encoder_config(encoder: dict) -> PretrainedConfig:
         raise UserInputError(f"mimo.encoder: cannot load the encoder config ({detail})") from None
 
 
-def rows_per_image(config: PretrainedConfig) -> int | None:
-    """Encoder output rows per image, or None for a tower we do not know (checked at the first step then)."""
+def rows_per_image(config: PretrainedConfig, select_strategy: str) -> int | None:
+    """Encoder output rows per image (LLaVA's feature selection: "default" drops the first row), or None for a
+    tower we do not know (checked at the first step then)."""
     extra = EXTRA_ROWS.get(config.model_type)
     if extra is None or not getattr(config, "patch_size", None):
         return None
-    return (config.image_size // config.patch_size) ** 2 + extra
+    return (config.image_size // config.patch_size) ** 2 + extra - (select_strategy == "default")
+
+
+def _check_llava_image_token(path: str, llava: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The image token must be one of the tokenizer's added tokens: the data's <|image|> markers are written as it,
+    and no text may tokenize into it."""
+    index = llava.image_token_index
+    if not 0 <= index < len(tokenizer):
+        raise UserInputError(f"model.pretrained={path}: its image_token_index={index} is not a token of the tokenizer "
+                             f"({len(tokenizer)} tokens); the LLaVA folder needs its image token in its tokenizer")
+    if index not in tokenizer.added_tokens_decoder:
+        raise UserInputError(f"model.pretrained={path}: its image token {tokenizer.convert_ids_to_tokens(index)!r} "
+                             f"(image_token_index={index}) is not a special token of the tokenizer, so text could "
+                             "tokenize into it; the LLaVA folder needs a special image token such as <image>")
 
 
 def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: PretrainedConfig) -> None:
@@ -46,15 +62,24 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     if m.placeholder_token != IMAGE:
         raise UserInputError(f"mimo.placeholder_token={m.placeholder_token!r}: the image data marks images with "
                              f"{IMAGE!r}; other placeholder tokens are not supported yet")
-    if m.placeholder_token not in tokenizer.get_vocab():
+    if cfg.model.pretrained:  # a LLaVA folder: its image token, vision config and feature selection
+        from automodel_mimo.mimo.llava import llava_config
+
+        llava = llava_config(cfg.model.pretrained)
+        _check_llava_image_token(cfg.model.pretrained, llava, tokenizer)
+        config, strategy, llm_config = llava.vision_config, llava.vision_feature_select_strategy, llava.text_config
+        source = f"the LLaVA folder's {config.model_type} tower (vision_feature_select_strategy={strategy})"
+    else:
+        config, strategy = encoder_config(m.encoder), m.vision_feature_select_strategy
+        source = f"the {config.model_type} encoder"
+    if not cfg.model.pretrained and m.placeholder_token not in tokenizer.get_vocab():
         raise UserInputError(f"mimo.placeholder_token={m.placeholder_token!r} is not a token of the tokenizer "
                              f"({cfg.model.tokenizer or cfg.model.pretrained}); add it as a special token (and resize "
                              "the LLM's embeddings), or use the built-in tokenizer (model.tokenizer: null), which has it")
-    config = encoder_config(m.encoder)
-    rows = rows_per_image(config)
+    rows = rows_per_image(config, strategy)
     if rows is not None and rows != m.tokens_per_image:
-        raise UserInputError(f"mimo.tokens_per_image={m.tokens_per_image}, but the {config.model_type} encoder yields "
-                             f"{rows} rows per image; set mimo.tokens_per_image={rows}")
+        raise UserInputError(f"mimo.tokens_per_image={m.tokens_per_image}, but {source} yields {rows} rows per image; "
+                             f"set mimo.tokens_per_image={rows}")
     size = getattr(config, "image_size", None)
     if size is not None and size != cfg.data.image_size:
         raise UserInputError(f"data.image_size={cfg.data.image_size}, but the encoder takes {size}x{size} images; "
@@ -64,7 +89,11 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     if vision_tp > 1 and heads is not None and heads % vision_tp:
         raise UserInputError(f"mimo.layout.{m.encoder_name}.tp={vision_tp} must divide the encoder's "
                              f"num_attention_heads={heads}")
+    lm_tp, vocab = m.layout[LANGUAGE].get("tp", 1), getattr(llm_config, "vocab_size", None)
+    if lm_tp > 1 and vocab is not None and vocab % lm_tp:  # uneven vocabulary shards break the gathers (a gloo abort)
+        raise UserInputError(f"mimo.layout.{LANGUAGE}.tp={lm_tp} must divide the LLM's vocab_size={vocab}; pad the "
+                             "vocabulary (and the embeddings) to a multiple of it, or choose another tp")
     try:
-        check_tp_divisibility(llm_config, m.layout[LANGUAGE].get("tp", 1))
+        check_tp_divisibility(llm_config, lm_tp)
     except UserInputError as e:
         raise UserInputError(str(e).replace("parallel.tp", f"mimo.layout.{LANGUAGE}.tp")) from None

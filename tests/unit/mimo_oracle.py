@@ -23,7 +23,7 @@ IMAGE_COUNTS = [1, 0, 2, 1, 0, 0, 1, 2]
 
 
 def build_modules(packed: bool = False) -> tuple[dict, torch.nn.Module]:
-    vision = build_vision_module(VISION, llm_hidden=32, seed=11, projector_hidden=48)
+    vision = build_vision_module(VISION, tiny_llama_config(), seed=11)
     llm = build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(), seed=7, packed=packed)
     return {"vision": vision}, llm
 
@@ -60,7 +60,8 @@ def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float,
     encoders, llm = build_modules()
     vision = encoders["vision"]
     batch = mimo_collate(rows)
-    feats = vision.projector(vision.encoder(pixel_values=batch["pixel_values"]).last_hidden_state)
+    # LLaVA's features: the last layer's hidden states, before the tower's post-layernorm (unused: no gradient)
+    feats = vision.projector(vision.encoder(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states[-1])
     embeds = llm.get_input_embeddings()(batch["input_ids"])
     mask = batch["input_ids"] == PLACEHOLDER
     embeds = embeds.masked_scatter(mask[..., None], feats.reshape(-1, feats.shape[-1]))

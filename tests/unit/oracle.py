@@ -52,7 +52,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_grads(named_params) -> dict[str, torch.Tensor]:
-    return {n: full(p.grad) for n, p in named_params}
+    return {n: full(p.grad) for n, p in named_params if p.grad is not None}  # unused parameters have none
 
 
 def full_params(named_params) -> dict[str, torch.Tensor]:

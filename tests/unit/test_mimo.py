@@ -23,7 +23,7 @@ from policies.policy import Policy
 from tests.unit.mimo_oracle import (
     PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_rows, reference_mimo_step)
 from tests.unit.multirank import run_ranks
-from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, train_config
+from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, tiny_llama_config, train_config
 
 GLOBAL_BATCH = 8
 OPTIMIZERS = [("sgd", 0.0), ("adamw", 0.5)]
@@ -224,7 +224,7 @@ def _layout_steps(rows: list[dict]) -> dict:
     before = full_params(model.named_parameters())
     policy.sft_forward_backward(_microbatches(model, rows, 2))
     if dist.get_rank() == 2:
-        grad = dict(model.named_parameters())["vision.projector.fc2.bias"].grad
+        grad = dict(model.named_parameters())["vision.projector.linear_2.bias"].grad
         grad.to_local().fill_(float("nan"))
     step = policy.optimizer_step()
     after = full_params(model.named_parameters())
@@ -410,7 +410,7 @@ def test_vision_encoder_from_pretrained(tmp_path):
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50)
     for source in (SiglipVisionModel(SiglipVisionConfig(**vision)), SiglipModel(SiglipConfig(text_config=text, vision_config=vision))):
         source.save_pretrained(tmp_path / type(source).__name__)
-        loaded = build_vision_module({"pretrained": str(tmp_path / type(source).__name__)}, llm_hidden=32, seed=0)
+        loaded = build_vision_module({"pretrained": str(tmp_path / type(source).__name__)}, tiny_llama_config(), seed=0)
         expected = getattr(source, "vision_model", source).state_dict()
         assert isinstance(loaded.encoder, SiglipVisionModel)
         assert [torch.equal(a, b) for a, b in zip(loaded.encoder.state_dict().values(), expected.values())] == [True] * len(expected)

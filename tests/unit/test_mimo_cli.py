@@ -35,13 +35,14 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     assert (tmp_path / "checkpoints" / "step_2" / "trainer_state.pt").is_file()
     assert not list((tmp_path / "checkpoints").glob("*.partial"))
 
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")  # the whole model (test_mimo_llava.py)
+    image_id = AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids(IMAGE)
+    assert llava.config.image_token_id == image_id and llava.config.vision_config.image_size == 32
     llm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "language")
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf" / "language").convert_tokens_to_ids(IMAGE) is not None
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf" / "language").convert_tokens_to_ids(IMAGE) == image_id
     assert llm.config.hidden_size == 128
-    vision = AutoModel.from_pretrained(tmp_path / "hf" / "vision")
-    assert vision.config.image_size == 32 and (tmp_path / "hf" / "vision" / "projector.safetensors").is_file()
 
     # resume at step 2 under the mirrored layout (vision tp2 + language dp2: a fan-out bridge); eval at the last step
     r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
