@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from automodel_mimo.errors import UserInputError
 from automodel_mimo.generation.generator import Generator
 from automodel_mimo.generation.sampling import Generation, SamplingParams
 from automodel_mimo.generation.transport import BroadcastTransport, generator_link
@@ -43,6 +44,19 @@ def import_vllm():
     except ImportError as e:
         raise ImportError(f"{MISSING_VLLM} ({e})") from None
     return vllm
+
+
+def check_cpu_head_size(hf_config) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; any other fails deep inside the engine
+    (EngineDeadError) after the warm-up. Raised on every rank, before any work."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise UserInputError(
+            f"generation.backend=vllm on CPU: vLLM's CPU attention supports head sizes {sizes}, the model's is {head_dim} "
+            "(model.config.head_dim, or hidden_size / num_attention_heads); use generation.backend=hf or another head size")
 
 
 def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
