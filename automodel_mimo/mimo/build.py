@@ -26,5 +26,9 @@ def build_mimo_handle(cfg: RunConfig, tokenizer, device: torch.device) -> MimoHa
     encoders = {m.encoder_name: build_vision_module(m.encoder, hf_config.hidden_size, cfg.seed, m.projector_hidden)}
     packed = cfg.data.packing or m.layout["language"].get("cp", 1) > 1
     llm = build_model(cfg.model, hf_config, cfg.seed, packed=packed)
+    p = cfg.parallel  # its pipeline keys apply to mimo.layout.language.pp
+    pipeline = {"schedule": p.pp_schedule, "pp_microbatch_size": p.pp_microbatch_size, "layers_per_stage": p.layers_per_stage,
+                "seq_len": cfg.data.max_seq_len, "micro_batch_size": cfg.train.micro_batch_size}
     return MimoHandle(encoders, llm, m.layout, device, placeholder_id(tokenizer, m.placeholder_token), m.tokens_per_image,
-                      pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size)
+                      pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size,
+                      pipeline=pipeline)

@@ -77,8 +77,13 @@ def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["mimo.layout.language={tq: 2}"], "mimo.layout.language: unknown dims ['tq']; use dp, tp, cp, pp"),
-    (["mimo.layout.language={dp: 2, pp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
-     "mimo.layout.language.pp=2: pipeline parallelism under MIMO is not supported yet"),
+    (["mimo.layout.vision={dp: 1, pp: 2}"], "mimo.layout.vision.pp=2: encoders are not pipelined"),
+    (["mimo.layout.language={pp: 2}", "model.config.num_hidden_layers=3"],
+     "the model's 3 layers do not divide over 2 pipeline stages (mimo.layout.language.pp=2"),
+    (["mimo.layout.language={pp: 2}", "parallel.pp_schedule=interleaved1f1b"],
+     "the model's 2 layers do not divide over 4 pipeline stages (mimo.layout.language.pp=2"),
+    (["mimo.layout.language={pp: 2, tp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
+     "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported yet"),
     (["mimo.layout.vision={dp: 1}"], "mimo.layout.vision: spans ranks 0..0 (dp*tp*cp*pp = 1) but launch.nproc = 2; "
                                      "only colocated layouts"),
     (["model.tokenizer=__TOKENIZER__"], "mimo.placeholder_token='<|image|>' is not a token of the tokenizer"),
