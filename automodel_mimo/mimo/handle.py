@@ -49,7 +49,7 @@ from automodel_mimo.mimo.bridge import Bridge
 from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
 from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, image_embeddings
 from automodel_mimo.models import packed_attention
-from automodel_mimo.models.handle import Handle, stage_full_state
+from automodel_mimo.models.handle import Handle, count_over, stage_full_state
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
 
@@ -422,6 +422,12 @@ class MimoHandle(Handle):
         return slots.sum().sqrt()
 
     # ------------------------------------------------------------ state (keys: <module>.<param>)
+    def num_parameters(self) -> int:
+        """Every module counted once: the encoder is whole on every rank, the LLM's stages are summed over pp."""
+        return sum(count_over([p for part in parts for p in part.parameters()],
+                              None if self._whole(name) else self.pp_group, self.device)
+                   for name, parts in self.module_parts.items())
+
     # A pipelined LLM's stages hold parts of its state under the unsplit names: strict=False per stage, and the
     # union is the whole model, so a checkpoint saved under one LLM pp resumes under another.
     def state_dict(self) -> dict:

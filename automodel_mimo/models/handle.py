@@ -84,6 +84,10 @@ class Handle:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
+    def num_parameters(self) -> int:
+        """Whole-model parameter count (DTensor numel is global; pipeline stages are summed)."""
+        return count_over(self.parameters(), self.stage_group, self.device)
+
     def reshard(self) -> None:
         """Drop the full parameters FSDP gathered for a forward. A forward without a backward (inference)
         leaves some gathered (the root, or every layer under pp), and the next forward would reuse them
@@ -280,6 +284,14 @@ class PipelineModelHandle(ModelHandle):
 
     def full_state_dict(self) -> dict:
         return stage_full_state(self.parts, self.driver.pp_group)
+
+
+def count_over(params, group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """Elements of `params`, summed over `group` (pipeline stages hold different parameters)."""
+    count = torch.tensor(float(sum(p.numel() for p in params)), device=device)
+    if group is not None:
+        dist.all_reduce(count, group=group)
+    return int(count)
 
 
 def stage_full_state(parts: list[nn.Module], pp_group: dist.ProcessGroup) -> dict:

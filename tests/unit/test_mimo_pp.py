@@ -21,12 +21,13 @@ from tests.unit.test_mimo import OPTIMIZERS, _assert_layout_matches
 GLOBAL_BATCH = 8
 LAYERS = 4  # 2 stages of 2 layers (1F1B), or 4 virtual stages of 1 (interleaved)
 CPU = torch.device("cpu")
-PACKED_SIZE = 48
+PACKED_SIZE = 32  # rows of 6-20 tokens pack 1-4 to a row: several packed microbatches per rank
 
 # (name, layout, micro_batch_size, parallel pipeline keys, packed); every rank runs 2 microbatches or more
 TWO_RANKS = [
     ("pp2-fan-in", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4, {}, False),
     ("pp2-equal-interleaved", {"vision": {"tp": 2}, "language": {"pp": 2}}, 4, {"schedule": "interleaved1f1b"}, False),
+    ("pp2-fan-in-packed", {"vision": {"dp": 2}, "language": {"pp": 2}}, 2, {}, True),
 ]
 FOUR_RANKS = [
     ("pp2xdp2-fan-in", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2}}, 2, {}, False),
@@ -66,6 +67,8 @@ def _steps(rows: list[dict], layouts: list) -> dict:
             params = full_params(model.named_parameters())
             results[name, optimizer] = {**metrics, "microbatches": len(microbatches),
                                         "llm_parts": len(model.module_parts["language"]),
+                                        "packed_max": max(int((mb["seq_index"][:, :, 0] >= 0).sum(1).max())
+                                                          for mb in microbatches) if packed else 0,
                                         "grads": grads, "params": params}
             model.destroy()
     return results
@@ -96,6 +99,7 @@ def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
                       for i, r in enumerate(per_rank)]
             _assert_layout_matches(merged, name, optimizer, ref[optimizer], f"{name} {optimizer}")
         assert all(r[name, "sgd"]["microbatches"] >= 2 for r in per_rank), name  # gradient accumulation
+        assert "packed" not in name or max(r[name, "sgd"]["packed_max"] for r in per_rank) >= 2, name  # really packed
         stages = 2 if "interleaved" in name else 1  # virtual stages per rank
         assert all(r[name, "sgd"]["llm_parts"] == stages for r in per_rank), name
 
