@@ -231,7 +231,7 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:
-    """The MIMO section and its layout (grids.validate_layout: colocated, pp=1, dp nesting, batch divisibility)."""
+    """The MIMO section and its layout (grids.validate_layout: colocated, encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
     from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train

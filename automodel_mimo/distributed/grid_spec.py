@@ -61,7 +61,7 @@ class GridSpec:
         return dict(zip(self.names, index))
 
     def dp_blocks(self) -> list[set[int]]:
-        """Ranks of each dp index (dp outermost after pp=1: contiguous blocks), in dp order."""
+        """Ranks of each dp index (contiguous blocks when pp=1; under pp a block spans every stage), in dp order."""
         t = self.rank_tensor().movedim(self.names.index("dp"), 0)
         return [set(block.reshape(-1).tolist()) for block in t]
 
