@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, Shard
 
@@ -289,7 +290,8 @@ class MimoHandle(Handle):
         """The three phases (mimo/pipeline.py). Only the last stage computes losses (pre-divided by the global
         token count every rank took from the data); the metrics are broadcast to every stage by the driver."""
         for part in self.module_parts[self.encoder_name]:  # the encoder's one backward reduces its gradients
-            part.set_requires_gradient_sync(True)
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(True)
         batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches])
         with cp_attention(self.cp_group):
             metrics, grads = self.driver.forward_backward_with_input_grads(
