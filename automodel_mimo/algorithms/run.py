@@ -55,8 +55,5 @@ def start_run(cfg: RunConfig, prepare_data: Callable[[RunConfig, object], datase
 
 
 def count_parameters(handle: Handle) -> int:
-    """Whole-model count (DTensor numel is global; pipeline stages are summed)."""
-    count = torch.tensor(float(sum(p.numel() for p in handle.parameters())), device=handle.device)
-    if handle.stage_group is not None:
-        dist.all_reduce(count, group=handle.stage_group)
-    return int(count)
+    """Whole-model count (collective): the handle's own, which knows how its parts are laid out."""
+    return handle.num_parameters()

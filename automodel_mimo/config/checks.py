@@ -59,17 +59,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
              f"parallel.layers_per_stage={p.layers_per_stage}: must be >= 1 (or null for an even split)")
     if p.pp > 1:
         _require(p.tp == 1, "parallel.pp > 1 with parallel.tp > 1 is not supported yet; use tp=1 with pp")
-        _require(t.micro_batch_size % p.pp_microbatch_size == 0,
-                 f"train.micro_batch_size={t.micro_batch_size} must be a multiple of parallel.pp_microbatch_size="
-                 f"{p.pp_microbatch_size}: each micro batch runs as one pipeline schedule step")
-        n = t.micro_batch_size // p.pp_microbatch_size
-        _require(n >= p.pp,
-                 f"train.micro_batch_size / parallel.pp_microbatch_size = {n} pipeline microbatches, fewer than "
-                 f"parallel.pp={p.pp} stages: raise train.micro_batch_size or lower parallel.pp_microbatch_size")
-        rounds = max(1, n // p.pp)
-        _require(p.pp_schedule != "interleaved1f1b" or n % rounds == 0,
-                 f"interleaved1f1b runs {n} pipeline microbatches in rounds of parallel.pp={p.pp}: make "
-                 "train.micro_batch_size / parallel.pp_microbatch_size a multiple of parallel.pp")
+        validate_schedule_step(p, t.micro_batch_size, p.pp, "parallel.pp")
     non_dp = p.tp * p.cp * p.pp
     if p.dp is None:
         _require(world % non_dp == 0,
@@ -131,6 +121,20 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_dpo(cfg)
     if cfg.algo == "grpo":
         validate_grpo(cfg)
+
+
+def validate_schedule_step(p, rows: int, pp: int, pp_key: str, rows_key: str = "train.micro_batch_size") -> None:
+    """`rows` rows (a micro batch's rows of the pipelined model) run as one schedule step of `pp` stages."""
+    _require(rows % p.pp_microbatch_size == 0,
+             f"{rows_key}={rows} must be a multiple of parallel.pp_microbatch_size={p.pp_microbatch_size}: each "
+             "micro batch runs as one pipeline schedule step")
+    n = rows // p.pp_microbatch_size
+    _require(n >= pp, f"{rows_key} / parallel.pp_microbatch_size = {n} pipeline microbatches, fewer than {pp_key}={pp} "
+             "stages: raise train.micro_batch_size or lower parallel.pp_microbatch_size")
+    rounds = max(1, n // pp)
+    _require(p.pp_schedule != "interleaved1f1b" or n % rounds == 0,
+             f"interleaved1f1b runs {n} pipeline microbatches in rounds of {pp_key}={pp}: make "
+             f"{rows_key} / parallel.pp_microbatch_size a multiple of {pp_key}")
 
 
 def validate_launch(launch: LaunchConfig) -> None:
@@ -229,14 +233,15 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:
-    """The MIMO section and its layout (grids.validate_layout: colocated, pp=1, dp nesting, batch divisibility)."""
+    """The MIMO section and its layout (grids.validate_layout: colocated, encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
     from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
     _require(cfg.algo == "sft", f"mimo.layout is set, but MIMO supports sft only so far (got {cfg.algo})")
     _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
-             "leave the parallel section at its defaults")
+             "leave the parallel section at its defaults (parallel.pp_schedule, pp_microbatch_size and "
+             "layers_per_stage apply to mimo.layout.language.pp)")
     modules = {m.encoder_name, LANGUAGE}
     _require(set(m.layout) == modules,
              f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")
@@ -262,6 +267,11 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     _require(lm_dp <= enc_dp or t.micro_batch_size % (lm_dp // enc_dp) == 0,
              f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {lm_dp // enc_dp} "
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
+    lm_pp = specs[1].dim_size("pp")
+    if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
+        fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
+        validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
+                               "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
     _require(bool(cfg.model.pretrained) or bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
              "mimo.encoder: set pretrained (a vision tower or CLIP/SigLIP checkpoint) or model_type "
              "(e.g. siglip_vision_model) with its config, or model.pretrained to a LLaVA folder")

@@ -61,7 +61,7 @@ class GridSpec:
         return dict(zip(self.names, index))
 
     def dp_blocks(self) -> list[set[int]]:
-        """Ranks of each dp index (dp outermost after pp=1: contiguous blocks), in dp order."""
+        """Ranks of each dp index (contiguous blocks when pp=1; under pp a block spans every stage), in dp order."""
         t = self.rank_tensor().movedim(self.names.index("dp"), 0)
         return [set(block.reshape(-1).tolist()) for block in t]
 
@@ -85,8 +85,12 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
         _require(not missing, f"{key}: dims {missing} missing (a module grid has {', '.join(MODULE_DIMS)})")
         for d, size in s.dims:
             _require(size >= 1, f"{key}.{d}={size}: must be >= 1")
-        _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: pipeline parallelism under MIMO is not "
-                 "supported yet; set pp=1")
+        if s.name != LANGUAGE:
+            _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: encoders are not pipelined (every rank "
+                     "runs the whole encoder); set pp=1 (only mimo.layout.language.pp may be > 1)")
+        elif s.dim_size("pp") > 1:
+            _require(s.dim_size("tp") == 1, f"{key}.pp={s.dim_size('pp')} with {key}.tp={s.dim_size('tp')} is not "
+                     "supported yet (as for LMs: pp with tp > 1); use tp=1 with pp")
         _require(s.offset == 0 and s.size == world,
                  f"{key}: spans ranks {s.offset}..{s.offset + s.size - 1} (dp*tp*cp*pp = {s.size}) but launch.nproc = "
                  f"{world}; only colocated layouts (every module on all ranks) are supported so far: make "
@@ -105,7 +109,9 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
 
 
 def check_nesting(encoder: GridSpec, language: GridSpec) -> None:
-    """Each dp block of the coarser grid must be the union of `scale` consecutive dp blocks of the finer."""
+    """Each dp block of the coarser grid must be the union of `scale` dp blocks of the finer: consecutive ones
+    when both grids are pp=1; under LLM pp (pp outermost) the LLM's dp blocks hold ranks of every stage, so an
+    encoder's blocks nest in them strided (vision dp4 in language pp2 x dp2: {0, 2} = {0} + {2})."""
     e, lm = encoder.dim_size("dp"), language.dim_size("dp")
     fine, coarse = (encoder, language) if e >= lm else (language, encoder)
     bad = (f"mimo.layout: the dp blocks of '{encoder.name}' (dp={e}) and '{language.name}' (dp={lm}) do not nest: "
@@ -113,9 +119,9 @@ def check_nesting(encoder: GridSpec, language: GridSpec) -> None:
     _require(max(e, lm) % min(e, lm) == 0, bad + f"; make one dp a multiple of the other ({max(e, lm)} % {min(e, lm)} != 0)")
     scale = max(e, lm) // min(e, lm)
     fine_blocks = fine.dp_blocks()
-    for i, block in enumerate(coarse.dp_blocks()):
-        _require(block == set().union(*fine_blocks[i * scale:(i + 1) * scale]),
-                 bad + " (keep dp the outermost dim of both grids)")
+    for block in coarse.dp_blocks():
+        inside = [b for b in fine_blocks if b <= block]
+        _require(len(inside) == scale and block == set().union(*inside), bad + " (keep dp the outermost dim of both grids)")
 
 
 def check_view(base: GridSpec, view: GridSpec, shared: tuple[str, ...]) -> None:

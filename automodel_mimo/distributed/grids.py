@@ -10,8 +10,8 @@ consumes — and `Grid` asserts that nemo enumerates each dim's ranks exactly as
 Views (`Grid.view`) are second factorizations of the same ranks that share chosen dims with the base,
 e.g. an expert view etp x ep x edp == tp x cp x dp; a shared dim must group ranks identically in both.
 
-Scope now: colocated layouts (every module spans all ranks) with pp == 1; non-colocated rank ranges and
-LLM pp > 1 are rejected with a clear message.
+Scope now: colocated layouts (every module spans all ranks), encoders with pp == 1, the LLM with any pp
+(then tp == 1); non-colocated rank ranges are rejected with a clear message.
 """
 
 from __future__ import annotations

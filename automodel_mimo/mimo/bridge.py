@@ -1,8 +1,9 @@
 """The colocated encoder -> LLM bridge: encoder rows move from the encoder's dp layout to the LLM's.
 
 Both grids span the same ranks; only the batch (dp) dimension changes, activations are replicated over tp
-on both sides. With `scale = max(dp) / min(dp)`, each dp block of the coarser grid is `scale` consecutive
-dp blocks ("slots") of the finer one (checked by grids.check_nesting):
+on both sides. With `scale = max(dp) / min(dp)`, each dp block of the coarser grid is `scale` dp blocks
+("slots", in the finer grid's dp order) of the finer one: consecutive, or strided under LLM pp, whose dp blocks
+span every stage (checked by grid_spec.check_nesting):
 
   fan-in  (encoder dp > LLM dp): forward all-gathers the slots' rows (slot order) to every rank of the
           LLM dp block; backward narrows the gradient to this rank's slot.
@@ -12,7 +13,7 @@ dp blocks ("slots") of the finer one (checked by grids.check_nesting):
   equal:  identity.
 
 Sibling groups are the ranks of one coarse block that share every non-dp coordinate of the finer grid
-(its tp index, and the LLM's cp index), ordered by the finer dp index, i.e. slot order. Slots hold
+(its tp index, the LLM's cp index and pp stage), ordered by the finer dp index, i.e. slot order. Slots hold
 different numbers of rows (images per sample vary; text-only samples give none), so fan-in exchanges the
 row counts before gathering, and fan-out takes them from the caller (every sibling knows the block's
 images per sample).
@@ -110,15 +111,12 @@ class Bridge:
         e, lm = encoder.size("dp"), language.size("dp")
         self.direction = "equal" if e == lm else ("fan_in" if e > lm else "fan_out")
         self.scale = max(e, lm) // min(e, lm)
-        fine = encoder if e > lm else language
-        self.slot = fine.local_rank("dp") % self.scale  # this rank's slot in its coarse dp block
-        self.group = None
+        self.slot, self.group = 0, None  # this rank's slot in its coarse dp block: its place in its sibling group
         rank = dist.get_rank()
         for ranks in sibling_groups(encoder.spec, language.spec):  # every rank creates every group
             group = dist.new_group(ranks)
             if rank in ranks:
-                self.group = group
-                assert ranks.index(rank) == self.slot, (ranks, rank, self.slot)
+                self.group, self.slot = group, ranks.index(rank)
         self.cp_group = language.group("cp") if language.size("cp") > 1 else None
 
     def __call__(self, rows: torch.Tensor, slot_rows: list[int]) -> torch.Tensor:

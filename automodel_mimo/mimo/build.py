@@ -34,7 +34,11 @@ def build_mimo_handle(cfg: RunConfig, tokenizer, device: torch.device) -> MimoHa
         hf_config = build_hf_config(cfg.model, tokenizer)
         vision = build_vision_module(m.encoder, hf_config, cfg.seed, m.vision_feature_layer, m.vision_feature_select_strategy)
         llm = build_model(cfg.model, hf_config, cfg.seed, packed=packed)
+    p = cfg.parallel  # its pipeline keys apply to mimo.layout.language.pp
+    pipeline = {"schedule": p.pp_schedule, "pp_microbatch_size": p.pp_microbatch_size, "layers_per_stage": p.layers_per_stage,
+                "seq_len": cfg.data.max_seq_len, "micro_batch_size": cfg.train.micro_batch_size}
     # a LLaVA folder's image token is the placeholder (the data writes <|image|> markers as it)
     image = vision.llava_config.image_token_index if cfg.model.pretrained else placeholder_id(tokenizer, m.placeholder_token)
     return MimoHandle({m.encoder_name: vision}, llm, m.layout, device, image, m.tokens_per_image,
-                      pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size)
+                      pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size,
+                      pipeline=pipeline)

@@ -22,6 +22,9 @@ One microbatch:
      it over cp);
   5. the LLM runs on `inputs_embeds` and returns logits (vocab-sharded DTensor under TP), which become whole-
      row logprobs for the loss as for an LM (models/loss_view.py).
+Under LLM pp > 1 the LLM is AutoPipeline stages and a step runs in three phases (mimo/pipeline.py): the encoder
+and bridge on the whole step's images, the LLM's schedule on their detached result (spliced on the first
+stage), then the encoder's backward from the gradient the first stage captured and broadcast.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, Shard
 
@@ -43,9 +47,10 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge
 from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
+from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, image_embeddings
 from automodel_mimo.models import packed_attention
-from automodel_mimo.models.handle import Handle
-from automodel_mimo.models.loss_view import in_slots, row_logprobs, whole_rows
+from automodel_mimo.models.handle import Handle, count_over, stage_full_state
+from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
 
 IMAGE_KEYS = ("pixel_values", "image_counts")
@@ -87,11 +92,14 @@ def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: 
 class MimoHandle(Handle):
     """The modules, their grids, states and bridges on this rank. Collective constructor."""
 
-    stage_group = None  # no pipeline stages (yet): every module is pp=1
+    stage_group = None  # the encoder is on every rank: parameter counts and norms are per module (below)
 
     def __init__(self, encoders: dict[str, VisionModule], language: nn.Module, layout: dict[str, dict],
                  device: torch.device, placeholder_id: int, tokens_per_image: int, pad_id: int = 0,
-                 dtype: str = "float32", global_batch_size: int | None = None, grids: dict | None = None):
+                 dtype: str = "float32", global_batch_size: int | None = None, grids: dict | None = None,
+                 pipeline: dict | None = None):
+        """`pipeline` (needed when layout.language.pp > 1): schedule, pp_microbatch_size, layers_per_stage,
+        seq_len, micro_batch_size (rows of a coarse-block microbatch) — see mimo/pipeline.py."""
         from automodel_mimo.models.build import parallelize
 
         if len(encoders) != 1:
@@ -109,24 +117,43 @@ class MimoHandle(Handle):
                                  "(build_model(..., packed=True))")
         for n, m in encoders.items():  # nemo has no TP plan for vision towers: ours, read by parallelize_model
             self.grids[n].mesh_context.strategy_config.tp_plan = vision_tp_plan(m) if self.grids[n].size("tp") > 1 else None
-        self.modules: dict[str, nn.Module] = {n: parallelize(m, self.states[n]) for n, m in encoders.items()}
-        self.modules[LANGUAGE] = parallelize(language, self.language_state)
+        # each module's parts on this rank: the module, or the LLM's pipeline stages (two when interleaved)
+        self.module_parts: dict[str, list[nn.Module]] = {n: [parallelize(m, self.states[n])] for n, m in encoders.items()}
         self.encoder_name = names[0]
         self.bridge = Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE])
         self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
+        self._config, self.driver = language.config, None
+        if self.language_state.pp_size == 1:
+            self.module_parts[LANGUAGE] = [parallelize(language, self.language_state)]
+        else:
+            if pipeline is None:
+                raise UserInputError("mimo.layout.language.pp > 1 needs the pipeline settings (MimoHandle(pipeline=...))")
+            rows = pipeline["micro_batch_size"] // self.rows_multiple()  # the LLM's rows of one microbatch
+            self.driver = build_language_pipeline(language, self.language_state, {"dtype": dtype, **pipeline}, rows,
+                                                  pad_id, placeholder_id, lambda part: parallelize(part, self.language_state))
+            self.module_parts[LANGUAGE] = list(self.driver.info.model_parts)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Each module's first part on this rank (its only one unless the LLM is pipelined)."""
+        return {n: ps[0] for n, ps in self.module_parts.items()}
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.driver.pp_group if self.driver is not None else None
 
     @property
     def config(self):
         """The LLM's config (what generation and the export read)."""
-        return self.modules[LANGUAGE].config
+        return self._config
 
     @property
     def parts(self) -> list[nn.Module]:
-        return list(self.modules.values())
+        return [p for ps in self.module_parts.values() for p in ps]
 
     @property
     def part_names(self) -> list[str]:
-        return list(self.modules)
+        return [n for n, ps in self.module_parts.items() for _ in ps]
 
     # ------------------------------------------------------------ layout
     def data_block(self) -> tuple[int, int]:
@@ -212,19 +239,34 @@ class MimoHandle(Handle):
         """Weight-0 dummies until every rank runs as many passes: every module's collectives span the world."""
         return equal_step_count(microbatches, weightless(microbatches[0]), dist.group.WORLD, self.device)
 
-    def _forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
-        """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch shard they belong to."""
-        images, slot_rows = self._encoder_images(mb["image_counts"].tolist())
-        n_img = len(images)
-        pixels = mb["pixel_values"][images.start:images.stop].to(self.device)
+    def _bridged_rows(self, microbatches: list[dict]) -> list[torch.Tensor]:
+        """This rank's LLM rows' encoder rows of each microbatch (batch-major): one encoder pass over this rank's
+        images of all of them (one FSDP forward and, later, one backward), then the bridge per microbatch."""
+        shares = [self._encoder_images(mb["image_counts"].tolist()) for mb in microbatches]
+        pixels = torch.cat([mb["pixel_values"][r.start:r.stop] for mb, (r, _) in zip(microbatches, shares)]).to(self.device)
         feats = self._encode(pixels)
         if feats.dim() == 3 and feats.shape[1] != self.tokens_per_image:  # same on every rank: no hang
             raise UserInputError(f"mimo.tokens_per_image={self.tokens_per_image}, but the encoder yields "
                                  f"{feats.shape[1]} rows per image; set mimo.tokens_per_image={feats.shape[1]}")
-        assert feats.dim() == 3 and feats.shape[0] == n_img, (
-            f"encoder output {tuple(feats.shape)} is not batch-major (images={n_img}, tokens_per_image, hidden)")
-        rows = self.bridge(feats.reshape(-1, feats.shape[-1]), slot_rows)
-        return self._language_forward(self.loss_view(mb), rows)
+        assert feats.dim() == 3 and feats.shape[0] == pixels.shape[0], (
+            f"encoder output {tuple(feats.shape)} is not batch-major (images={pixels.shape[0]}, tokens_per_image, hidden)")
+        parts = feats.split([len(r) for r, _ in shares])
+        return [self.bridge(f.reshape(-1, f.shape[-1]), slot_rows) for f, (_, slot_rows) in zip(parts, shares)]
+
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
+        """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch shard they belong to."""
+        return self._language_forward(self.loss_view(mb), self._bridged_rows([mb])[0])
+
+    def _stage_batches(self, microbatches: list[dict], views: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
+        """Phase 1 under LLM pp: per microbatch, the LLM's batch shard with its image embeddings (cp-sharded like
+        the ids, detached: the pipeline's input) and those embeddings still attached to the encoder's graph."""
+        state, attached, batches = self.language_state, [], []
+        for view, rows in zip(views, self._bridged_rows(microbatches)):
+            dense = image_embeddings(view["input_ids"], rows, self.placeholder_id)
+            local = shard_batch({**view, "inputs_embeds": dense}, state.cp_size, state.cp_rank)
+            attached.append(local.pop("inputs_embeds"))
+            batches.append({**local, IMAGE_EMBEDS: attached[-1].detach()})
+        return batches, attached
 
     def forward_backward(self, microbatches: list[dict], loss_fn, temperature: float = 1.0) -> list[dict]:
         """Forward (encoder, bridge, LLM), loss on whole-row logprobs of this rank's LLM rows, backward through
@@ -233,6 +275,8 @@ class MimoHandle(Handle):
         self.train()
         metrics = []
         microbatches = self._equalized(microbatches)
+        if self.driver is not None:
+            return self._pipelined_forward_backward(microbatches, loss_fn, temperature)
         for i, mb in enumerate(microbatches):
             self.set_gradient_sync(i == len(microbatches) - 1)
             logits, shard = self._forward(mb)
@@ -241,6 +285,25 @@ class MimoHandle(Handle):
             metrics.append(m)
         return metrics
 
+    def _pipelined_forward_backward(self, microbatches: list[dict], loss_fn, temperature: float) -> list[dict]:
+        """The three phases (mimo/pipeline.py). Only the last stage computes losses (pre-divided by the global
+        token count every rank took from the data); the metrics are broadcast to every stage by the driver."""
+        for part in self.module_parts[self.encoder_name]:  # the encoder's one backward reduces its gradients
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(True)
+        batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches])
+        with cp_attention(self.cp_group):
+            metrics, grads = self.driver.forward_backward_with_input_grads(
+                batches, lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))
+        torch.autograd.backward(attached, [g[IMAGE_EMBEDS] for g in grads])
+        return metrics
+
+    def _captured(self, mb: dict, view: dict, capture_fn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """capture_fn(logits, rows) of one microbatch's LLM rows through the pipeline, on every stage."""
+        (batch,), _ = self._stage_batches([mb], [view])
+        with cp_attention(self.cp_group):
+            return self.driver.forward_capture(batch, capture_fn, row_shape, dtype)
+
     @torch.no_grad()
     def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token logprobs of this rank's LLM rows, whole rows [B, S] or sequence slots [R, K, L]."""
@@ -248,6 +311,11 @@ class MimoHandle(Handle):
         self.eval()
         out = []
         for mb in self._equalized(list(microbatches)):
+            if self.driver is not None:
+                view = self.loss_view(mb)
+                out.append(self._captured(mb, view, lambda logits, b: in_slots(
+                    row_logprobs(logits, b, temperature, self.cp_group), b), slot_shape(view), torch.float32))
+                continue
             logits, shard = self._forward(mb)
             out.append(in_slots(row_logprobs(logits, shard, temperature, self.cp_group), shard))
         self.reshard()
@@ -262,12 +330,20 @@ class MimoHandle(Handle):
         if self.cp_size > 1:  # whole rows as one cp-shardable segment each (the builder's padded layout)
             text = as_single_segments(text, self.cp_size, self.pad_id)
         text["loss_mask"] = torch.zeros_like(text["input_ids"], dtype=torch.float32)
-        logits, _ = self._forward({**text, **{k: batch[k] for k in IMAGE_KEYS}})
+        mb = {**text, **{k: batch[k] for k in IMAGE_KEYS}}
         rows = self.generation_rows(batch["input_ids"].shape[0])
-        last = self.logits_at(logits, lengths[rows.start:rows.stop] - 1)
-        if banned is not None:
-            last[:, banned] = -torch.inf
-        return last.argmax(-1)
+
+        def pick(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            last = self.logits_at(logits, positions)
+            if banned is not None:
+                last[:, banned] = -torch.inf
+            return last.argmax(-1)
+
+        if self.driver is not None:  # the last stage picks, per pipeline microbatch, from its rows' lengths
+            view = {**self.loss_view(mb), "lengths": lengths[rows.start:rows.stop]}
+            return self._captured(mb, view, lambda logits, b: pick(logits, b["lengths"] - 1), (), torch.long)
+        logits, _ = self._forward(mb)
+        return pick(logits, lengths[rows.start:rows.stop] - 1)
 
     def logits_at(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [rows, V] of this rank's LLM rows at `positions` (one per row, in the full
@@ -293,7 +369,7 @@ class MimoHandle(Handle):
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encoder + projector. A rank without images still runs them (its FSDP/TP collectives are shared):
         on one blank image whose rows are then dropped (HF vision towers cannot reshape a batch of 0)."""
-        encoder = self.modules[self.encoder_name]
+        encoder = self.module_parts[self.encoder_name][0]
         if pixels.shape[0] > 0:
             return encoder(pixels)
         c = encoder.config
@@ -328,39 +404,60 @@ class MimoHandle(Handle):
 
     # ------------------------------------------------------------ parameters, gradients
     def named_parameters(self):
-        for name, module in self.modules.items():
-            for n, p in module.named_parameters():
-                yield f"{name}.{n}", p
+        for name, parts in self.module_parts.items():
+            for part in parts:
+                for n, p in part.named_parameters():
+                    yield f"{name}.{n}", p
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
         reduced over that module's grid (a DTensor norm covers its shards) into its slot of a world vector
         (every member holds the same value), combined over the world with MAX. NaN would vanish in a MAX
         reduction, inf survives it: any rank's inf/NaN reaches every rank (and the step is skipped)."""
-        slots = torch.zeros(len(self.modules), dtype=torch.float32, device=self.device)
-        for i, module in enumerate(self.modules.values()):
-            slots[i] = global_grad_norm(module.parameters(), self.device) ** 2
+        slots = torch.zeros(len(self.module_parts), dtype=torch.float32, device=self.device)
+        for i, (name, parts) in enumerate(self.module_parts.items()):  # LLM stages: squares summed over pp
+            params = [p for part in parts for p in part.parameters()]
+            slots[i] = global_grad_norm(params, self.device, self.pp_group if name == LANGUAGE else None) ** 2
         slots = torch.nan_to_num(slots, nan=math.inf)
         dist.all_reduce(slots, op=dist.ReduceOp.MAX)
         return slots.sum().sqrt()
 
     # ------------------------------------------------------------ state (keys: <module>.<param>)
+    def num_parameters(self) -> int:
+        """Every module counted once: the encoder is whole on every rank, the LLM's stages are summed over pp."""
+        return sum(count_over([p for part in parts for p in part.parameters()],
+                              None if self._whole(name) else self.pp_group, self.device)
+                   for name, parts in self.module_parts.items())
+
+    # A pipelined LLM's stages hold parts of its state under the unsplit names: strict=False per stage, and the
+    # union is the whole model, so a checkpoint saved under one LLM pp resumes under another.
     def state_dict(self) -> dict:
-        return {f"{name}.{k}": v for name, m in self.modules.items() for k, v in get_model_state_dict(m).items()}
+        return {f"{name}.{k}": v for name, parts in self.module_parts.items() for part in parts
+                for k, v in get_model_state_dict(part).items()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, m in self.modules.items():
-            set_model_state_dict(m, prefixed(state, name + "."))
+        for name, parts in self.module_parts.items():
+            for part in parts:
+                set_model_state_dict(part, prefixed(state, name + "."), options=StateDictOptions(strict=self._whole(name)))
 
     def full_state_dict(self) -> dict:
-        """Full tensors on CPU (collective)."""
+        """Full tensors on CPU (collective; rank 0 gets the values)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
-        return {f"{name}.{k}": v for name, m in self.modules.items()
-                for k, v in get_model_state_dict(m, options=options).items()}
+        out = {}
+        for name, parts in self.module_parts.items():
+            full = get_model_state_dict(parts[0], options=options) if self._whole(name) else stage_full_state(parts, self.pp_group)
+            out.update({f"{name}.{k}": v for k, v in full.items()})
+        return out
 
     def load_full_state_dict(self, state: dict) -> None:
-        for name, m in self.modules.items():
-            set_model_state_dict(m, prefixed(state, name + "."), options=StateDictOptions(full_state_dict=True))
+        for name, parts in self.module_parts.items():
+            for part in parts:
+                set_model_state_dict(part, prefixed(state, name + "."),
+                                     options=StateDictOptions(full_state_dict=True, strict=self._whole(name)))
+
+    def _whole(self, name: str) -> bool:
+        """Whether this rank holds the whole module `name` (not pipeline stages of it)."""
+        return name != LANGUAGE or self.driver is None
 
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
         """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,

@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from automodel_mimo.config import RunConfig
 from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.facts import check_tp_divisibility
+from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
 from automodel_mimo.models.tokenizer import IMAGE
 
 # Encoder rows per image for the towers we know: SigLIP yields its patches, CLIP adds a class token.
@@ -93,7 +93,12 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     if lm_tp > 1 and vocab is not None and vocab % lm_tp:  # uneven vocabulary shards break the gathers (a gloo abort)
         raise UserInputError(f"mimo.layout.{LANGUAGE}.tp={lm_tp} must divide the LLM's vocab_size={vocab}; pad the "
                              "vocabulary (and the embeddings) to a multiple of it, or choose another tp")
+    p = cfg.parallel
     try:
         check_tp_divisibility(llm_config, lm_tp)
+        check_pipeline_split(llm_config.num_hidden_layers, m.layout[LANGUAGE].get("pp", 1), p.pp_schedule,
+                             p.layers_per_stage)
     except UserInputError as e:
-        raise UserInputError(str(e).replace("parallel.tp", f"mimo.layout.{LANGUAGE}.tp")) from None
+        raise UserInputError(str(e).replace("parallel.tp", f"mimo.layout.{LANGUAGE}.tp")
+                             .replace("parallel.pp=", f"mimo.layout.{LANGUAGE}.pp=")
+                             .replace("change parallel.pp", f"change mimo.layout.{LANGUAGE}.pp")) from None

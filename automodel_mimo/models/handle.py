@@ -84,6 +84,10 @@ class Handle:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
+    def num_parameters(self) -> int:
+        """Whole-model parameter count (DTensor numel is global; pipeline stages are summed)."""
+        return count_over(self.parameters(), self.stage_group, self.device)
+
     def reshard(self) -> None:
         """Drop the full parameters FSDP gathered for a forward. A forward without a backward (inference)
         leaves some gathered (the root, or every layer under pp), and the next forward would reuse them
@@ -279,18 +283,29 @@ class PipelineModelHandle(ModelHandle):
         return self.driver.forward_capture(batch, capture_fn, row_shape, dtype)
 
     def full_state_dict(self) -> dict:
-        """Full tensors on rank 0: each stage gathers its own over dp/tp, then the stage leaders (the ranks
-        in rank 0's pp group) send theirs to rank 0, one object per stage."""
-        local = {}
-        for part in self.parts:
-            for name, value in part.state_dict().items():
-                local[canonical_name(name)] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-        group = self.driver.pp_group
-        if 0 not in dist.get_process_group_ranks(group):
-            return {}
-        gathered = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
-        dist.gather_object(local, gathered, dst=0, group=group)
-        merged = {}
-        for stage_state in gathered or []:
-            merged.update(stage_state)
-        return merged
+        return stage_full_state(self.parts, self.driver.pp_group)
+
+
+def count_over(params, group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """Elements of `params`, summed over `group` (pipeline stages hold different parameters)."""
+    count = torch.tensor(float(sum(p.numel() for p in params)), device=device)
+    if group is not None:
+        dist.all_reduce(count, group=group)
+    return int(count)
+
+
+def stage_full_state(parts: list[nn.Module], pp_group: dist.ProcessGroup) -> dict:
+    """Full tensors of a pipelined model on rank 0 (collective): each stage gathers its own over dp/tp, then the
+    stage leaders (the ranks in rank 0's pp group) send theirs to rank 0, one object per stage."""
+    local = {}
+    for part in parts:
+        for name, value in part.state_dict().items():
+            local[canonical_name(name)] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+    if 0 not in dist.get_process_group_ranks(pp_group):
+        return {}
+    gathered = [None] * dist.get_world_size(pp_group) if dist.get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0, group=pp_group)
+    merged = {}
+    for stage_state in gathered or []:
+        merged.update(stage_state)
+    return merged

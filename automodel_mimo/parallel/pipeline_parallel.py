@@ -10,6 +10,10 @@ How a batch crosses the schedule:
 - The schedule runs a fixed number of rows (`rows_per_step` = micro_batch_size): smaller batches get
   weight-0 rows; larger ones run as several steps, and every data-parallel rank runs the same number of
   steps (an all-reduced max, with weight-0 dummy steps) so FSDP collectives stay paired.
+- First-stage inputs (`first_stage_inputs`, MIMO: the bridged image embeddings, one [T, H] per row) are split
+  with the rows and reach the first stage as keyword arguments. `forward_backward_with_input_grads` makes each
+  step's share a leaf and returns their gradients per microbatch, broadcast from the first stage to every
+  stage, so the caller can continue the backward outside the pipeline (MIMO: into the encoder).
 """
 
 from __future__ import annotations
@@ -130,11 +134,13 @@ def broadcast_metrics(metrics: dict | None, keys: list[str], pp_group, last_stag
 class PipelineDriver:
     """Runs batches through an AutoPipeline schedule: training steps and forward-only capture."""
 
-    def __init__(self, pipeline, rows_per_step: int, pad_id: int, dp_group, pp_group, device: torch.device):
+    def __init__(self, pipeline, rows_per_step: int, pad_id: int, dp_group, pp_group, device: torch.device,
+                 first_stage_inputs: tuple[str, ...] = ()):
         self.pipeline, self.rows_per_step, self.pad_id = pipeline, rows_per_step, pad_id
         self.dp_group, self.pp_group, self.device = dp_group, pp_group, device
+        self.first_stage_inputs = first_stage_inputs
         ranks = dist.get_process_group_ranks(pp_group)
-        self.last_stage_rank = ranks[-1]
+        self.first_stage_rank, self.last_stage_rank = ranks[0], ranks[-1]
         self._mode: str | None = None
 
     @property
@@ -155,6 +161,8 @@ class PipelineDriver:
         schedule._loss_fn = adapter
         args = (batch["input_ids"],) if info.has_first_stage else ()
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        if info.has_first_stage:
+            kwargs.update({k: batch[k] for k in self.first_stage_inputs if k in batch})
         target = batch[ROW_IDS] if info.has_last_stage else None
         losses = [] if info.has_last_stage else None
         if train:
@@ -179,23 +187,51 @@ class PipelineDriver:
         dummy = self._padded(weightless(split_rows(chunks[0][0], 0, 1)))
         return equal_step_count(chunks, (dummy, 0), self.dp_group, self.device)
 
+    def _side_data(self, chunk: dict) -> dict:
+        """What the loss / capture slices by row: everything but the first stage's own inputs."""
+        return {k: v for k, v in chunk.items() if k not in self.first_stage_inputs}
+
     def forward_backward(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
         """One schedule step per `rows_per_step` rows of each microbatch. Metrics come from the last stage."""
-        per_step = []
-        for chunk, _ in self._equalized([c for mb in microbatches for c in self._chunks(mb)]):
+        return self._train(microbatches, loss_fn, with_input_grads=False)[0]
+
+    def forward_backward_with_input_grads(self, microbatches: list[dict], loss_fn: LossFn) -> tuple[list[dict], list[dict]]:
+        """`forward_backward`, and for each microbatch the gradients of its `first_stage_inputs` (whole
+        microbatch, its shape), identical on every stage: the first stage's, broadcast over the pp group."""
+        return self._train(microbatches, loss_fn, with_input_grads=True)
+
+    def _train(self, microbatches: list[dict], loss_fn: LossFn, with_input_grads: bool) -> tuple[list[dict], list[dict]]:
+        steps = [(i, chunk, real) for i, mb in enumerate(microbatches) for chunk, real in self._chunks(mb)]
+        per_step, grads = [], [dict() for _ in microbatches]
+        for i, chunk, real in self._equalized_steps(steps):
             self._prepare("train", chunk["input_ids"].shape[1])
-            adapter = PPLossAdapter(loss_fn, chunk)
-            self._run(chunk, adapter, train=True)
+            leaves = {k: chunk[k].detach().requires_grad_(True) for k in self.first_stage_inputs if with_input_grads}
+            adapter = PPLossAdapter(loss_fn, self._side_data(chunk))
+            self._run({**chunk, **leaves}, adapter, train=True)
             per_step.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
+            for k, leaf in leaves.items():  # a dummy step (i is None) has no rows to return
+                if i is not None:  # no gradient: not the first stage, or the input did not reach the loss
+                    grads[i].setdefault(k, []).append((leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))[:real])
         keys = _metric_keys(per_step, self.pp_group, self.last_stage_rank)
-        return [broadcast_metrics(m, keys, self.pp_group, self.last_stage_rank, self.device) for m in per_step]
+        metrics = [broadcast_metrics(m, keys, self.pp_group, self.last_stage_rank, self.device) for m in per_step]
+        return metrics, [{k: self._from_first_stage(torch.cat(parts)) for k, parts in g.items()} for g in grads]
+
+    def _from_first_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=self.first_stage_rank, group=self.pp_group)
+        return tensor
+
+    def _equalized_steps(self, steps: list[tuple]) -> list[tuple]:
+        """Weight-0 dummy steps (microbatch index None) until every data rank runs as many schedule steps."""
+        dummy = self._padded(weightless(split_rows(steps[0][1], 0, 1)))
+        return equal_step_count(steps, (None, dummy, 0), self.dp_group, self.device)
 
     def forward_capture(self, batch: dict, capture_fn: CaptureFn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """capture_fn's rows for the whole batch, on every stage."""
         outs = []
         for chunk, real in self._equalized(self._chunks(batch)):
             self._prepare("eval", chunk["input_ids"].shape[1])
-            capture = LastStageCapture(capture_fn, chunk)
+            capture = LastStageCapture(capture_fn, self._side_data(chunk))
             self._run(chunk, capture, train=False)
             values = capture.stacked(self.rows_per_step) if self.info.has_last_stage else None
             values = broadcast_from_last_stage(values, (self.rows_per_step, *row_shape), dtype, self.pp_group,

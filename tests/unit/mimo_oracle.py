@@ -22,9 +22,10 @@ VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_siz
 IMAGE_COUNTS = [1, 0, 2, 1, 0, 0, 1, 2]
 
 
-def build_modules(packed: bool = False) -> tuple[dict, torch.nn.Module]:
+def build_modules(packed: bool = False, layers: int = 2) -> tuple[dict, torch.nn.Module]:
     vision = build_vision_module(VISION, tiny_llama_config(), seed=11)
-    llm = build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(), seed=7, packed=packed)
+    llm = build_model(ModelConfig(config={"model_type": "llama"}), tiny_llama_config(num_hidden_layers=layers), seed=7,
+                      packed=packed)
     return {"vision": vision}, llm
 
 
@@ -55,9 +56,9 @@ def mimo_collate(rows: list[dict]) -> dict:
 
 
 def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float, weight_decay: float,
-                        grad_clip: float) -> dict:
+                        grad_clip: float, layers: int = 2) -> dict:
     """Whole batch, one process: encoder -> projector -> splice -> LLM, token-mean NLL, clip, step."""
-    encoders, llm = build_modules()
+    encoders, llm = build_modules(layers=layers)
     vision = encoders["vision"]
     batch = mimo_collate(rows)
     # LLaVA's features: the last layer's hidden states, before the tower's post-layernorm (unused: no gradient)

@@ -58,7 +58,9 @@ def test_layout_validation_messages():
     strided = GridSpec("vision", (("pp", 1), ("tp", 2), ("cp", 1), ("dp", 2)))
     assert "do not nest" in _error(validate_layout, [strided, _spec("language", dp=2, tp=2)], 4)
     assert "only colocated" in _error(validate_layout, [_spec("vision", dp=2), _spec("language", dp=4)], 4)
-    assert "pipeline parallelism" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)
+    assert "encoders are not pipelined" in _error(validate_layout, [_spec("vision", dp=2, pp=2), _spec("language", dp=4)], 4)
+    assert "tp=2 is not supported yet" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", pp=2, tp=2)], 4)
+    validate_layout([_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)  # LLM dp blocks {0, 2}, {1, 3}
     assert "encoders do not shard" in _error(validate_layout, [_spec("vision", dp=2, cp=2), _spec("language", dp=4)], 4)
     assert "missing" in _error(validate_layout, [_spec("vision", dp=4)], 4)
     assert "global_batch_size=6" in _error(validate_layout, [_spec("vision", dp=2, tp=2), _spec("language", dp=4)], 4, 6)
@@ -89,7 +91,10 @@ def test_mimo_config_validation(tmp_path):
     fan_out = "mimo.layout={vision: {dp: 2, tp: 2}, language: {dp: 4}}"
     bad = {
         ("mimo.layout.language.dp=3",): "only colocated",
-        ("mimo.layout.language.pp=2",): "pipeline parallelism",
+        ("mimo.layout.vision={dp: 2, pp: 2}",): "mimo.layout.vision.pp=2: encoders are not pipelined",
+        ("mimo.layout.language={pp: 2, tp: 2}",): "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported",
+        ("mimo.layout.language={pp: 2, dp: 2}", "train.micro_batch_size=1"): "1 pipeline microbatches, fewer than "
+                                                                          "mimo.layout.language.pp=2",
         ("mimo.layout.language.ep=2",): "unknown dims",
         ("mimo.layout={vision: {dp: 4}}",): "expected ['language', 'vision']",
         (fan_out, "train.micro_batch_size=1"): "multiple of the dp ratio 2",

@@ -55,6 +55,34 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     assert [(row["step"], row["eval/num_samples"]) for row in rows if "eval/accuracy" in row] == [(2, 6), (3, 6)]
 
 
+def test_mimo_llm_pp2_run_exports_and_resumes_under_pp1(tmp_path):
+    """The LLM pipelined (vision dp2 + language pp2 on 2 ranks): 2 steps with a greedy eval through the stages, a
+    checkpoint and the HF export (unsplit names); resumed under pp1 (language tp2) for a third step."""
+    import re
+
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=2", "checkpoint.every_steps=2",
+                "mimo.layout.language={pp: 2}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "language: dp=1 tp=1 cp=1 pp=2" in r.stdout, r.stdout
+    train = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in train] == [1, 2] and all(row["loss"] > 0 and row["grad_norm"] > 0 for row in train)
+    assert [row["step"] for row in metrics(tmp_path) if "eval/accuracy" in row] == [2]
+
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "language")  # both stages' layers, unsplit names
+    assert llm.config.num_hidden_layers == 2 and float(llm.model.layers[1].mlp.down_proj.weight.abs().sum()) > 0
+
+    r2 = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
+                 "checkpoint.export_hf=false", timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "language: dp=1 tp=2 cp=1 pp=1" in r2.stdout and "start step 2" in r2.stdout
+    resumed = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in resumed] == [1, 2, 3] and resumed[:2] == train
+    counts = [re.search(r"([\d,]+) parameters", out).group(1) for out in (r.stdout, r2.stdout)]
+    assert counts[0] == counts[1], counts  # every module counted once under pp2 as under pp1
+
+
 def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
     """An HF-style parquet file with an image column and a test split, read through `datasets`, trained packed
     (THD rows holding several image+text sequences; the packed oracle is in test_mimo.py)."""
@@ -78,8 +106,13 @@ def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["mimo.layout.language={tq: 2}"], "mimo.layout.language: unknown dims ['tq']; use dp, tp, cp, pp"),
-    (["mimo.layout.language={dp: 2, pp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
-     "mimo.layout.language.pp=2: pipeline parallelism under MIMO is not supported yet"),
+    (["mimo.layout.vision={dp: 1, pp: 2}"], "mimo.layout.vision.pp=2: encoders are not pipelined"),
+    (["mimo.layout.language={pp: 2}", "model.config.num_hidden_layers=3"],
+     "the model's 3 layers do not divide over 2 pipeline stages (mimo.layout.language.pp=2"),
+    (["mimo.layout.language={pp: 2}", "parallel.pp_schedule=interleaved1f1b"],
+     "the model's 2 layers do not divide over 4 pipeline stages (mimo.layout.language.pp=2"),
+    (["mimo.layout.language={pp: 2, tp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
+     "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported yet"),
     (["mimo.layout.vision={dp: 1}"], "mimo.layout.vision: spans ranks 0..0 (dp*tp*cp*pp = 1) but launch.nproc = 2; "
                                      "only colocated layouts"),
     (["model.tokenizer=__TOKENIZER__"], "mimo.placeholder_token='<|image|>' is not a token of the tokenizer"),
