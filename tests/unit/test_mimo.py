@@ -309,13 +309,19 @@ def _assert_step_close(got: dict, ref: dict, what: str) -> None:
                              {n: g for n, g in ref[kind].items() if n not in zero}, f"{what} {kind}")
 
 
-@pytest.fixture(scope="module")
-def mimo_reference():
+def reference_steps(layers: int = 2) -> tuple[list[dict], dict]:
+    """The oracle's rows and, per optimizer, the single-process step on them."""
     rows = mimo_rows(seed=5)
     ref = {}
     for optimizer, clip in OPTIMIZERS:
         cfg = train_config(optimizer, clip, GLOBAL_BATCH, GLOBAL_BATCH)
-        ref[optimizer] = reference_mimo_step(rows, optimizer, cfg.lr, cfg.eps, cfg.weight_decay, clip)
+        ref[optimizer] = reference_mimo_step(rows, optimizer, cfg.lr, cfg.eps, cfg.weight_decay, clip, layers=layers)
+    return rows, ref
+
+
+@pytest.fixture(scope="module")
+def mimo_reference():
+    rows, ref = reference_steps()
     assert ref["adamw"]["grad_norm"] > 0.5, "the clip must be active for the AdamW check to cover it"
     return rows, ref
 

@@ -13,10 +13,10 @@ from automodel_mimo.data.batching import local_slice
 from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.mimo.handle import MimoHandle, build_mimo_grids
 from policies.policy import Policy
-from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules, mimo_rows, reference_mimo_step
+from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules, mimo_rows
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import full, full_grads, full_params, train_config
-from tests.unit.test_mimo import OPTIMIZERS, _assert_layout_matches
+from tests.unit.test_mimo import OPTIMIZERS, _assert_layout_matches, reference_steps
 
 GLOBAL_BATCH = 8
 LAYERS = 4  # 2 stages of 2 layers (1F1B), or 4 virtual stages of 1 (interleaved)
@@ -84,12 +84,7 @@ def _merged(per_rank: list[dict], name: str, optimizer: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference():
-    rows = mimo_rows(seed=5)
-    ref = {}
-    for optimizer, clip in OPTIMIZERS:
-        cfg = train_config(optimizer, clip, GLOBAL_BATCH, GLOBAL_BATCH)
-        ref[optimizer] = reference_mimo_step(rows, optimizer, cfg.lr, cfg.eps, cfg.weight_decay, clip, layers=LAYERS)
-    return rows, ref
+    return reference_steps(layers=LAYERS)
 
 
 def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
