@@ -147,6 +147,7 @@ def test_reference_from_an_hf_directory(tmp_path):
     AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "ref")
     out = tmp_path / "run"
     r = run_cli("dpo", *TINY, f"output_dir={out}", f"dpo.reference={tmp_path / 'ref'}", "dpo.warmup_sft_steps=0",
+                "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",  # the reference's shape
                 "train.max_steps=1", "checkpoint.export_hf=false", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     first = [row for row in metrics(out) if "loss" in row][0]

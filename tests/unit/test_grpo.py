@@ -272,8 +272,8 @@ def test_vllm_cpu_head_size_is_checked_before_the_warm_up(tmp_path):
     """A head size vLLM's CPU attention lacks (16 here) is one line naming the fix, exit 2, before the warm-up;
     it used to surface after the warm-up as the engine's EngineDeadError."""
     _needs_vllm()
-    r = run_cli("grpo", *RUN, f"output_dir={tmp_path}", "model.config.num_attention_heads=4",
-                "model.config.num_key_value_heads=4", "grpo.warmup_sft_steps=50", env=ENV, timeout=300)
+    r = run_cli("grpo", *RUN, f"output_dir={tmp_path}", "model.config.head_dim=16", "grpo.warmup_sft_steps=50",
+                env=ENV, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "generation.backend=vllm on CPU: vLLM's CPU attention supports head sizes" in r.stderr, r.stderr[-3000:]
     assert "the model's is 16" in r.stderr and "sft warm-up" not in r.stdout
