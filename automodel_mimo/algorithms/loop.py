@@ -101,7 +101,7 @@ def run_steps(cfg: RunConfig, start: int, logger: MetricsLogger, step: Callable[
     eval.every_steps and at the end, `save(done)` every checkpoint.every_steps. A skipped step's row carries
     `warning`; train.max_skipped_steps skips in a row stop the run (SkipStreak)."""
     began = time.perf_counter()
-    last = cfg.train.stop_at_step or cfg.train.max_steps
+    last = cfg.train.last_step
     streak = SkipStreak(cfg.train.max_skipped_steps)
     try:
         for i in range(start, last):

@@ -94,6 +94,11 @@ class TrainConfig:
     # skipped in a row stop the run (exit code 3); 0: never stop
     max_skipped_steps: int = 5
 
+    @property
+    def last_step(self) -> int:
+        """The step this run ends at: train.stop_at_step, else train.max_steps."""
+        return self.stop_at_step or self.max_steps
+
 
 @dataclass
 class EvalConfig:

@@ -36,7 +36,7 @@ class MetricsLogger:
         if cfg.logging.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.train.stop_at_step or cfg.train.max_steps, initial=start_step, desc=cfg.algo, unit="step",
+            self.bar = tqdm(total=cfg.train.last_step, initial=start_step, desc=cfg.algo, unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:
