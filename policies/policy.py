@@ -54,20 +54,26 @@ class Policy:
         """Global denominators over every microbatch of every data rank (each at least 1): loss-bearing
         `tokens`, `seqs` (sequences with a loss token), `pairs` ((chosen, rejected) sequences 2i, 2i+1 both
         with loss tokens) and `chosen_tokens` (loss tokens of those pairs' chosen sequences). Sequences are
-        rows, or a packed microbatch's sequence slots."""
-        counts = torch.zeros(4, dtype=torch.float64)
-        for mb in microbatches:
-            per_row = self.sequence_mask(mb).flatten(0, -2).sum(-1).double().cpu()
+        rows, or a packed microbatch's sequence slots. Also `data_tokens` (an int: non-padding tokens).
+        One device-to-host copy for all microbatches: each sync here is time the GPU waits for the host."""
+        views = [self.handle.loss_view(mb) for mb in microbatches]
+        per_mb = [in_slots(v["loss_mask"], v).flatten(0, -2).sum(-1).double() for v in views]
+        real = [real_tokens(v).double().to(self.handle.device).view(1) for v in views]
+        flat = torch.cat([*per_mb, *real]) if views else torch.zeros(0, dtype=torch.float64)
+        host = flat.cpu().split([len(r) for r in per_mb] + [len(views)])
+        counts = torch.zeros(5, dtype=torch.float64)
+        for per_row in host[:-1]:
             chosen, rejected = (per_row[0::2], per_row[1::2]) if per_row.shape[0] % 2 == 0 else (per_row[:0], per_row[:0])
             pair = (chosen > 0) & (rejected > 0)  # an odd row count holds no pairs (SFT rows, packed slots)
-            counts += torch.stack([per_row.sum(), (per_row > 0).sum(), pair.sum(), (chosen * pair).sum()])
+            counts[:4] += torch.stack([per_row.sum(), (per_row > 0).sum(), pair.sum(), (chosen * pair).sum()])
+        counts[4] = host[-1].sum()
         total = self.sum_over_data_ranks(counts)
-        return dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total.clamp(min=1).float()))
+        out = dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total[:4].clamp(min=1).float()))
+        return {**out, "data_tokens": int(total[4])}
 
     def data_tokens(self, microbatches: list[dict]) -> int:
         """Non-padding tokens of the global batch (the rows every data rank's loss sees)."""
-        local = torch.tensor(sum(real_tokens(self.handle.loss_view(mb)) for mb in microbatches), dtype=torch.float64)
-        return int(self.sum_over_data_ranks(local))
+        return self.global_counts(microbatches)["data_tokens"]
 
     def reduce_metrics(self, per_mb: list[dict]) -> dict:
         """This rank's per-microbatch metric shares -> global values, identical on every rank (docs/numerics.md:
@@ -99,7 +105,7 @@ class Policy:
             return loss, {"loss": loss.detach()}
 
         metrics = self.forward_backward(microbatches, loss_fn)
-        return {"loss": metrics["loss"], "tokens": self.data_tokens(microbatches), "loss_tokens": int(counts["tokens"])}
+        return {"loss": metrics["loss"], "tokens": counts["data_tokens"], "loss_tokens": int(counts["tokens"])}
 
     def optimizer_step(self, loss: float | None = None) -> dict:
         return self.optimizer.optimizer_step(loss)
@@ -178,13 +184,13 @@ class Policy:
         return mine, [until_stop(t, stop_ids) for t in tokens]
 
 
-def real_tokens(batch: dict) -> float:
-    """Non-padding tokens of a padded (attention_mask) or packed (cu_seqlens) batch."""
+def real_tokens(batch: dict) -> torch.Tensor:
+    """Non-padding tokens of a padded (attention_mask) or packed (cu_seqlens) batch, as a 0-d tensor (no sync)."""
     if "cu_seqlens" in batch:
-        return float(batch["cu_seqlens"][:, -1].sum())
+        return batch["cu_seqlens"][:, -1].sum()
     if "attention_mask" in batch:
-        return float(batch["attention_mask"].sum())
-    return float(batch["input_ids"].numel())
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel())
 
 
 def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:

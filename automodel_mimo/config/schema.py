@@ -93,6 +93,9 @@ class TrainConfig:
     # a step whose loss or global grad norm is inf/NaN (on any rank) is skipped on every rank; this many
     # skipped in a row stop the run (exit code 3); 0: never stop
     max_skipped_steps: int = 5
+    # torch.compile each decoder layer (nemo-automodel's per-layer compile, after FSDP2/TP/AC); None: on when
+    # training on CUDA. Fuses the elementwise work between matmuls (norms, RoPE, SwiGLU, residuals)
+    compile: bool | None = None
 
     @property
     def last_step(self) -> int:

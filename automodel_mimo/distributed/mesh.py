@@ -95,14 +95,15 @@ class ParallelState:
         return dist.get_rank() == 0
 
 
-def build_parallel_state(parallel: ParallelConfig, device: torch.device, dtype: str = "float32") -> ParallelState:
+def build_parallel_state(parallel: ParallelConfig, device: torch.device, dtype: str = "float32",
+                         compile: bool = False) -> ParallelState:
     from nemo_automodel.components.distributed.config import FSDP2Config
     from nemo_automodel.components.distributed.mesh import MeshContext, ParallelismSizes
 
     # nemo's default policy computes in bf16; the numerics contract wants the model's own dtype with fp32
     # gradient reduction, so the policy is explicit.
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
-    strategy = FSDP2Config(mp_policy=policy, sequence_parallel=parallel.sequence_parallel)
+    strategy = FSDP2Config(mp_policy=policy, sequence_parallel=parallel.sequence_parallel, enable_compile=compile)
     sizes = ParallelismSizes(dp_size=parallel.dp, tp_size=parallel.tp, cp_size=parallel.cp, pp_size=parallel.pp)
     ctx = MeshContext.build(strategy, sizes, world_size=dist.get_world_size(),
                             activation_checkpointing=parallel.activation_checkpointing)

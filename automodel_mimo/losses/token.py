@@ -15,6 +15,23 @@ from automodel_mimo.distributed.vocab_parallel import vocab_parallel_logprobs
 IGNORE_INDEX = -100
 
 
+def _dense_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits (any float dtype), [N] labels -> [N] fp32 logprobs."""
+    return -F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+_dense = _dense_logprobs
+
+
+def compile_logprobs() -> None:
+    """Compile the dense logprobs (under train.compile on CUDA): one fused pass reads the bf16 logits for the
+    log-sum-exp and the label's logit, and backward writes the bf16 gradient directly, so no fp32 copy of
+    the [tokens, vocab] logits (nor log_softmax's saved output) is ever held: ~6 GiB less at 4096 tokens x
+    128k vocabulary. Eager (the CPU reference) keeps torch's log_softmax kernels."""
+    global _dense
+    _dense = torch.compile(_dense_logprobs, dynamic=True)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[t] | prefix) per position, fp32, 0 where labels == IGNORE_INDEX.
 
@@ -30,7 +47,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         local = logits.to_local().flatten(0, 1)
         lp = vocab_parallel_logprobs(local, flat_labels.where(valid, 0), logits.shape[-1], logits.device_mesh.get_group())
     else:
-        lp = -F.cross_entropy(logits.float().flatten(0, 1), flat_labels.where(valid, 0), reduction="none")
+        lp = _dense(logits.flatten(0, 1), flat_labels.where(valid, 0))
     return (lp * valid).view(labels.shape)
 
 

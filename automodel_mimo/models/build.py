@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from automodel_mimo.config import ModelConfig, RunConfig, pad_multiple
 from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.losses.token import compile_logprobs
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
 from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
@@ -64,13 +65,39 @@ def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, packed
 
 def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     """FSDP2 (+ TP) on one module: the whole model, or one pipeline stage's part."""
-    from nemo_automodel.components.distributed.model_parallelizer import parallelize_model
+    from nemo_automodel.components.distributed.model_parallelizer import compile_parallelized_model, parallelize_model
 
     check_tp_divisibility(model.config, state.tp_size)
-    model = parallelize_model(model, state.mesh_context)
+    model = parallelize_model(model, _compile_safe_checkpointing(model, state))
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
+    compile_parallelized_model(model, state.mesh_context)  # per decoder layer, in place (names unchanged)
+    if state.mesh_context.strategy_config.enable_compile and state.device.type == "cuda":
+        compile_logprobs()
     return model.to(state.device)
+
+
+def _compile_safe_checkpointing(model: nn.Module, state: ParallelState):
+    """The mesh context to parallelize with. On an unsharded mesh (one rank) nemo wraps attention and MLP for
+    activation checkpointing with an SDPA-state context_fn that torch.compile refuses ("context_fn ... must
+    generate a tuple of two TorchDispatchModes"); its sharded path wraps them without one when compiling. On
+    one rank with both, wrap them that way here and let nemo skip checkpointing."""
+    import dataclasses
+
+    from nemo_automodel.components.distributed.fsdp2 import fsdp2_sharding_enabled
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    ctx = state.mesh_context
+    if not (ctx.activation_checkpointing and ctx.strategy_config.enable_compile) or fsdp2_sharding_enabled(ctx.device_mesh):
+        return ctx
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UserInputError("train.compile with parallel.activation_checkpointing on one rank needs decoder layers "
+                             f"at model.model.layers ({type(model).__name__} has none); set train.compile=false")
+    for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
+        for attr in ("self_attn", "mlp"):
+            setattr(layer, attr, checkpoint_wrapper(getattr(layer, attr), checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+    return dataclasses.replace(ctx, activation_checkpointing=False)
 
 
 def _single_rank_compute_dtype(model: nn.Module, state: ParallelState) -> None:

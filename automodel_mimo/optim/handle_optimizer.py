@@ -23,13 +23,13 @@ class HandleOptimizer(PartOptimizers):
         """Norm (before clipping), skip-or-clip-and-step, zero the gradients; the step's metrics."""
         params = self.handle.parameters()
         grad_norm = self.handle.grad_norm()
+        if self.grad_clip > 0:  # queued before the skip vote's host sync; a skipped step's gradients are dropped
+            clip_grads(params, self.grad_clip, grad_norm)
         skipped = skip_step(grad_norm, loss)
         lr = self.lr
         if skipped:
             self.skip()
         else:
-            if self.grad_clip > 0:
-                clip_grads(params, self.grad_clip, grad_norm)
             self.step()
         self.zero_grad()
         return {"grad_norm": float(grad_norm), "lr": lr, "skipped": int(skipped)}

@@ -29,14 +29,15 @@ def _model(family: str = "llama"):
     return build_model(ModelConfig(config={"model_type": family}), hf_config, seed=SEED)
 
 
-def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "llama") -> dict | None:
+def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "llama", compile: bool = False) -> dict | None:
     parallel = ParallelConfig(**parallel)
-    state = build_parallel_state(parallel, torch.device("cpu"))
+    state = build_parallel_state(parallel, torch.device("cpu"), compile=compile)
     results = {}
     for optimizer, clip in OPTIMIZERS:
         cfg = RunConfig(parallel=parallel, train=train_config(optimizer, clip, GLOBAL_BATCH, micro))
         handle = build_handle(cfg, _model(family), state, pad_id=0)
         assert _recomputes(handle) == parallel.activation_checkpointing
+        assert _compiled_layers(handle) == (4 if compile else 0)
         policy = Policy(handle, cfg.train)
         local = local_slice(rows, *handle.data_block())
         metrics = policy.sft_forward_backward(MicrobatchBuilder(0, state.device).build(local, micro))
@@ -50,6 +51,11 @@ def _recomputes(handle) -> bool:
     """Activation checkpointing is on: layers wrapped for recompute, or HF's own gradient checkpointing."""
     return any("CheckpointWrapper" in type(m).__name__ or getattr(m, "gradient_checkpointing", False) is True
                for part in handle.parts for m in part.modules())
+
+
+def _compiled_layers(handle) -> int:
+    """Decoder layers compiled in place (nn.Module.compile)."""
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for part in handle.parts for m in part.modules())
 
 
 def _reference(family: str):
@@ -82,6 +88,18 @@ def test_one_step_matches_single_process(reference, parallel, micro):
     rows, ref = reference
     world = parallel["dp"] * parallel.get("tp", 1) * parallel.get("pp", 1)
     _assert_matches(_merge_ranks(run_ranks(_layout_step, world, parallel, micro, rows)), ref)
+
+
+@pytest.mark.parametrize("parallel,micro", [
+    ({"dp": 1}, 2),  # one rank: nemo leaves the model unsharded, we wrap it for the compute dtype
+    ({"dp": 1, "activation_checkpointing": True}, 2),  # one rank: compile-safe checkpoint wrappers (models/build.py)
+    ({"dp": 2}, 4),  # FSDP2
+], ids=["mb4", "ac", "dp2"])
+def test_compiled_step_matches_single_process(reference, parallel, micro):
+    """train.compile: every decoder layer compiled (inductor's CPU backend here) gives the eager reference's
+    step: loss, grad norm, every gradient, post-step weights."""
+    rows, ref = reference
+    _assert_matches(_merge_ranks(run_ranks(_layout_step, parallel["dp"], parallel, micro, rows, "llama", True)), ref)
 
 
 def test_qwen2_tp2_matches_single_process():
