@@ -32,9 +32,9 @@ def test_dual_chunk_swap_indices():
     assert cp_indices([0, 4, 12], 2, 1) == [1, 2, 6, 7, 8, 9]
 
 
-def _layout_step(parallel: dict, packing: bool, micro: int, rows: list[dict]) -> dict:
+def _layout_step(parallel: dict, packing: bool, micro: int, rows: list[dict], compile: bool = False) -> dict:
     parallel = ParallelConfig(**parallel)
-    state = build_parallel_state(parallel, torch.device("cpu"))
+    state = build_parallel_state(parallel, torch.device("cpu"), compile=compile)
     data = DataConfig(packing=packing, packed_sequence_size=48, max_seq_len=24)
     results = {}
     for optimizer, clip in OPTIMIZERS:
@@ -62,11 +62,14 @@ def reference():
     ({"dp": 1, "cp": 2}, True, 1),
     ({"dp": 1, "cp": 2, "tp": 2}, True, 1),
     ({"dp": 1, "cp": 2, "pp": 2, "pp_microbatch_size": 1}, True, 2),
-], ids=["cp2", "cp2-packed", "cp2xtp2-packed", "cp2xpp2-packed"])
+    ({"dp": 1, "cp": 2, "compile": True}, True, 1),  # train.compile: decoder layers compiled around packed attention
+], ids=["cp2", "cp2-packed", "cp2xtp2-packed", "cp2xpp2-packed", "cp2-packed-compiled"])
 def test_one_step_matches_single_process(reference, parallel, packing, micro):
     rows, ref = reference
+    parallel = dict(parallel)
+    compile = parallel.pop("compile", False)
     world = parallel.get("cp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
-    per_rank = run_ranks(_layout_step, world, parallel, packing, micro, rows)
+    per_rank = run_ranks(_layout_step, world, parallel, packing, micro, rows, compile)
     for opt, _ in OPTIMIZERS:
         grads, params = {}, {}
         for result in per_rank:

@@ -37,7 +37,7 @@ def _layout_step(parallel: dict, micro: int, rows: list[dict], family: str = "ll
         cfg = RunConfig(parallel=parallel, train=train_config(optimizer, clip, GLOBAL_BATCH, micro))
         handle = build_handle(cfg, _model(family), state, pad_id=0)
         assert _recomputes(handle) == parallel.activation_checkpointing
-        assert _compiled_layers(handle) == (4 if compile else 0)
+        assert _compiled_layers(handle) == (4 // parallel.pp if compile else 0)
         policy = Policy(handle, cfg.train)
         local = local_slice(rows, *handle.data_block())
         metrics = policy.sft_forward_backward(MicrobatchBuilder(0, state.device).build(local, micro))
@@ -94,12 +94,15 @@ def test_one_step_matches_single_process(reference, parallel, micro):
     ({"dp": 1}, 2),  # one rank: nemo leaves the model unsharded, we wrap it for the compute dtype
     ({"dp": 1, "activation_checkpointing": True}, 2),  # one rank: compile-safe checkpoint wrappers (models/build.py)
     ({"dp": 2}, 4),  # FSDP2
-], ids=["mb4", "ac", "dp2"])
+    ({"dp": 1, "tp": 2}, 8),
+    ({"dp": 1, **PP}, 4),  # each pipeline stage's layers compiled
+], ids=["mb4", "ac", "dp2", "tp2", "pp2"])
 def test_compiled_step_matches_single_process(reference, parallel, micro):
     """train.compile: every decoder layer compiled (inductor's CPU backend here) gives the eager reference's
     step: loss, grad norm, every gradient, post-step weights."""
     rows, ref = reference
-    _assert_matches(_merge_ranks(run_ranks(_layout_step, parallel["dp"], parallel, micro, rows, "llama", True)), ref)
+    world = parallel["dp"] * parallel.get("tp", 1) * parallel.get("pp", 1)
+    _assert_matches(_merge_ranks(run_ranks(_layout_step, world, parallel, micro, rows, "llama", True)), ref)
 
 
 def test_qwen2_tp2_matches_single_process():
