@@ -63,6 +63,9 @@ class Checkpointer:
         (policies/reference.py) saved beside the model; `extra`: small values the loop needs on resume."""
         final, partial = self.root / f"step_{step}", self.root / f"step_{step}.partial"
         require_finite_weights(handle.parameters(), f"checkpoint step_{step}")
+        # AdamW's second moment can overflow to inf from a finite gradient (|g| > 1.8e19) while the weights stay
+        # finite (the update becomes 0): a resumed run would silently stop learning those weights
+        require_finite_weights(optimizers.state_tensors(), f"checkpoint step_{step}", "the optimizer state (moments)")
         rank = dist.get_rank()
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)

@@ -53,8 +53,8 @@ def weights_finite(params) -> bool:
     return not any_rank(not local_shards_finite(params))
 
 
-def require_finite_weights(params, what: str) -> None:
-    """Collective: raise RunStopped on every rank when any weight is inf/NaN, before `what` is written."""
+def require_finite_weights(params, what: str, holder: str = "the model weights") -> None:
+    """Collective: raise RunStopped on every rank when any value is inf/NaN, before `what` is written."""
     if not weights_finite(params):
-        raise RunStopped(f"the model weights hold inf/NaN, so {what} is not written (earlier checkpoints are "
+        raise RunStopped(f"{holder} hold inf/NaN, so {what} is not written (earlier checkpoints are "
                          "untouched); lower train.lr or check the data")

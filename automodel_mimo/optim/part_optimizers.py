@@ -72,6 +72,11 @@ class PartOptimizers:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every floating-point tensor of the optimizers' state (AdamW moments, SGD momentum), this rank's shards."""
+        return [v for opt in self.optimizers for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim > 0]
+
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 

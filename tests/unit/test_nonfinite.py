@@ -48,6 +48,18 @@ def _votes_and_refused_save(out_dir: str) -> dict:
     handle, optimizers = ModelHandle(model, state), PartOptimizers([model], TrainConfig())
     ckpt = Checkpointer(out_dir)
     ckpt.save(1, handle, optimizers)  # finite: written
+    model(torch.ones(1, 4)).sum().backward()
+    optimizers.step()  # AdamW moments exist now
+    moment = optimizers.optimizers[0].state[model.weight]["exp_avg_sq"]
+    saved = moment.clone()
+    if rank == 0:
+        moment[0, 0] = inf  # finite weights, an overflowed second moment on one rank
+    try:
+        ckpt.save(2, handle, optimizers)
+        out["refused_moments"] = None
+    except RunStopped as e:
+        out["refused_moments"] = str(e)
+    moment.copy_(saved)
     if rank == 1:
         with torch.no_grad():
             model.weight[0, 0] = inf
@@ -67,6 +79,7 @@ def test_every_rank_votes_alike_and_no_checkpoint_holds_nan(tmp_path):
         assert r["finite"] is False and r["nan_loss_on_rank1"] is True and r["inf_norm_on_rank0"] is True, r
         assert r["sharded_finite"] is True and r["sharded_nan_on_rank1"] is False, r
         assert r["refused"] and "checkpoint step_2 is not written" in r["refused"], r
+        assert r["refused_moments"] and r["refused_moments"].startswith("the optimizer state (moments) hold inf/NaN"), r
         assert r["published"] == ["step_1"], r
 
 
