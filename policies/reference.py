@@ -2,7 +2,8 @@
 memory, swapped into the live parameters for a reference pass and swapped back afterwards.
 
 Works on whatever `handle.parameters()` holds on this rank: plain tensors, FSDP / TP DTensors (their local
-shard) and pipeline stages (each rank keeps the stages it owns). Copies are exact, so the training weights
+shard), pipeline stages (each rank keeps the stages it owns) and a MIMO model's modules (encoder, projector and
+LLM, each sharded over its own grid: tests/unit/test_mimo_dpo.py). Copies are exact, so the training weights
 come back bit for bit. Before each write the handle drops FSDP's gathered full parameters, which an
 inference forward leaves behind and the next forward would otherwise reuse (stale) instead of the shards.
 """

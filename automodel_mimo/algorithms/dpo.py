@@ -1,9 +1,9 @@
-"""Direct preference optimization: the SPMD loop every rank runs.
+"""Direct preference optimization, of a causal LM or a MIMO model: the SPMD loop every rank runs.
 
 data (seed, step) -> global batch of (chosen, rejected) pairs -> this rank's block of pairs -> whole-row
 microbatches (rows 2i, 2i+1 are pair i, or with data.packing sequence slots 2i, 2i+1 of one packed row; a pair
-never splits) -> reference logprobs (reference weights swapped in) -> DPO train step -> metrics / held-out
-preference accuracy / checkpoint; at the end an HF export.
+never splits; pairs with images carry the prompt's images in both rows) -> reference logprobs (reference weights
+swapped in) -> DPO train step -> metrics / held-out preference accuracy / checkpoint; at the end an HF export.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch.distributed as dist
 
 from automodel_mimo.algorithms.loop import finish, open_logs, resume, run_steps
 from automodel_mimo.algorithms.run import Run, start_run
+from automodel_mimo.algorithms.sft import image_processor
 from automodel_mimo.algorithms.warmup import sft_warmup, warmup_accuracy, warmup_train_config
 from automodel_mimo.checkpoint import export_hf
-from automodel_mimo.config import DPOConfig, RunConfig
+from automodel_mimo.config import DPOConfig, RunConfig, round_up
 from automodel_mimo.data.batching import global_batch_indices, local_slice
 from automodel_mimo.data.preference import load_preference_dataset, pair_rows, tokenize_pairs
 from automodel_mimo.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
@@ -64,8 +65,13 @@ def dpo_train_step(policy: Policy, microbatches: list[dict], cfg: DPOConfig) -> 
 
 def prepare_dpo_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
     """Load and tokenize the pairs; deterministic, so every rank computes (and rejects) the same rows. Tokenized
-    in the files' row order, before the eval hold-out, so errors name the file's row."""
+    in the files' row order, before the eval hold-out, so errors name the file's row. MIMO configs load pairs
+    with images (data/image_preference.py)."""
     d = cfg.data
+    if cfg.mimo.layout:
+        from automodel_mimo.data.image_preference import load_image_preferences
+
+        return load_image_preferences(cfg, tokenizer)
 
     def tokenize(ds: datasets.Dataset, split: str) -> datasets.Dataset:
         return tokenize_pairs(ds, tokenizer, max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,
@@ -81,7 +87,7 @@ def step_microbatches(cfg: RunConfig, run: Run, step: int) -> list[dict]:
     t = cfg.train
     pairs = global_batch_indices(step, len(run.data["train"]), t.global_batch_size // 2, cfg.seed)
     index, count = run.handle.data_block()
-    return run.builder.build(pair_rows(run.data["train"].select(local_slice(pairs, index, count))),
+    return run.builder.build(pair_rows(run.data["train"].select(local_slice(pairs, index, count)), image_processor(cfg)),
                              t.micro_batch_size, group=2)
 
 
@@ -95,8 +101,7 @@ def warmup_microbatches(cfg: RunConfig, run: Run, step: int) -> list[dict]:
     t, train = cfg.train, run.data["train"]
     pairs = global_batch_indices(step, len(train), t.global_batch_size, cfg.seed + 1)
     index, count = run.handle.data_block()
-    mine = train.select(local_slice(pairs, index, count))
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(mine["chosen_input_ids"], mine["chosen_labels"])]
+    rows = pair_rows(train.select(local_slice(pairs, index, count)), image_processor(cfg), sides=("chosen",))
     return padded(run).build(rows, t.micro_batch_size)
 
 
@@ -107,21 +112,24 @@ def warm_up(cfg: RunConfig, run: Run) -> None:
     d = cfg.dpo
     sft_warmup("dpo", run.handle, warmup_train_config(cfg.train, d.warmup_sft_steps, d.warmup_sft_lr),
                lambda step: warmup_microbatches(cfg, run, step),
-               warmup_accuracy(cfg, run.data["eval"], run.tokenizer), d.warmup_sft_target_accuracy)
+               warmup_accuracy(cfg, run.data["eval"], run.tokenizer, image_processor(cfg),
+                               getattr(run.handle, "placeholder_id", None)),  # MIMO: never generate a placeholder
+               d.warmup_sft_target_accuracy)
 
 
 def eval_microbatches(cfg: RunConfig, run: Run) -> list[dict]:
-    """This block's share of the held-out pairs (ceil(n / blocks) each; a block left without pairs gets one
-    weight-0 pair so every rank runs the same passes)."""
-    eval_ds = run.data["eval"]
+    """This block's share of the held-out pairs (ceil(n / blocks) each), topped up with weight-0 pairs to a
+    multiple of the handle's rows_multiple() pairs (at least one, so every rank runs the same passes), in
+    microbatches of as many pairs: a microbatch split over the LLM's dp slots (MIMO fan-out) splits whole pairs."""
+    eval_ds, processor, multiple = run.data["eval"], image_processor(cfg), run.handle.rows_multiple()
     n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
     index, count = run.handle.data_block()
     per_block = math.ceil(n / count)
     start = min(n, index * per_block)
-    rows = pair_rows(eval_ds.select(range(start, min(n, start + per_block))))
-    if not rows:
-        rows = [dict(r, labels=[IGNORE_INDEX] * len(r["labels"])) for r in pair_rows(eval_ds.select([0]))]
-    return padded(run).build(rows, 2 * cfg.eval.batch_size)
+    rows = pair_rows(eval_ds.select(range(start, min(n, start + per_block))), processor)
+    blank = [dict(r, labels=[IGNORE_INDEX] * len(r["labels"])) for r in pair_rows(eval_ds.select([0]), processor)]
+    rows += blank * (round_up(max(1, len(rows) // 2), multiple) - len(rows) // 2)
+    return padded(run).build(rows, 2 * round_up(cfg.eval.batch_size, multiple))
 
 
 def sequence_sums(policy: Policy, microbatches: list[dict], logprobs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -237,7 +237,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
-    _require(cfg.algo == "sft", f"mimo.layout is set, but MIMO supports sft only so far (got {cfg.algo})")
+    _require(cfg.algo in ("sft", "dpo"), f"mimo.layout is set, but MIMO supports sft and dpo only so far (got {cfg.algo})")
     _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
              "leave the parallel section at its defaults (parallel.pp_schedule, pp_microbatch_size and "
@@ -268,8 +268,10 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {lm_dp // enc_dp} "
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
     lm_pp = specs[1].dim_size("pp")
+    fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
+    if cfg.algo == "dpo":
+        _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
-        fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
                                "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
     _require(bool(cfg.model.pretrained) or bool(m.encoder.get("pretrained")) or "model_type" in m.encoder,
@@ -287,3 +289,27 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
                  f"((image_size / patch_size)^2, vision_feature_select_strategy={m.vision_feature_select_strategy}); "
                  f"set mimo.tokens_per_image={rows}")
     _require(bool(m.placeholder_token), "mimo.placeholder_token: must be a non-empty token string")
+
+
+def _validate_mimo_dpo(cfg: RunConfig, fan_out: int, lm_cp: int, lm_pp: int) -> None:
+    """A (chosen, rejected) pair stays whole in each LLM dp slot's share of a micro batch and in each pipeline
+    microbatch; the reference is the run's own initial weights."""
+    from automodel_mimo.distributed.grid_spec import LANGUAGE
+
+    t, p = cfg.train, cfg.parallel
+    _require(cfg.dpo.reference == "initial",
+             f"dpo.reference={cfg.dpo.reference}: a MIMO run's reference is its initial weights (dpo.reference=initial; "
+             "to start from a LLaVA folder, set model.pretrained to it)")
+    if cfg.data.packing:  # pairs are packed whole into rows; padded to whole load-balanced cp chunks of the LLM
+        pair = 2 * round_up(cfg.data.max_seq_len, 2 * lm_cp if lm_cp > 1 else 1)
+        _require(packed_row_size(cfg.data) >= pair,
+                 f"data.packed_sequence_size={packed_row_size(cfg.data)} cannot hold a (chosen, rejected) pair of "
+                 f"data.max_seq_len={cfg.data.max_seq_len} tokens each (padded: {pair}); set data.packed_sequence_size >= {pair}")
+        return
+    _require((t.micro_batch_size // fan_out) % 2 == 0,
+             f"train.micro_batch_size={t.micro_batch_size}: each of the language model's {fan_out} dp slots takes "
+             f"{t.micro_batch_size // fan_out} of its sequences, and dpo needs whole (chosen, rejected) pairs there; "
+             f"make it a multiple of {2 * fan_out}")
+    _require(lm_pp == 1 or p.pp_microbatch_size % 2 == 0,
+             f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch of mimo.layout.{LANGUAGE}.pp "
+             "must hold whole (chosen, rejected) pairs under dpo; make it even")

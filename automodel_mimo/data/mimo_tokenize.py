@@ -103,6 +103,15 @@ def tokenize_mimo_dataset(
     return out.cast_column("images", images)
 
 
+def run_placeholder_id(cfg, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The image placeholder of a run: a LLaVA model.pretrained's own image token, else the tokenizer's <|image|>."""
+    if cfg.model.pretrained:  # a LLaVA folder (mimo/llava.py)
+        from automodel_mimo.mimo.llava import llava_config
+
+        return llava_config(cfg.model.pretrained).image_token_index
+    return image_token_id(tokenizer)
+
+
 def prepare_mimo_data(cfg, tokenizer: PreTrainedTokenizerBase, tokens_per_image: int) -> datasets.DatasetDict:
     """Load (data.dataset, data.image_key, ...) and tokenize for a RunConfig; deterministic on every rank.
 
@@ -114,12 +123,7 @@ def prepare_mimo_data(cfg, tokenizer: PreTrainedTokenizerBase, tokens_per_image:
         messages_key=d.messages_key, train_split=d.train_split, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, name=d.name, num_train=d.num_train, num_eval=d.num_eval,
         image_size=d.image_size, text_only_fraction=d.text_only_fraction)
-    if cfg.model.pretrained:  # a LLaVA folder (mimo/llava.py): its image token
-        from automodel_mimo.mimo.llava import llava_config
-
-        placeholder_id = llava_config(cfg.model.pretrained).image_token_index
-    else:
-        placeholder_id = image_token_id(tokenizer)
+    placeholder_id = run_placeholder_id(cfg, tokenizer)
     return datasets.DatasetDict({
         split: tokenize_mimo_dataset(ds, tokenizer, placeholder_id=placeholder_id, tokens_per_image=tokens_per_image,
                                      max_seq_len=d.max_seq_len, use_chat_template=d.chat_template,

@@ -123,10 +123,14 @@ def tokenize_pairs(ds: datasets.Dataset, tokenizer, *, max_seq_len: int, use_cha
     return datasets.Dataset.from_dict(out, features=TOKENIZED)
 
 
-def pair_rows(ds: datasets.Dataset) -> list[dict]:
-    """Tokenized pairs -> rows in pair order: chosen, rejected, chosen, rejected, ..."""
+def pair_rows(ds: datasets.Dataset, processor=None, sides: tuple[str, ...] = ("chosen", "rejected")) -> list[dict]:
+    """Tokenized pairs -> rows in pair order: chosen, rejected, chosen, rejected, ... (`sides`: only some). With an
+    image `processor` (pairs with images, data/image_preference.py) both rows of a pair carry the prompt's images
+    as `pixel_values`, preprocessed once."""
     rows = []
     for pair in ds:
-        for side in ("chosen", "rejected"):
-            rows.append({"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]})
+        pixels = processor(pair["images"]) if processor is not None else None
+        for side in sides:
+            row = {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]}
+            rows.append(row if pixels is None else {**row, "pixel_values": pixels})
     return rows

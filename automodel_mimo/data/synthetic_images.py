@@ -109,3 +109,29 @@ def shapes_dataset(
 
 
 SYNTHETIC_IMAGE_TASKS = {"shapes": shapes_dataset}
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """"red top left" with its colour or its quadrant replaced by another one: wrong, but plausible (the text DPO
+    default's one wrong digit)."""
+    color, quadrant = answer.split(" ", 1)
+    if rng.random() < 0.5:
+        return f"{rng.choice([c for c in COLORS if c != color])} {quadrant}"
+    return f"{color} {rng.choice([q for q in QUADRANTS if q != quadrant])}"
+
+
+def shapes_preferences(
+    num_train: int, num_eval: int, seed: int, *, image_size: int = 32, text_only_fraction: float = 0.0
+) -> datasets.DatasetDict:
+    """synthetic:shapes as preference pairs: columns image, prompt, chosen (the right answer) and rejected (the
+    right answer with its colour or quadrant wrong); the same rows and splits as shapes_dataset."""
+    rng = random.Random(seed + 1)
+    out = {}
+    for split, ds in shapes_dataset(num_train, num_eval, seed, image_size=image_size,
+                                    text_only_fraction=text_only_fraction).items():
+        ds = ds.rename_column("response", "chosen")
+        out[split] = ds.add_column("rejected", [wrong_answer(a, rng) for a in ds["chosen"]])
+    return datasets.DatasetDict(out)
+
+
+SYNTHETIC_IMAGE_PREFERENCES = {"shapes": shapes_preferences}

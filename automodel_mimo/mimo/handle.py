@@ -193,11 +193,12 @@ class MimoHandle(Handle):
 
     def loss_view(self, mb: dict) -> dict:
         """This rank's LLM rows of a coarse-block microbatch (text, side data; whole rows, before any cp
-        sharding), with `loss_mask`."""
+        sharding), with `loss_mask`. Side data already in that layout (computed from `logprobs()`, e.g. DPO's
+        reference sums: fewer rows than the microbatch under a fan-out) passes as it is."""
         n = mb["input_ids"].shape[0]
         rows = self.language_row_range(n)
-        out = {k: v[rows.start:rows.stop] for k, v in mb.items()
-               if k not in IMAGE_KEYS and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
+        out = {k: v if v.shape[0] != n else v[rows.start:rows.stop] for k, v in mb.items()
+               if k not in IMAGE_KEYS and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] in (n, len(rows))}
         if "loss_mask" not in out:
             out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
         return out

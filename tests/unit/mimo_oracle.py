@@ -11,7 +11,7 @@ from automodel_mimo.data.batching import collate
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.modules import build_vision_module
 from automodel_mimo.models.build import build_model
-from tests.unit.oracle import VOCAB, full_grads, full_params, tiny_llama_config
+from tests.unit.oracle import VOCAB, assert_tensors_close, full_grads, full_params, tiny_llama_config
 
 PLACEHOLDER = VOCAB - 1
 IMAGE = 16
@@ -55,12 +55,9 @@ def mimo_collate(rows: list[dict]) -> dict:
     return batch
 
 
-def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float, weight_decay: float,
-                        grad_clip: float, layers: int = 2) -> dict:
-    """Whole batch, one process: encoder -> projector -> splice -> LLM, token-mean NLL, clip, step."""
-    encoders, llm = build_modules(layers=layers)
-    vision = encoders["vision"]
-    batch = mimo_collate(rows)
+def reference_token_logprobs(vision, llm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder -> projector -> splice -> LLM on a whole mimo_collate batch, one process: per-token logprobs of
+    the labels [B, S] and the loss mask."""
     # LLaVA's features: the last layer's hidden states, before the tower's post-layernorm (unused: no gradient)
     feats = vision.projector(vision.encoder(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states[-1])
     embeds = llm.get_input_embeddings()(batch["input_ids"])
@@ -69,9 +66,17 @@ def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float,
     logits = llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits.float()
     logp = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
     valid = batch["labels"] != IGNORE_INDEX
-    loss = -(logp * valid).sum() / valid.sum()
+    return logp * valid, valid
+
+
+def named_mimo_parameters(vision, llm) -> list:
+    return [(f"vision.{n}", p) for n, p in vision.named_parameters()] + [(f"language.{n}", p) for n, p in llm.named_parameters()]
+
+
+def finish_reference_step(named: list, loss: torch.Tensor, optimizer: str, lr: float, eps: float, weight_decay: float,
+                          grad_clip: float) -> dict:
+    """backward, gradients, global-norm clip, one SGD / AdamW step (decay on matrices only)."""
     loss.backward()
-    named = [(f"vision.{n}", p) for n, p in vision.named_parameters()] + [(f"language.{n}", p) for n, p in llm.named_parameters()]
     grads = full_grads(named)
     params = [p for _, p in named]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -80,3 +85,27 @@ def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float,
     opt = torch.optim.SGD(groups, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(groups, lr=lr, eps=eps)
     opt.step()
     return {"loss": float(loss), "grad_norm": float(norm), "grads": grads, "params": full_params(named)}
+
+
+def reference_mimo_step(rows: list[dict], optimizer: str, lr: float, eps: float, weight_decay: float,
+                        grad_clip: float, layers: int = 2) -> dict:
+    """Whole batch, one process: encoder -> projector -> splice -> LLM, token-mean NLL, clip, step."""
+    encoders, llm = build_modules(layers=layers)
+    vision = encoders["vision"]
+    logp, valid = reference_token_logprobs(vision, llm, mimo_collate(rows))
+    loss = -logp.sum() / valid.sum()
+    return finish_reference_step(named_mimo_parameters(vision, llm), loss, optimizer, lr, eps, weight_decay, grad_clip)
+
+
+def assert_step_close(got: dict, ref: dict, what: str) -> None:
+    """rel err < TOL for every gradient and post-step weight, except the gradients that are zero in exact
+    math (SigLIP's key biases: the softmax ignores them) and those zero-initialized biases after the step:
+    their rounding noise is compared in absolute terms, below 1e-6 x the largest gradient (weight) norm."""
+    floor = 1e-6 * max(float(g.norm()) for g in ref["grads"].values())
+    zero = {n for n, g in ref["grads"].items() if float(g.norm()) < floor}
+    assert all(float(got["grads"][n].norm()) < floor for n in zero), {n: float(got["grads"][n].norm()) for n in zero}
+    weight_floor = 1e-6 * max(float(p.norm()) for p in ref["params"].values())
+    assert all(float((got["params"][n] - ref["params"][n]).norm()) < weight_floor for n in zero)
+    for kind in ("grads", "params"):
+        assert_tensors_close({n: g for n, g in got[kind].items() if n not in zero},
+                             {n: g for n, g in ref[kind].items() if n not in zero}, f"{what} {kind}")

@@ -21,9 +21,9 @@ from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.mimo.handle import MimoHandle, build_mimo_grids
 from policies.policy import Policy
 from tests.unit.mimo_oracle import (
-    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, build_modules, mimo_rows, reference_mimo_step)
+    PLACEHOLDER, VISION, TOKENS_PER_IMAGE, assert_step_close, build_modules, mimo_rows, reference_mimo_step)
 from tests.unit.multirank import run_ranks
-from tests.unit.oracle import TOL, assert_tensors_close, full, full_grads, full_params, tiny_llama_config, train_config
+from tests.unit.oracle import TOL, full, full_grads, full_params, tiny_llama_config, train_config
 
 GLOBAL_BATCH = 8
 OPTIMIZERS = [("sgd", 0.0), ("adamw", 0.5)]
@@ -292,21 +292,7 @@ def _assert_layout_matches(per_rank: list, name: str, optimizer: str, r: dict, w
         assert abs(got["loss"] - r["loss"]) <= TOL * r["loss"], (what, got["loss"], r["loss"])
         assert abs(got["grad_norm"] - r["grad_norm"]) <= TOL * r["grad_norm"], (what, got["grad_norm"])
         assert got["skipped"] == 0, what
-    _assert_step_close(per_rank[0][name, optimizer], r, what)
-
-
-def _assert_step_close(got: dict, ref: dict, what: str) -> None:
-    """rel err < TOL for every gradient and post-step weight, except the gradients that are zero in exact
-    math (SigLIP's key biases: the softmax ignores them) and those zero-initialized biases after the step:
-    their rounding noise is compared in absolute terms, below 1e-6 x the largest gradient (weight) norm."""
-    floor = 1e-6 * max(float(g.norm()) for g in ref["grads"].values())
-    zero = {n for n, g in ref["grads"].items() if float(g.norm()) < floor}
-    assert all(float(got["grads"][n].norm()) < floor for n in zero), {n: float(got["grads"][n].norm()) for n in zero}
-    weight_floor = 1e-6 * max(float(p.norm()) for p in ref["params"].values())
-    assert all(float((got["params"][n] - ref["params"][n]).norm()) < weight_floor for n in zero)
-    for kind in ("grads", "params"):
-        assert_tensors_close({n: g for n, g in got[kind].items() if n not in zero},
-                             {n: g for n, g in ref[kind].items() if n not in zero}, f"{what} {kind}")
+    assert_step_close(per_rank[0][name, optimizer], r, what)
 
 
 def reference_steps(layers: int = 2) -> tuple[list[dict], dict]:
