@@ -113,8 +113,10 @@ def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
      "the model's 2 layers do not divide over 4 pipeline stages (mimo.layout.language.pp=2"),
     (["mimo.layout.language={pp: 2, tp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
      "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported yet"),
-    (["mimo.layout.vision={dp: 1}"], "mimo.layout.vision: spans ranks 0..0 (dp*tp*cp*pp = 1) but launch.nproc = 2; "
-                                     "only colocated layouts"),
+    (["mimo.layout.vision={dp: 1}"], "mimo.layout: module rank ranges overlap (vision on ranks 0..0 (offset=0, "
+                                     "dp*tp*cp*pp=1), language on ranks 0..1"),
+    (["mimo.layout.vision={dp: 1}", "mimo.layout.language={offset: 2}"],
+     "mimo.layout: module rank ranges do not cover ranks 0..1 exactly"),
     (["model.tokenizer=__TOKENIZER__"], "mimo.placeholder_token='<|image|>' is not a token of the tokenizer"),
     (["mimo.tokens_per_image=4"], "mimo.tokens_per_image=4, but the SigLIP encoder yields"),
     (["mimo.encoder.model_type=no_such_model"], "mimo.encoder: cannot load the encoder config"),
