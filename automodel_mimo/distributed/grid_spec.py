@@ -113,9 +113,6 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
         if s.name != LANGUAGE:
             _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: encoders are not pipelined (every rank "
                      "runs the whole encoder); set pp=1 (only mimo.layout.language.pp may be > 1)")
-        elif s.dim_size("pp") > 1:
-            _require(s.dim_size("tp") == 1, f"{key}.pp={s.dim_size('pp')} with {key}.tp={s.dim_size('tp')} is not "
-                     "supported yet (as for LMs: pp with tp > 1); use tp=1 with pp")
         if s.name != LANGUAGE:
             _require(s.dim_size("cp") == 1, f"{key}.cp={s.dim_size('cp')}: encoders do not shard the sequence; set cp=1")
     _check_placement(specs, world)

@@ -12,7 +12,7 @@ e.g. an expert view etp x ep x edp == tp x cp x dp; a shared dim must group rank
 
 Scope now: colocated layouts (every module spans all ranks) and non-colocated ones (disjoint rank ranges
 `offset .. offset + size - 1` covering the world; a rank then holds one module, and its Grid of any other
-module is a non-member: no coordinates, no groups), encoders with pp == 1, the LLM with any pp (then tp == 1).
+module is a non-member: no coordinates, no groups), encoders with pp == 1, the LLM with any pp x tp x cp x dp.
 """
 
 from __future__ import annotations

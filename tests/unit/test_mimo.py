@@ -59,7 +59,7 @@ def test_layout_validation_messages():
     assert "do not nest" in _error(validate_layout, [strided, _spec("language", dp=2, tp=2)], 4)
     assert "overlap" in _error(validate_layout, [_spec("vision", dp=2), _spec("language", dp=4)], 4)
     assert "encoders are not pipelined" in _error(validate_layout, [_spec("vision", dp=2, pp=2), _spec("language", dp=4)], 4)
-    assert "tp=2 is not supported yet" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", pp=2, tp=2)], 4)
+    validate_layout([_spec("vision", dp=4), _spec("language", pp=2, tp=2)], 4)  # LLM pp x tp (test_mimo_pp.py)
     validate_layout([_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)  # LLM dp blocks {0, 2}, {1, 3}
     assert "encoders do not shard" in _error(validate_layout, [_spec("vision", dp=2, cp=2), _spec("language", dp=4)], 4)
     assert "missing" in _error(validate_layout, [_spec("vision", dp=4)], 4)
@@ -94,7 +94,6 @@ def test_mimo_config_validation(tmp_path):
         ("mimo.layout.language.offset=1",): "module rank ranges overlap",
         ("mimo.layout.language.offset=-1",): "mimo.layout.language.offset=-1: must be an integer >= 0",
         ("mimo.layout.vision={dp: 2, pp: 2}",): "mimo.layout.vision.pp=2: encoders are not pipelined",
-        ("mimo.layout.language={pp: 2, tp: 2}",): "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported",
         ("mimo.layout.language={pp: 2, dp: 2}", "train.micro_batch_size=1"): "1 pipeline microbatches, fewer than "
                                                                           "mimo.layout.language.pp=2",
         ("mimo.layout.language.ep=2",): "unknown dims",

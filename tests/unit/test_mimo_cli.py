@@ -139,8 +139,6 @@ def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
      "the model's 3 layers do not divide over 2 pipeline stages (mimo.layout.language.pp=2"),
     (["mimo.layout.language={pp: 2}", "parallel.pp_schedule=interleaved1f1b"],
      "the model's 2 layers do not divide over 4 pipeline stages (mimo.layout.language.pp=2"),
-    (["mimo.layout.language={pp: 2, tp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
-     "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported yet"),
     (["mimo.layout.vision={dp: 1}"], "mimo.layout: module rank ranges overlap (vision on ranks 0..0 (offset=0, "
                                      "dp*tp*cp*pp=1), language on ranks 0..1"),
     (["mimo.layout.vision={dp: 1}", "mimo.layout.language={offset: 2}"],
