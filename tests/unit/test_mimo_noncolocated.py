@@ -81,9 +81,31 @@ def test_noncolocated_oracle_four_ranks(reference):
     _check(run_ranks(_steps, 4, rows, FOUR_RANKS), FOUR_RANKS, ref)
 
 
+def _nan_step(rows: list[dict]) -> dict:
+    """A NaN gradient on the last rank (an LLM stage): every rank, the encoder's too, skips the step."""
+    name, layout, micro, keys, packed = THREE_RANKS[0]
+    model = _model(layout, micro, keys, packed)
+    policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, micro))
+    before = full_params(model.named_parameters())
+    policy.sft_forward_backward(_microbatches(model, rows, micro, packed))
+    if torch.distributed.get_rank() == 2:
+        grad = next(p.grad for n, p in model.named_parameters() if n.startswith("language.") and p.grad is not None)
+        grad.to_local().fill_(float("nan"))
+    step = policy.optimizer_step()
+    after = full_params(model.named_parameters())
+    model.destroy()
+    return {"skipped": step["skipped"], "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+
+
+def _three_ranks(rows: list[dict]) -> list:
+    return [_steps(rows, THREE_RANKS), _nan_step(rows)]
+
+
 def test_noncolocated_oracle_three_ranks(reference):
     rows, ref = reference
-    _check(run_ranks(_steps, 3, rows, THREE_RANKS), THREE_RANKS, ref)
+    per_rank = run_ranks(_three_ranks, 3, rows)
+    _check([r[0] for r in per_rank], THREE_RANKS, ref)
+    assert [r[1] for r in per_rank] == [{"skipped": 1, "unchanged": True}] * 3, [r[1] for r in per_rank]
 
 
 # ---------------------------------------------------------------- inference: logprobs and greedy generation
