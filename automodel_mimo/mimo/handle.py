@@ -25,6 +25,12 @@ One microbatch:
 Under LLM pp > 1 the LLM is AutoPipeline stages and a step runs in three phases (mimo/pipeline.py): the encoder
 and bridge on the whole step's images, the LLM's schedule on their detached result (spliced on the first
 stage), then the encoder's backward from the gradient the first stage captured and broadcast.
+
+Non-colocated layouts (`mimo.layout.<module>.offset`, disjoint rank ranges): a rank holds the encoder (+ projector)
+or the LLM. The same data mapping, but the bridge is a `Relay` (mimo/relay.py): encoder ranks encode and send their
+rows point-to-point, LLM ranks receive them as leaves, run the LLM as above and send the leaves' gradients and their
+results (metrics, logprobs, next tokens) back, so every method returns on encoder ranks what callers expect for
+the rows those ranks stand for (`language_row_range`).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocate
 from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.mimo.bridge import Bridge, _SumGradOverCp
+from automodel_mimo.mimo.bridge import Bridge, sum_grad_over_cp
 from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
 from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, image_embeddings
 from automodel_mimo.mimo.relay import Relay
@@ -116,7 +122,7 @@ class MimoHandle(Handle):
         # non-colocated: this rank holds one module (mimo/relay.py); the others' grids are non-members here
         self.states = {n: g.parallel_state() for n, g in self.grids.items() if g.member}
         self.language_state = self.states.get(LANGUAGE)
-        self.on_language, self.on_encoder = grids[LANGUAGE].member, grids[names[0]].member
+        self.on_language = grids[LANGUAGE].member
         if self.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:
             raise UserInputError("mimo.layout.language.cp > 1 needs the LLM built with packed attention "
                                  "(build_model(..., packed=True))")
@@ -290,7 +296,7 @@ class MimoHandle(Handle):
             leaf = rows.requires_grad_(torch.is_grad_enabled())
             self._received.append((r, leaf))
             # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
-            out.append(_SumGradOverCp.apply(leaf, self.cp_group) if self.cp_group is not None and leaf.requires_grad else leaf)
+            out.append(sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None and leaf.requires_grad else leaf)
         return out
 
     def _encoded(self, microbatches: list[dict]) -> list[torch.Tensor]:
@@ -398,7 +404,7 @@ class MimoHandle(Handle):
         out = []
         microbatches = self._equalized(list(microbatches))
         if not self.on_language:
-            out = [torch.cat(parts) for parts in zip(*self._encoder_only(microbatches, train=False))]
+            out = [torch.cat(parts).to(self.device) for parts in zip(*self._encoder_only(microbatches, train=False))]
             self.reshard()
             self.train()
             return out[:n]
