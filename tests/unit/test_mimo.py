@@ -192,7 +192,7 @@ def _check_bridge_results(per_rank: list[dict]) -> None:
         assert result["fan-in"]["direction"] == "fan_in" and result["fan-out"]["direction"] == "fan_out"
         assert result["ep_group"] == [[0, 1], [2, 3]][rank // 2]
         assert len(result["bad_layouts"]) == 2 and result["bad_layouts"] == per_rank[0]["bad_layouts"]
-    assert "only colocated" in per_rank[0]["bad_layouts"][0]
+    assert "module rank ranges overlap" in per_rank[0]["bad_layouts"][0]
     assert "global_batch_size=6" in per_rank[0]["bad_layouts"][1]
 
 

@@ -4,7 +4,8 @@ gradients come back the same way (mimo/relay.py), and the step equals the single
 grad norm, every encoder AND LLM gradient, post-step weights with SGD and clipped AdamW — on a batch mixing
 text-only and image rows with non-uniform loss masks, on every rank (encoder ranks included: their metrics come
 from the LLM ranks). Layouts: vision dp2 on ranks 0-1 + language tp2 on ranks 2-3 (fan-in), vision dp1 + language
-pp2 on 3 ranks, vision dp2 + language cp2 packed (fan-in), vision dp1 + language dp2 on 3 ranks (fan-out).
+pp2 on 3 ranks, vision dp2 + language cp2 packed (fan-in), vision dp1 + language dp2 on 3 ranks (fan-out), vision
+tp2 + language dp2 on 4 ranks (fan-out from a tensor-parallel encoder).
 Also: logprobs and greedy generation on every rank equal the single process's; a non-colocated checkpoint
 resumes under a colocated layout and back; bad placements fail with one line before any group exists."""
 
@@ -25,6 +26,7 @@ from tests.unit.test_mimo_pp import GLOBAL_BATCH, _merged, _microbatches, _model
 FOUR_RANKS = [  # (name, layout, micro_batch_size, parallel pipeline keys, packed)
     ("vision-dp2+language-tp2", {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}}, 4, {}, False),
     ("vision-dp2+language-cp2-packed", {"vision": {"dp": 2}, "language": {"cp": 2, "offset": 2}}, 2, {}, True),
+    ("vision-tp2+language-dp2-fan-out", {"vision": {"tp": 2}, "language": {"dp": 2, "offset": 2}}, 4, {}, False),
 ]
 CPU = torch.device("cpu")
 THREE_RANKS = [
