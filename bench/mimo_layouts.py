@@ -14,6 +14,8 @@ feasible homogeneous one.
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --llm 8b   # a Llama-3-8B-shaped LLM instead
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8 --encoder-only
       # the vision module alone per layout: wall, host and kernel time
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --noncolocated   # encoder and LLM on disjoint
+      # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ LAYOUTS = {
     "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
     "homo_tp4": (False, {"vision": {"tp": 4}, "language": {"tp": 4}}),
 }
+# --noncolocated: the encoder (+ projector) and the LLM on disjoint ranks, rows and gradients point-to-point
+NONCOLOCATED = {
+    "noncoloc_vision_dp2_language_tp2": {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}},
+    "noncoloc_vision_dp2_language_dp2": {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}},
+    "noncoloc_vision_dp3_language_dp1": {"vision": {"dp": 3}, "language": {"offset": 3}},
+}
+NONCOLOCATED_BASELINES = ("hetero_vision_dp4_language_tp2dp2", "homo_tp2dp2")
 FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=448, patch_size=14),
         "llm": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -65,7 +74,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU/gloo (a smoke test of the benchmark)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    p.add_argument("--layouts", help="comma-separated subset of " + ", ".join([*LAYOUTS, *NONCOLOCATED])
+                   + " (default: the colocated ones; with --noncolocated the non-colocated ones and "
+                   + ", ".join(NONCOLOCATED_BASELINES) + ")")
+    p.add_argument("--noncolocated", action="store_true",
+                   help="time non-colocated layouts (encoder and LLM on disjoint ranks) against colocated baselines")
     p.add_argument("--llm", choices=["1b", "8b"], default="1b", help="LLM of the GPU config (~1.2B or 8B Llama)")
     p.add_argument("--rows", type=int, help="global batch in rows (default: 32; --tiny 16)")
     p.add_argument("--images-per-row", type=int, default=1)
@@ -205,6 +218,9 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
 
 def main() -> None:
     args = parse_args()
+    if args.noncolocated and args.encoder_only:
+        raise SystemExit("--encoder-only times the encoder on every rank; non-colocated layouts hold it on some only")
+    args.layouts = args.layouts or ",".join([*NONCOLOCATED, *NONCOLOCATED_BASELINES] if args.noncolocated else LAYOUTS)
     quiet_third_party()
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the vision output is a view: harmless here
     spec = dict(TINY if args.tiny else {**FULL, "llm": LLM_8B} if args.llm == "8b" else FULL)
@@ -220,18 +236,24 @@ def main() -> None:
     began = time.perf_counter()
     results = {}
     for name in args.layouts.split(","):
-        results[name] = {**run_layout(LAYOUTS[name][1], base, spec, device, args), "layout": LAYOUTS[name][1]}
+        layout = NONCOLOCATED[name] if name in NONCOLOCATED else LAYOUTS[name][1]
+        results[name] = {**run_layout(layout, base, spec, device, args), "layout": layout}
         if dist.get_rank() == 0:
             print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
     feasible = {n: r for n, r in results.items() if "infeasible" not in r}
-    best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if LAYOUTS[n][0] == kind)
-            for kind in (True, False) if any(LAYOUTS[n][0] == kind for n in feasible)} if not args.encoder_only else {}
+    kinds = {n: "noncolocated" if n in NONCOLOCATED else LAYOUTS[n][0] for n in feasible}
+    best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if kinds[n] == kind)
+            for kind in set(kinds.values())} if not args.encoder_only else {}
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
                "tokens_per_image": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
                "global_batch": spec["global_batch"], "images_per_row": spec["images_per_row"], "results": results,
                "wall_s": round(time.perf_counter() - began, 1)}
-    if len(best) == 2:
+    colocated = [best[k] for k in (True, False) if k in best]
+    if "noncolocated" in best and colocated:
+        summary.update(best_noncolocated=best["noncolocated"][1], best_colocated=max(colocated)[1],
+                       speedup_noncolocated_over_best_colocated=round(best["noncolocated"][0] / max(colocated)[0], 3))
+    if True in best and False in best:
         summary.update(best_hetero=best[True][1], best_homo=best[False][1],
                        speedup_hetero_over_best_homo=round(best[True][0] / best[False][0], 3))
     if dist.get_rank() == 0:

@@ -233,7 +233,8 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:
-    """The MIMO section and its layout (grids.validate_layout: colocated, encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
+    """The MIMO section and its layout (grids.validate_layout: colocated or disjoint rank ranges covering the world,
+    encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
     from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
@@ -247,11 +248,13 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")
     for name, sizes in m.layout.items():
         _require(isinstance(sizes, dict), f"mimo.layout.{name}: expected a mapping such as {{dp: 2, tp: 2}}")
-        unknown = set(sizes) - set(MIMO_DIMS)
-        _require(not unknown, f"mimo.layout.{name}: unknown dims {sorted(unknown)}; use {', '.join(MIMO_DIMS)}")
+        unknown = set(sizes) - set(MIMO_DIMS) - {"offset"}
+        _require(not unknown, f"mimo.layout.{name}: unknown dims {sorted(unknown)}; use {', '.join(MIMO_DIMS)} "
+                 "(and offset: the module's first rank)")
         for dim, size in sizes.items():
-            _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
-                     f"mimo.layout.{name}.{dim}={size!r}: must be an integer >= 1")
+            least = 0 if dim == "offset" else 1
+            _require(isinstance(size, int) and not isinstance(size, bool) and size >= least,
+                     f"mimo.layout.{name}.{dim}={size!r}: must be an integer >= {least}")
     specs = [GridSpec.for_module(n, m.layout[n]) for n in (m.encoder_name, LANGUAGE)]
     validate_layout(specs, world, t.global_batch_size)
     enc_dp, lm_dp = (s.dim_size("dp") for s in specs)

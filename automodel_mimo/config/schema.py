@@ -225,9 +225,10 @@ class RunConfig:
     @property
     def layout(self) -> str:
         """The layout as printed and recorded: `dp=2 tp=1 cp=1 pp=1`, or per MIMO module
-        `vision: dp=2 tp=1 cp=1 pp=1, language: dp=1 tp=2 cp=1 pp=1`."""
+        `vision: dp=2 tp=1 cp=1 pp=1, language: dp=1 tp=2 cp=1 pp=1` (non-colocated: `... pp=1 offset=2`)."""
         if self.mimo.layout:
             return ", ".join(f"{name}: " + " ".join(f"{d}={sizes.get(d, 1)}" for d in ("dp", "tp", "cp", "pp"))
+                             + (f" offset={sizes['offset']}" if sizes.get("offset") else "")
                              for name, sizes in self.mimo.layout.items())
         p = self.parallel
         return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}"

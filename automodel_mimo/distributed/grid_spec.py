@@ -31,8 +31,12 @@ class GridSpec:
     offset: int = 0
 
     @classmethod
-    def for_module(cls, name: str, sizes: dict[str, int], offset: int = 0) -> "GridSpec":
-        return cls(name, tuple((d, int(sizes.get(d, 1))) for d in MODULE_DIMS), offset)
+    def for_module(cls, name: str, sizes: dict[str, int]) -> "GridSpec":
+        """From a `mimo.layout.<module>` mapping: dims, and `offset` (the module's first rank, default 0)."""
+        return cls(name, tuple((d, int(sizes.get(d, 1))) for d in MODULE_DIMS), int(sizes.get("offset", 0)))
+
+    def holds(self, rank: int) -> bool:
+        return self.offset <= rank < self.offset + self.size
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -74,6 +78,27 @@ def _require(cond: bool, message: str) -> None:
         raise UserInputError(message)
 
 
+def is_colocated(specs: list[GridSpec], world: int) -> bool:
+    """Every module on every rank (as opposed to disjoint rank ranges, one module per rank)."""
+    return all(s.offset == 0 and s.size == world for s in specs)
+
+
+def _check_placement(specs: list[GridSpec], world: int) -> None:
+    """Colocated (every module spans ranks 0..world-1) or non-colocated (pairwise disjoint ranges covering the
+    world); anything else is refused with the ranges that are wrong."""
+    if is_colocated(specs, world):
+        return
+    spans = ", ".join(f"{s.name} on ranks {s.offset}..{s.offset + s.size - 1} (offset={s.offset}, dp*tp*cp*pp={s.size})"
+                      for s in specs)
+    fix = (f"either every module spans all {world} ranks (offset 0, dp*tp*cp*pp = {world}: colocated) or the modules' "
+           f"ranges offset..offset+dp*tp*cp*pp-1 are disjoint and together cover ranks 0..{world - 1} (non-colocated)")
+    covered = sorted(r for s in specs for r in range(s.offset, s.offset + s.size))
+    _require(all(s.offset >= 0 for s in specs), f"mimo.layout: an offset is negative ({spans}); {fix}")
+    _require(len(covered) == len(set(covered)), f"mimo.layout: module rank ranges overlap ({spans}); {fix}")
+    _require(covered == list(range(world)),
+             f"mimo.layout: module rank ranges do not cover ranks 0..{world - 1} exactly ({spans}); {fix}")
+
+
 def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | None = None) -> None:
     """Every check that can fail, before any group exists (so every rank raises the same error)."""
     names = [s.name for s in specs]
@@ -88,19 +113,13 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
         if s.name != LANGUAGE:
             _require(s.dim_size("pp") == 1, f"{key}.pp={s.dim_size('pp')}: encoders are not pipelined (every rank "
                      "runs the whole encoder); set pp=1 (only mimo.layout.language.pp may be > 1)")
-        elif s.dim_size("pp") > 1:
-            _require(s.dim_size("tp") == 1, f"{key}.pp={s.dim_size('pp')} with {key}.tp={s.dim_size('tp')} is not "
-                     "supported yet (as for LMs: pp with tp > 1); use tp=1 with pp")
-        _require(s.offset == 0 and s.size == world,
-                 f"{key}: spans ranks {s.offset}..{s.offset + s.size - 1} (dp*tp*cp*pp = {s.size}) but launch.nproc = "
-                 f"{world}; only colocated layouts (every module on all ranks) are supported so far: make "
-                 "dp*tp*cp*pp equal the number of ranks for every module")
         if s.name != LANGUAGE:
             _require(s.dim_size("cp") == 1, f"{key}.cp={s.dim_size('cp')}: encoders do not shard the sequence; set cp=1")
+    _check_placement(specs, world)
     language = next(s for s in specs if s.name == LANGUAGE)
     for s in specs:
         if s.name != LANGUAGE:
-            check_nesting(s, language)
+            check_nesting(s, language, is_colocated(specs, world))
     if global_batch_size is not None:  # the LLM splits rows over its dp; encoders split images, not rows
         lm_dp = language.dim_size("dp")
         _require(global_batch_size % lm_dp == 0,
@@ -108,15 +127,19 @@ def validate_layout(specs: list[GridSpec], world: int, global_batch_size: int | 
                  f"the language model splits the batch's rows over its dp ranks; use a multiple of {lm_dp}")
 
 
-def check_nesting(encoder: GridSpec, language: GridSpec) -> None:
+def check_nesting(encoder: GridSpec, language: GridSpec, colocated: bool = True) -> None:
     """Each dp block of the coarser grid must be the union of `scale` dp blocks of the finer: consecutive ones
     when both grids are pp=1; under LLM pp (pp outermost) the LLM's dp blocks hold ranks of every stage, so an
-    encoder's blocks nest in them strided (vision dp4 in language pp2 x dp2: {0, 2} = {0} + {2})."""
+    encoder's blocks nest in them strided (vision dp4 in language pp2 x dp2: {0, 2} = {0} + {2}).
+    Non-colocated grids share no ranks: coarse dp block b is fine dp blocks b*scale .. b*scale+scale-1 by
+    definition (mimo/relay.py), so only the ratio is checked."""
     e, lm = encoder.dim_size("dp"), language.dim_size("dp")
     fine, coarse = (encoder, language) if e >= lm else (language, encoder)
     bad = (f"mimo.layout: the dp blocks of '{encoder.name}' (dp={e}) and '{language.name}' (dp={lm}) do not nest: "
            f"each dp block of the grid with fewer dp ranks must be the union of consecutive dp blocks of the other")
     _require(max(e, lm) % min(e, lm) == 0, bad + f"; make one dp a multiple of the other ({max(e, lm)} % {min(e, lm)} != 0)")
+    if not colocated:
+        return
     scale = max(e, lm) // min(e, lm)
     fine_blocks = fine.dp_blocks()
     for block in coarse.dp_blocks():

@@ -10,8 +10,9 @@ consumes — and `Grid` asserts that nemo enumerates each dim's ranks exactly as
 Views (`Grid.view`) are second factorizations of the same ranks that share chosen dims with the base,
 e.g. an expert view etp x ep x edp == tp x cp x dp; a shared dim must group ranks identically in both.
 
-Scope now: colocated layouts (every module spans all ranks), encoders with pp == 1, the LLM with any pp
-(then tp == 1); non-colocated rank ranges are rejected with a clear message.
+Scope now: colocated layouts (every module spans all ranks) and non-colocated ones (disjoint rank ranges
+`offset .. offset + size - 1` covering the world; a rank then holds one module, and its Grid of any other
+module is a non-member: no coordinates, no groups), encoders with pp == 1, the LLM with any pp x tp x cp x dp.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Grid:
     def __init__(self, spec: GridSpec, mesh_context, device: torch.device):
         self.spec, self.mesh_context, self.device = spec, mesh_context, device
         self.rank = dist.get_rank()
-        self.coords = spec.coords(self.rank)
-        for dim in spec.names:  # nemo's rank enumeration must be the spec's
+        self.member = spec.holds(self.rank)
+        self.coords = spec.coords(self.rank) if self.member else None
+        for dim in spec.names if self.member else ():  # nemo's rank enumeration must be the spec's
             nemo = dist.get_process_group_ranks(self.group(dim))
             expected = spec.group_of(self.rank, dim)
             assert nemo == expected, f"grid {spec.name}: nemo's {dim} group is {nemo}, the spec says {expected}"

@@ -84,6 +84,11 @@ class _SumGradOverCp(torch.autograd.Function):
         return grad, None
 
 
+def sum_grad_over_cp(rows: torch.Tensor, group) -> torch.Tensor:
+    """Identity whose backward sums the gradient over the LLM's cp group (each cp rank's covers its chunks)."""
+    return _SumGradOverCp.apply(rows, group)
+
+
 def sibling_groups(encoder: GridSpec, language: GridSpec) -> list[list[int]]:
     """Every sibling group (slot order), in one fixed order: coarse dp block, then finer non-dp coordinate."""
     e, lm = encoder.dim_size("dp"), language.dim_size("dp")

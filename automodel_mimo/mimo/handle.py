@@ -25,6 +25,12 @@ One microbatch:
 Under LLM pp > 1 the LLM is AutoPipeline stages and a step runs in three phases (mimo/pipeline.py): the encoder
 and bridge on the whole step's images, the LLM's schedule on their detached result (spliced on the first
 stage), then the encoder's backward from the gradient the first stage captured and broadcast.
+
+Non-colocated layouts (`mimo.layout.<module>.offset`, disjoint rank ranges): a rank holds the encoder (+ projector)
+or the LLM. The same data mapping, but the bridge is a `Relay` (mimo/relay.py): encoder ranks encode and send their
+rows point-to-point, LLM ranks receive them as leaves, run the LLM as above and send the leaves' gradients and their
+results (metrics, logprobs, next tokens) back, so every method returns on encoder ranks what callers expect for
+the rows those ranks stand for (`language_row_range`).
 """
 
 from __future__ import annotations
@@ -41,15 +47,17 @@ from torch.distributed.tensor import DTensor, Shard
 
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import global_grad_norm
-from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec
+from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocated
 from automodel_mimo.distributed.grids import build_grids
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
-from automodel_mimo.mimo.bridge import Bridge
+from automodel_mimo.mimo.bridge import Bridge, sum_grad_over_cp
 from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
 from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, image_embeddings
+from automodel_mimo.mimo.relay import Relay
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import Handle, count_over, stage_full_state
+from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
 
@@ -109,20 +117,28 @@ class MimoHandle(Handle):
             grids = build_mimo_grids(layout, list(encoders), device, dtype, global_batch_size)
         assert list(grids) == names and all(g.spec == GridSpec.for_module(n, layout[n]) for n, g in grids.items()), \
             "grids built for another layout"
-        self.grids = grids
-        self.states = {n: g.parallel_state() for n, g in self.grids.items()}
-        self.language_state = self.states[LANGUAGE]
-        if self.language_state.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:
+        self.grids, self.names = grids, names
+        self.colocated = is_colocated([g.spec for g in grids.values()], dist.get_world_size())
+        # non-colocated: this rank holds one module (mimo/relay.py); the others' grids are non-members here
+        self.states = {n: g.parallel_state() for n, g in self.grids.items() if g.member}
+        self.language_state = self.states.get(LANGUAGE)
+        self.on_language = grids[LANGUAGE].member
+        if self.cp_size > 1 and language.config._attn_implementation != packed_attention.NAME:
             raise UserInputError("mimo.layout.language.cp > 1 needs the LLM built with packed attention "
                                  "(build_model(..., packed=True))")
         for n, m in encoders.items():  # nemo has no TP plan for vision towers: ours, read by parallelize_model
             self.grids[n].mesh_context.strategy_config.tp_plan = vision_tp_plan(m) if self.grids[n].size("tp") > 1 else None
         # each module's parts on this rank: the module, or the LLM's pipeline stages (two when interleaved)
-        self.module_parts: dict[str, list[nn.Module]] = {n: [parallelize(m, self.states[n])] for n, m in encoders.items()}
+        self.module_parts: dict[str, list[nn.Module]] = {n: [parallelize(m, self.states[n])] for n, m in encoders.items()
+                                                         if n in self.states}
         self.encoder_name = names[0]
-        self.bridge = Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE])
+        self.vision_configs = {n: (m.llava_config, m.encoder.config) for n, m in encoders.items()}  # the export's
+        self.bridge = (Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE]) if self.colocated else
+                       Relay(self.grids[self.encoder_name].spec, self.grids[LANGUAGE].spec, language.config.hidden_size, device))
         self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
-        self._config, self.driver = language.config, None
+        self._config, self.driver, self._received = language.config, None, []
+        if not self.on_language:
+            return
         if self.language_state.pp_size == 1:
             self.module_parts[LANGUAGE] = [parallelize(language, self.language_state)]
         else:
@@ -157,22 +173,27 @@ class MimoHandle(Handle):
 
     # ------------------------------------------------------------ layout
     def data_block(self) -> tuple[int, int]:
-        """(index, count) of this rank's block of the global batch: the dp block of the coarsest module."""
+        """(index, count) of this rank's block of the global batch: the dp block of the coarsest module (a rank
+        of the other module in a non-colocated layout: the block its dp slot belongs to, mimo/relay.py)."""
         coarse = min(self.grids.values(), key=lambda g: g.size("dp"))
-        return coarse.local_rank("dp"), coarse.size("dp")
+        if coarse.member:
+            return coarse.local_rank("dp"), coarse.size("dp")
+        return self.bridge.block, coarse.size("dp")
 
     @property
     def data_group(self) -> dist.ProcessGroup:
-        """The LLM's dp ranks: their rows (`loss_view`) partition the global batch."""
-        return self.grids[LANGUAGE].group("dp")
+        """The LLM's dp ranks: their rows (`loss_view`) partition the global batch. An encoder-only rank: the
+        encoder's dp ranks, whose `loss_view`s (a coarse block's rows on its first slot) partition it too."""
+        return self.grids[LANGUAGE if self.on_language else self.encoder_name].group("dp")
 
     @property
     def cp_size(self) -> int:
-        return self.language_state.cp_size
+        """The LLM's cp (on every rank: encoder-only ranks build the same microbatches)."""
+        return self.grids[LANGUAGE].size("cp")
 
     @property
     def cp_group(self) -> dist.ProcessGroup | None:
-        return self.language_state.cp_group if self.cp_size > 1 else None
+        return self.language_state.cp_group if self.cp_size > 1 and self.on_language else None
 
     @property
     def pad_multiple(self) -> int:
@@ -185,8 +206,12 @@ class MimoHandle(Handle):
         return self.bridge.scale if self.bridge.direction == "fan_out" else 1
 
     def language_row_range(self, n_rows: int) -> range:
-        """Rows of a coarse-block microbatch of `n_rows` rows whose logits this rank's LLM computes."""
+        """Rows of a coarse-block microbatch of `n_rows` rows whose logits this rank's LLM computes. An encoder-
+        only rank stands for the LLM rows its coarse block feeds: all of them on the block's first encoder
+        slot, none on the others (it receives their results, mimo/relay.py)."""
         b = self.bridge
+        if not self.on_language:
+            return range(n_rows) if b.slot == 0 else range(0)
         return slot_range(n_rows, b.scale, b.slot) if b.direction == "fan_out" else range(n_rows)
 
     generation_rows = language_row_range
@@ -211,6 +236,22 @@ class MimoHandle(Handle):
             return shares[b.slot], [len(r) * tpi for r in shares]
         slots = [slot_range(len(counts), b.scale, s) for s in range(b.scale)]  # the LLM slots' rows (one if equal)
         return range(n), [sum(counts[r.start:r.stop]) * tpi for r in slots]
+
+    def _slot_ranges(self, mb: dict) -> tuple[list[range], list[range]]:
+        """Encoder rows (batch-major) of a coarse-block microbatch held by each encoder slot and needed by each
+        LLM slot, in slot order (one slot for the module with fewer dp ranks): the relay's pieces."""
+        counts, tpi, b = mb["image_counts"].tolist(), self.tokens_per_image, self.bridge
+        cum = [0]
+        for c in counts:
+            cum.append(cum[-1] + c * tpi)
+        whole = [range(cum[-1])]
+        if b.direction == "fan_in":
+            return [range(r.start * tpi, r.stop * tpi) for r in (image_share(sum(counts), b.scale, s)
+                                                                 for s in range(b.scale))], whole
+        if b.direction == "fan_out":
+            return whole, [range(cum[r.start], cum[r.stop]) for r in (slot_range(len(counts), b.scale, s)
+                                                                      for s in range(b.scale))]
+        return whole, whole
 
     # ------------------------------------------------------------ compute
     def check_batch(self, microbatches: list[dict]) -> None:
@@ -242,7 +283,25 @@ class MimoHandle(Handle):
 
     def _bridged_rows(self, microbatches: list[dict]) -> list[torch.Tensor]:
         """This rank's LLM rows' encoder rows of each microbatch (batch-major): one encoder pass over this rank's
-        images of all of them (one FSDP forward and, later, one backward), then the bridge per microbatch."""
+        images of all of them (one FSDP forward and, later, one backward), then the bridge per microbatch.
+        Non-colocated: received from the encoder ranks, as leaves whose gradients go back after the backward."""
+        if not self.colocated:
+            return self._received_rows(microbatches)
+        shares = [self._encoder_images(mb["image_counts"].tolist()) for mb in microbatches]
+        return [self.bridge(rows, slot_rows) for rows, (_, slot_rows) in zip(self._encoded(microbatches), shares)]
+
+    def _received_rows(self, microbatches: list[dict]) -> list[torch.Tensor]:
+        ranges = [self._slot_ranges(mb) for mb in microbatches]
+        out = []
+        for r, rows in zip(ranges, self.bridge.recv_rows(ranges)):
+            leaf = rows.requires_grad_(torch.is_grad_enabled())
+            self._received.append((r, leaf))
+            # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
+            out.append(sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None and leaf.requires_grad else leaf)
+        return out
+
+    def _encoded(self, microbatches: list[dict]) -> list[torch.Tensor]:
+        """This rank's encoder slot's rows of each microbatch, [rows, llm hidden] (one encoder pass)."""
         shares = [self._encoder_images(mb["image_counts"].tolist()) for mb in microbatches]
         pixels = torch.cat([mb["pixel_values"][r.start:r.stop] for mb, (r, _) in zip(microbatches, shares)]).to(self.device)
         feats = self._encode(pixels)
@@ -251,12 +310,11 @@ class MimoHandle(Handle):
                                  f"{feats.shape[1]} rows per image; set mimo.tokens_per_image={feats.shape[1]}")
         assert feats.dim() == 3 and feats.shape[0] == pixels.shape[0], (
             f"encoder output {tuple(feats.shape)} is not batch-major (images={pixels.shape[0]}, tokens_per_image, hidden)")
-        parts = feats.split([len(r) for r, _ in shares])
-        return [self.bridge(f.reshape(-1, f.shape[-1]), slot_rows) for f, (_, slot_rows) in zip(parts, shares)]
+        return [f.reshape(-1, f.shape[-1]) for f in feats.split([len(r) for r, _ in shares])]
 
-    def _forward(self, mb: dict) -> tuple[torch.Tensor, dict]:
+    def _forward(self, mb: dict, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch shard they belong to."""
-        return self._language_forward(self.loss_view(mb), self._bridged_rows([mb])[0])
+        return self._language_forward(self.loss_view(mb), self._bridged_rows([mb])[0] if rows is None else rows)
 
     def _stage_batches(self, microbatches: list[dict], views: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
         """Phase 1 under LLM pp: per microbatch, the LLM's batch shard with its image embeddings (cp-sharded like
@@ -276,27 +334,61 @@ class MimoHandle(Handle):
         self.train()
         metrics = []
         microbatches = self._equalized(microbatches)
+        if not self.on_language:  # the LLM slots' per-microbatch metrics
+            return [m for slot in self._encoder_only(microbatches, train=True) for m in slot]
+        self._received = []
         if self.driver is not None:
-            return self._pipelined_forward_backward(microbatches, loss_fn, temperature)
+            return self._relay_back(self._pipelined_forward_backward(microbatches, loss_fn, temperature), grads=True)
+        received = None if self.colocated else self._bridged_rows(microbatches)  # every microbatch's rows at once
         for i, mb in enumerate(microbatches):
             self.set_gradient_sync(i == len(microbatches) - 1)
-            logits, shard = self._forward(mb)
+            logits, shard = self._forward(mb, None if received is None else received[i])
             loss, m = loss_fn(*whole_rows(logits, shard, temperature, self.cp_group))
             loss.backward()
             metrics.append(m)
-        return metrics
+        return self._relay_back(metrics, grads=True)
+
+    # ------------------------------------------------------------ non-colocated: the two sides of the relay
+    def _relay_back(self, result, grads: bool = False):
+        """An LLM rank of a non-colocated layout: the received rows' gradients back to the encoder ranks (after
+        the backward), then `result` (metrics, logprobs, next tokens) to them; unchanged `result`."""
+        if self.colocated:
+            return result
+        received, self._received = self._received, []
+        if grads:
+            self.bridge.send_grads([r for r, _ in received],
+                                   [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in received])
+        self.bridge.send_results(_portable(result))
+        return result
+
+    def _encoder_only(self, microbatches: list[dict], train: bool) -> list:
+        """An encoder rank of a non-colocated layout: encode this slot's images of every microbatch, send the rows,
+        (train) run one backward from the gradients that come back; the LLM slots' results, in slot order."""
+        ranges = [self._slot_ranges(mb) for mb in microbatches]
+        with torch.set_grad_enabled(train):
+            rows = self._encoded(microbatches)
+        self.bridge.send_rows(ranges, rows)
+        if train:
+            for part in self.module_parts[self.encoder_name]:  # one backward: it reduces the gradients
+                if isinstance(part, FSDPModule):
+                    part.set_requires_gradient_sync(True)
+            grads = self.bridge.recv_grads(ranges)
+            torch.autograd.backward(torch.cat(rows), torch.cat(grads).to(rows[0].dtype))
+        results = self.bridge.recv_results()
+        return results if self.bridge.slot == 0 else [_emptied(r) for r in results]
 
     def _pipelined_forward_backward(self, microbatches: list[dict], loss_fn, temperature: float) -> list[dict]:
         """The three phases (mimo/pipeline.py). Only the last stage computes losses (pre-divided by the global
         token count every rank took from the data); the metrics are broadcast to every stage by the driver."""
-        for part in self.module_parts[self.encoder_name]:  # the encoder's one backward reduces its gradients
+        for part in self.module_parts.get(self.encoder_name, []):  # the encoder's one backward reduces its gradients
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(True)
         batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches])
         with cp_attention(self.cp_group):
             metrics, grads = self.driver.forward_backward_with_input_grads(
                 batches, lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))
-        torch.autograd.backward(attached, [g[IMAGE_EMBEDS] for g in grads])
+        if any(a.requires_grad for a in attached):
+            torch.autograd.backward(attached, [g[IMAGE_EMBEDS] for g in grads])
         return metrics
 
     def _captured(self, mb: dict, view: dict, capture_fn, row_shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -311,7 +403,14 @@ class MimoHandle(Handle):
         n = len(microbatches)
         self.eval()
         out = []
-        for mb in self._equalized(list(microbatches)):
+        microbatches = self._equalized(list(microbatches))
+        if not self.on_language:
+            out = [torch.cat(parts).to(self.device) for parts in zip(*self._encoder_only(microbatches, train=False))]
+            self.reshard()
+            self.train()
+            return out[:n]
+        self._received = []
+        for mb in microbatches:
             if self.driver is not None:
                 view = self.loss_view(mb)
                 out.append(self._captured(mb, view, lambda logits, b: in_slots(
@@ -319,6 +418,7 @@ class MimoHandle(Handle):
                 continue
             logits, shard = self._forward(mb)
             out.append(in_slots(row_logprobs(logits, shard, temperature, self.cp_group), shard))
+        self._relay_back(out)
         self.reshard()
         self.train()
         return out[:n]
@@ -333,6 +433,9 @@ class MimoHandle(Handle):
         text["loss_mask"] = torch.zeros_like(text["input_ids"], dtype=torch.float32)
         mb = {**text, **{k: batch[k] for k in IMAGE_KEYS}}
         rows = self.generation_rows(batch["input_ids"].shape[0])
+        if not self.on_language:
+            return torch.cat(self._encoder_only([mb], train=False)).to(self.device)
+        self._received = []
 
         def pick(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             last = self.logits_at(logits, positions)
@@ -342,9 +445,9 @@ class MimoHandle(Handle):
 
         if self.driver is not None:  # the last stage picks, per pipeline microbatch, from its rows' lengths
             view = {**self.loss_view(mb), "lengths": lengths[rows.start:rows.stop]}
-            return self._captured(mb, view, lambda logits, b: pick(logits, b["lengths"] - 1), (), torch.long)
+            return self._relay_back(self._captured(mb, view, lambda logits, b: pick(logits, b["lengths"] - 1), (), torch.long))
         logits, _ = self._forward(mb)
-        return pick(logits, lengths[rows.start:rows.stop] - 1)
+        return self._relay_back(pick(logits, lengths[rows.start:rows.stop] - 1))
 
     def logits_at(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [rows, V] of this rank's LLM rows at `positions` (one per row, in the full
@@ -415,9 +518,11 @@ class MimoHandle(Handle):
         reduced over that module's grid (a DTensor norm covers its shards) into its slot of a world vector
         (every member holds the same value), combined over the world with MAX. NaN would vanish in a MAX
         reduction, inf survives it: any rank's inf/NaN reaches every rank (and the step is skipped)."""
-        slots = torch.zeros(len(self.module_parts), dtype=torch.float32, device=self.device)
-        for i, (name, parts) in enumerate(self.module_parts.items()):  # LLM stages: squares summed over pp
-            params = [p for part in parts for p in part.parameters()]
+        slots = torch.zeros(len(self.names), dtype=torch.float32, device=self.device)
+        for i, name in enumerate(self.names):  # LLM stages: squares summed over pp; a module not here: 0
+            if name not in self.module_parts:
+                continue
+            params = [p for part in self.module_parts[name] for p in part.parameters()]
             slots[i] = global_grad_norm(params, self.device, self.pp_group if name == LANGUAGE else None) ** 2
         slots = torch.nan_to_num(slots, nan=math.inf)
         dist.all_reduce(slots, op=dist.ReduceOp.MAX)
@@ -425,10 +530,15 @@ class MimoHandle(Handle):
 
     # ------------------------------------------------------------ state (keys: <module>.<param>)
     def num_parameters(self) -> int:
-        """Every module counted once: the encoder is whole on every rank, the LLM's stages are summed over pp."""
-        return sum(count_over([p for part in parts for p in part.parameters()],
-                              None if self._whole(name) else self.pp_group, self.device)
-                   for name, parts in self.module_parts.items())
+        """Every module counted once: the encoder is whole on its ranks, the LLM's stages are summed over pp;
+        per module, the MAX over the world (a non-colocated rank holds one module)."""
+        counts = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        for i, name in enumerate(self.names):
+            if name in self.module_parts:
+                counts[i] = count_over([p for part in self.module_parts[name] for p in part.parameters()],
+                                       None if self._whole(name) else self.pp_group, self.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return int(counts.sum())
 
     # A pipelined LLM's stages hold parts of its state under the unsplit names: strict=False per stage, and the
     # union is the whole model, so a checkpoint saved under one LLM pp resumes under another.
@@ -443,12 +553,28 @@ class MimoHandle(Handle):
 
     def full_state_dict(self) -> dict:
         """Full tensors on CPU (collective; rank 0 gets the values)."""
+        if not self.colocated:
+            return self._gathered_full_state()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
         out = {}
         for name, parts in self.module_parts.items():
             full = get_model_state_dict(parts[0], options=options) if self._whole(name) else stage_full_state(parts, self.pp_group)
             out.update({f"{name}.{k}": v for k, v in full.items()})
         return out
+
+    def _gathered_full_state(self) -> dict:
+        """Non-colocated: each module's full tensors (per LLM stage) from the rank at dp = tp = cp = 0 of it, one
+        object each, gathered on rank 0 (collective over the world)."""
+        local = {}
+        for name, parts in self.module_parts.items():
+            grid = self.grids[name]
+            full = {canonical_name(k): (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                    for part in parts for k, v in part.state_dict().items()}  # collective over the module's grid
+            if all(grid.local_rank(d) == 0 for d in ("dp", "tp", "cp")):
+                local.update({f"{name}.{k}": v for k, v in full.items()})
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        return {k: v for state in gathered or [] for k, v in state.items()}
 
     def load_full_state_dict(self, state: dict) -> None:
         for name, parts in self.module_parts.items():
@@ -469,7 +595,7 @@ class MimoHandle(Handle):
         from automodel_mimo.mimo.llava import export_config, save_llava
 
         name = self.encoder_name
-        config = export_config(self.modules[name], self.config, self.placeholder_id, self.tokens_per_image)
+        config = export_config(*self.vision_configs[name], self.config, self.placeholder_id, self.tokens_per_image)
         save_llava(state, name, config, tokenizer, folder)
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.float32)
@@ -480,6 +606,25 @@ class MimoHandle(Handle):
 
     def destroy(self) -> None:
         self.bridge.destroy()
+
+
+def _portable(result):
+    """What an LLM rank sends to encoder ranks: tensors on the CPU, per-microbatch metrics as floats."""
+    if isinstance(result, torch.Tensor):
+        return result.detach().cpu()
+    if isinstance(result, dict):
+        return {k: float(v) for k, v in result.items()}
+    return [_portable(r) for r in result]
+
+
+def _emptied(result):
+    """A received result for an encoder rank that stands for no rows: zero rows; metric shares 0 (min/max kept,
+    they are reduced by min/max), so every rank of the data group reduces the same keys."""
+    if isinstance(result, torch.Tensor):
+        return result[:0]
+    if isinstance(result, dict):
+        return {k: v if k.endswith(("_min", "_max")) else 0.0 for k, v in result.items()}
+    return [_emptied(r) for r in result]
 
 
 def prefixed(state: dict, prefix: str) -> dict:

@@ -81,10 +81,12 @@ def load_llava(path: str, attn_implementation: str = "sdpa") -> tuple[VisionModu
     return vision, llm
 
 
-def export_config(vision: VisionModule, text_config, image_token_id: int, tokens_per_image: int) -> LlavaConfig:
-    """The LLaVA config of a MIMO model: its vision module's, with the LLM's current config and the image token."""
-    config = copy.deepcopy(vision.llava_config)
-    config.vision_config = copy.deepcopy(vision.encoder.config)
+def export_config(llava_config: LlavaConfig, vision_config, text_config, image_token_id: int,
+                  tokens_per_image: int) -> LlavaConfig:
+    """The LLaVA config of a MIMO model: its vision module's (`VisionModule.llava_config`, `.encoder.config`),
+    with the LLM's current config and the image token."""
+    config = copy.deepcopy(llava_config)
+    config.vision_config = copy.deepcopy(vision_config)
     config.text_config = copy.deepcopy(text_config)
     config.text_config.use_cache = True
     config.image_token_index, config.image_seq_length = image_token_id, tokens_per_image

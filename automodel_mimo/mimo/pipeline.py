@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.models.facts import check_pipeline_split
@@ -49,7 +50,8 @@ def _splice_hooks(part: nn.Module, embed: nn.Module | None, placeholder_id: int)
         images = current.pop("images", None)
         if images is None:
             return embeds
-        return torch.where((args[0] == placeholder_id)[..., None], images.to(embeds.dtype), embeds)
+        ids = args[0].to_local() if isinstance(args[0], DTensor) else args[0]  # LLM tp: the plan made ids a DTensor
+        return torch.where((ids == placeholder_id)[..., None], images.to(embeds.dtype), embeds)
 
     part.register_forward_pre_hook(take, with_kwargs=True)
     if embed is not None:

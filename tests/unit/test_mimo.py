@@ -57,9 +57,9 @@ def test_layout_validation_messages():
     # dp innermost in one grid: blocks {0,2},{1,3} against {0,1},{2,3}
     strided = GridSpec("vision", (("pp", 1), ("tp", 2), ("cp", 1), ("dp", 2)))
     assert "do not nest" in _error(validate_layout, [strided, _spec("language", dp=2, tp=2)], 4)
-    assert "only colocated" in _error(validate_layout, [_spec("vision", dp=2), _spec("language", dp=4)], 4)
+    assert "overlap" in _error(validate_layout, [_spec("vision", dp=2), _spec("language", dp=4)], 4)
     assert "encoders are not pipelined" in _error(validate_layout, [_spec("vision", dp=2, pp=2), _spec("language", dp=4)], 4)
-    assert "tp=2 is not supported yet" in _error(validate_layout, [_spec("vision", dp=4), _spec("language", pp=2, tp=2)], 4)
+    validate_layout([_spec("vision", dp=4), _spec("language", pp=2, tp=2)], 4)  # LLM pp x tp (test_mimo_pp.py)
     validate_layout([_spec("vision", dp=4), _spec("language", dp=2, pp=2)], 4)  # LLM dp blocks {0, 2}, {1, 3}
     assert "encoders do not shard" in _error(validate_layout, [_spec("vision", dp=2, cp=2), _spec("language", dp=4)], 4)
     assert "missing" in _error(validate_layout, [_spec("vision", dp=4)], 4)
@@ -90,9 +90,10 @@ def test_mimo_config_validation(tmp_path):
     assert load_config("sft", str(path), ["train.micro_batch_size=1"], world_size=4).train.micro_batch_size == 1
     fan_out = "mimo.layout={vision: {dp: 2, tp: 2}, language: {dp: 4}}"
     bad = {
-        ("mimo.layout.language.dp=3",): "only colocated",
+        ("mimo.layout.language.dp=3",): "module rank ranges overlap",
+        ("mimo.layout.language.offset=1",): "module rank ranges overlap",
+        ("mimo.layout.language.offset=-1",): "mimo.layout.language.offset=-1: must be an integer >= 0",
         ("mimo.layout.vision={dp: 2, pp: 2}",): "mimo.layout.vision.pp=2: encoders are not pipelined",
-        ("mimo.layout.language={pp: 2, tp: 2}",): "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported",
         ("mimo.layout.language={pp: 2, dp: 2}", "train.micro_batch_size=1"): "1 pipeline microbatches, fewer than "
                                                                           "mimo.layout.language.pp=2",
         ("mimo.layout.language.ep=2",): "unknown dims",
@@ -191,7 +192,7 @@ def _check_bridge_results(per_rank: list[dict]) -> None:
         assert result["fan-in"]["direction"] == "fan_in" and result["fan-out"]["direction"] == "fan_out"
         assert result["ep_group"] == [[0, 1], [2, 3]][rank // 2]
         assert len(result["bad_layouts"]) == 2 and result["bad_layouts"] == per_rank[0]["bad_layouts"]
-    assert "only colocated" in per_rank[0]["bad_layouts"][0]
+    assert "module rank ranges overlap" in per_rank[0]["bad_layouts"][0]
     assert "global_batch_size=6" in per_rank[0]["bad_layouts"][1]
 
 

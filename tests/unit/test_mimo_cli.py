@@ -55,6 +55,34 @@ def test_mimo_default_runs_checkpoints_exports_and_resumes_under_another_layout(
     assert [(row["step"], row["eval/num_samples"]) for row in rows if "eval/accuracy" in row] == [(2, 6), (3, 6)]
 
 
+def test_mimo_noncolocated_run_evaluates_exports_and_resumes_colocated(tmp_path):
+    """The embedded default with a non-colocated layout (vision dp1 on rank 0, language on rank 1: rows and
+    gradients point-to-point): 2 steps with a greedy eval (rank 0, an encoder rank, logs the LLM's metrics), a
+    checkpoint and the HF export; resumed colocated (vision dp2 + language tp2) for a third step."""
+    noncolocated = ["mimo.layout.vision={dp: 1}", "mimo.layout.language={offset: 1}"]
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=2", "checkpoint.every_steps=2",
+                *noncolocated, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vision: dp=1 tp=1 cp=1 pp=1, language: dp=1 tp=1 cp=1 pp=1 offset=1" in r.stdout
+    rows = metrics(tmp_path)
+    train = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in train] == [1, 2] and all(TRAIN_KEYS <= set(row) for row in train)
+    assert all(row["loss"] > 0 and row["grad_norm"] > 0 and row["loss_tokens"] > 0 for row in train)
+    assert train[1]["loss"] < train[0]["loss"], train
+    (ev,) = [row for row in rows if "eval/accuracy" in row]
+    assert ev["step"] == 2 and ev["eval/num_samples"] == 6 and 0 <= ev["eval/accuracy"] <= 1
+
+    from transformers import LlavaForConditionalGeneration
+
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").config.vision_config.image_size == 32
+    r = run_cli("sft", *CONFIG, *SHORT, f"output_dir={tmp_path}", "train.max_steps=3", "checkpoint.resume=true",
+                "checkpoint.export_hf=false", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "start step 2" in r.stdout
+    resumed = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in resumed] == [1, 2, 3] and resumed[:2] == train
+
+
 def test_mimo_llm_pp2_run_exports_and_resumes_under_pp1(tmp_path):
     """The LLM pipelined (vision dp2 + language pp2 on 2 ranks): 2 steps with a greedy eval through the stages, a
     checkpoint and the HF export (unsplit names); resumed under pp1 (language tp2) for a third step."""
@@ -111,10 +139,10 @@ def test_mimo_on_a_local_parquet_image_dataset_packed(tmp_path):
      "the model's 3 layers do not divide over 2 pipeline stages (mimo.layout.language.pp=2"),
     (["mimo.layout.language={pp: 2}", "parallel.pp_schedule=interleaved1f1b"],
      "the model's 2 layers do not divide over 4 pipeline stages (mimo.layout.language.pp=2"),
-    (["mimo.layout.language={pp: 2, tp: 2}", "mimo.layout.vision={dp: 4}", "launch.nproc=4"],
-     "mimo.layout.language.pp=2 with mimo.layout.language.tp=2 is not supported yet"),
-    (["mimo.layout.vision={dp: 1}"], "mimo.layout.vision: spans ranks 0..0 (dp*tp*cp*pp = 1) but launch.nproc = 2; "
-                                     "only colocated layouts"),
+    (["mimo.layout.vision={dp: 1}"], "mimo.layout: module rank ranges overlap (vision on ranks 0..0 (offset=0, "
+                                     "dp*tp*cp*pp=1), language on ranks 0..1"),
+    (["mimo.layout.vision={dp: 1}", "mimo.layout.language={offset: 2}"],
+     "mimo.layout: module rank ranges do not cover ranks 0..1 exactly"),
     (["model.tokenizer=__TOKENIZER__"], "mimo.placeholder_token='<|image|>' is not a token of the tokenizer"),
     (["mimo.tokens_per_image=4"], "mimo.tokens_per_image=4, but the SigLIP encoder yields"),
     (["mimo.encoder.model_type=no_such_model"], "mimo.encoder: cannot load the encoder config"),

@@ -32,7 +32,7 @@ def test_names_map_every_llava_parameter_both_ways():
     encoders, llm = build_modules()
     ours = {**{f"vision.{k}": v for k, v in encoders["vision"].state_dict().items()},
             **{f"language.{k}": v for k, v in llm.state_dict().items()}}
-    config = export_config(encoders["vision"], llm.config, PLACEHOLDER, TOKENS_PER_IMAGE)
+    config = export_config(encoders["vision"].llava_config, encoders["vision"].encoder.config, llm.config, PLACEHOLDER, TOKENS_PER_IMAGE)
     with torch.device("meta"):
         theirs = LlavaForConditionalGeneration(config).state_dict()
     mapped = to_llava(ours, "vision")

@@ -33,6 +33,7 @@ FOUR_RANKS = [
     ("pp2xdp2-fan-in", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2}}, 2, {}, False),
     ("pp2xdp2-fan-out", {"vision": {"tp": 4}, "language": {"pp": 2, "dp": 2}}, 4, {}, False),
     ("pp2xcp2-packed", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2}}, 2, {}, True),
+    ("pp2xtp2-fan-in", {"vision": {"dp": 4}, "language": {"pp": 2, "tp": 2}}, 4, {}, False),
 ]
 
 
@@ -112,7 +113,8 @@ def test_mimo_pp_oracle_four_ranks(reference):
 # ---------------------------------------------------------------- inference: logprobs and greedy generation
 
 INFERENCE = [("pp2xdp2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2}}),
-             ("pp2xcp2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2}})]
+             ("pp2xcp2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2}}),
+             ("pp2xtp2", {"vision": {"dp": 4}, "language": {"pp": 2, "tp": 2}})]
 
 
 @torch.no_grad()

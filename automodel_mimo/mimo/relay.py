@@ -1,0 +1,145 @@
+"""The non-colocated encoder -> LLM bridge: point-to-point sends between disjoint rank ranges.
+
+In a non-colocated layout (grid_spec.is_colocated is False) a rank holds either the encoder (with its
+projector: the rows it sends are already in the LLM's hidden size, so LLM ranks hold nothing of the vision
+module) or the LLM. The batch is mapped exactly as the colocated bridge maps it (bridge.py): with
+`scale = max(dp) / min(dp)`, coarse dp block b is dp blocks b*scale .. b*scale+scale-1 ("slots") of the module
+with more dp ranks, every rank receives block b's rows, encoder slots split the block's IMAGES (fan-in) and
+LLM slots split its ROWS (fan-out). Per microbatch, encoder slot i holds the block's encoder rows E_i and LLM
+slot j needs L_j (both ranges of the block's batch-major rows, tokens_per_image per image); piece (i, j) is
+E_i ∩ L_j. The LLM slots' ranges partition the block's rows, so every encoder row reaches exactly one LLM slot
+and its gradient comes back exactly once.
+
+Who talks to whom (a module's dp block = its ranks of one dp index; its lead = the block's lowest rank, i.e.
+tp = cp = 0 and, under LLM pp, the first stage):
+  rows:     the encoder block's lead -> every rank of the LLM block (every tp, cp rank and pp stage: they all
+            build the spliced input; activations are replicated over tp, and cp shards the spliced sequence);
+  grads:    the LLM block's lead (its gradient is full: summed over cp; under pp broadcast from the first
+            stage) -> every rank of the encoder block (each tp rank runs the encoder's backward);
+  results:  the LLM block's lead -> every rank of every encoder block of the coarse block, as one object
+            (metrics, logprobs, next tokens), so encoder ranks return what the callers expect.
+Schedule (simple, no overlap): encoder forward on all microbatches' images, every row sent; the LLM receives
+all of them, runs its microbatches (or its pipeline schedule), sends every gradient back; the encoder runs one
+backward. Transfers are fp32, zero-size pieces are skipped (both sides know every size from the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from automodel_mimo.distributed.grid_spec import GridSpec
+
+Ranges = tuple[list[range], list[range]]  # (encoder slots' rows, LLM slots' rows) of one microbatch
+
+
+def pieces(ranges: Ranges) -> list[tuple[int, int, int, int]]:
+    """(encoder slot, LLM slot, start, stop): the non-empty overlaps of the slots' row ranges."""
+    out = []
+    for i, e in enumerate(ranges[0]):
+        for j, lm in enumerate(ranges[1]):
+            lo, hi = max(e.start, lm.start), min(e.stop, lm.stop)
+            if lo < hi:
+                out.append((i, j, lo, hi))
+    return out
+
+
+def _run(ops: list[dist.P2POp]) -> None:
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+
+class Relay:
+    """This rank's side of the encoder <-> LLM transfers. Creates no process group; every rank builds one."""
+
+    def __init__(self, encoder: GridSpec, language: GridSpec, hidden: int, device: torch.device):
+        e, lm = encoder.dim_size("dp"), language.dim_size("dp")
+        self.direction = "equal" if e == lm else ("fan_in" if e > lm else "fan_out")
+        self.scale = max(e, lm) // min(e, lm)
+        self.rank = dist.get_rank()
+        self.on_encoder = encoder.holds(self.rank)
+        spec = encoder if self.on_encoder else language
+        dp = spec.coords(self.rank)["dp"]
+        fine = spec.dim_size("dp") > min(e, lm)
+        self.block, self.slot = (dp // self.scale, dp % self.scale) if fine else (dp, 0)  # slot: in the finer module
+        self.encoder_blocks = [sorted(b) for b in encoder.dp_blocks()]
+        self.language_blocks = [sorted(b) for b in language.dp_blocks()]
+        self.encoder_slots = self.scale if self.direction == "fan_in" else 1
+        self.language_slots = self.scale if self.direction == "fan_out" else 1
+        self.hidden, self.device = hidden, device
+
+    def _encoder_ranks(self, i: int) -> list[int]:
+        return self.encoder_blocks[self.block * self.encoder_slots + i]
+
+    def _language_ranks(self, j: int) -> list[int]:
+        return self.language_blocks[self.block * self.language_slots + j]
+
+    def _is_lead(self) -> bool:
+        ranks = self._encoder_ranks(self.slot) if self.on_encoder else self._language_ranks(self.slot)
+        return self.rank == ranks[0]
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, self.hidden, dtype=torch.float32, device=self.device)
+
+    # ---------------------------------------------------------------- rows forward, gradients back
+    def send_rows(self, ranges: list[Ranges], rows: list[torch.Tensor]) -> None:
+        """Encoder side: this slot's rows of each microbatch (starting at its range's start) to the LLM slots."""
+        self._send(ranges, rows, mine=0, to=self._language_ranks)
+
+    def recv_rows(self, ranges: list[Ranges]) -> list[torch.Tensor]:
+        """LLM side: this slot's rows of each microbatch, [rows, hidden] fp32."""
+        return self._recv(ranges, mine=1, source=lambda i, j: self._encoder_ranks(i)[0])
+
+    def send_grads(self, ranges: list[Ranges], grads: list[torch.Tensor]) -> None:
+        """LLM side (its lead sends): the gradient of each microbatch's received rows back to the encoder slots."""
+        self._send(ranges, grads, mine=1, to=self._encoder_ranks)
+
+    def recv_grads(self, ranges: list[Ranges]) -> list[torch.Tensor]:
+        """Encoder side: the gradient of this slot's rows of each microbatch."""
+        return self._recv(ranges, mine=0, source=lambda i, j: self._language_ranks(j)[0])
+
+    def _send(self, ranges: list[Ranges], tensors: list[torch.Tensor], mine: int, to) -> None:
+        if not self._is_lead():
+            return
+        ops = []
+        for r, tensor in zip(ranges, tensors):
+            start = r[mine][self.slot].start
+            for i, j, lo, hi in pieces(r):
+                if (i, j)[mine] == self.slot:
+                    piece = tensor[lo - start:hi - start].detach().to(self.device, torch.float32).contiguous()
+                    ops += [dist.P2POp(dist.isend, piece, peer) for peer in to((j, i)[mine])]
+        _run(ops)
+
+    def _recv(self, ranges: list[Ranges], mine: int, source) -> list[torch.Tensor]:
+        ops, out = [], []
+        for r in ranges:
+            own = r[mine][self.slot]
+            buffer = self._buffer(len(own))
+            for i, j, lo, hi in pieces(r):
+                if (i, j)[mine] == self.slot:
+                    ops.append(dist.P2POp(dist.irecv, buffer[lo - own.start:hi - own.start], source(i, j)))
+            out.append(buffer)
+        _run(ops)
+        return out
+
+    # ---------------------------------------------------------------- results to the encoder ranks
+    def send_results(self, result) -> None:
+        """LLM side (its lead sends): one object to every encoder rank of this coarse block."""
+        if not self._is_lead():
+            return
+        for i in range(self.encoder_slots):
+            for peer in self._encoder_ranks(i):
+                dist.send_object_list([result], dst=peer)
+
+    def recv_results(self) -> list:
+        """Encoder side: each LLM slot's object, in slot order (= row order of the block)."""
+        out = []
+        for j in range(self.language_slots):
+            box = [None]
+            dist.recv_object_list(box, src=self._language_ranks(j)[0])
+            out.append(box[0])
+        return out
+
+    def destroy(self) -> None:
+        pass
