@@ -11,7 +11,7 @@ bash scripts/setup.sh
 stage "lint"
 .venv/bin/ruff check automodel_mimo policies tests bench
 stage "unit tests"
-.venv/bin/python -m pytest tests/unit -q
+.venv/bin/python -m pytest tests/unit -q -m "not slow" --durations=15  # slow ones: tests/nightly/unit_slow.sh
 [ "${1:-}" = "--unit" ] && { stage "done (unit only)"; exit 0; }
 # MIMO: the default's first 600 steps (the whole default, ~10 more minutes, is tests/nightly/mimo_sft_tiny.sh)
 for gate in sft_tiny dpo_tiny grpo_tiny mimo_sft_tiny_short; do

@@ -90,12 +90,16 @@ def test_one_step_matches_single_process(reference, parallel, micro):
     _assert_matches(_merge_ranks(run_ranks(_layout_step, world, parallel, micro, rows)), ref)
 
 
+SLOW = pytest.mark.slow  # compiling on CPU costs ~1 min per rank and layout; CI keeps dp2 (and cp2 packed)
+
+
 @pytest.mark.parametrize("parallel,micro", [
-    ({"dp": 1}, 2),  # one rank: nemo leaves the model unsharded, we wrap it for the compute dtype
-    ({"dp": 1, "activation_checkpointing": True}, 2),  # one rank: compile-safe checkpoint wrappers (models/build.py)
+    pytest.param({"dp": 1}, 2, marks=SLOW),  # one rank: nemo leaves the model unsharded, we wrap it for the dtype
+    # one rank: compile-safe checkpoint wrappers (models/build.py)
+    pytest.param({"dp": 1, "activation_checkpointing": True}, 2, marks=SLOW),
     ({"dp": 2}, 4),  # FSDP2
-    ({"dp": 1, "tp": 2}, 8),
-    ({"dp": 1, **PP}, 4),  # each pipeline stage's layers compiled
+    pytest.param({"dp": 1, "tp": 2}, 8, marks=SLOW),
+    pytest.param({"dp": 1, **PP}, 4, marks=SLOW),  # each pipeline stage's layers compiled
 ], ids=["mb4", "ac", "dp2", "tp2", "pp2"])
 def test_compiled_step_matches_single_process(reference, parallel, micro):
     """train.compile: every decoder layer compiled (inductor's CPU backend here) gives the eager reference's
