@@ -28,11 +28,13 @@ def warmup_train_config(train: TrainConfig, steps: int, lr: float) -> TrainConfi
                                lr_decay="constant")
 
 
-def warmup_accuracy(cfg: RunConfig, eval_ds: datasets.Dataset, tokenizer) -> Callable[[Policy], float]:
-    """The check: held-out greedy accuracy on (at most) the first WARMUP_CHECK_SAMPLES eval prompts."""
+def warmup_accuracy(cfg: RunConfig, eval_ds: datasets.Dataset, tokenizer, processor=None,
+                    banned: int | None = None) -> Callable[[Policy], float]:
+    """The check: held-out greedy accuracy on (at most) the first WARMUP_CHECK_SAMPLES eval prompts (with their
+    images through `processor`, `banned` never generated: a MIMO model)."""
     n = min(WARMUP_CHECK_SAMPLES, cfg.eval.num_samples or WARMUP_CHECK_SAMPLES)
     check_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=n))
-    return lambda policy: evaluate_accuracy(check_cfg, policy, eval_ds, tokenizer)["eval/accuracy"]
+    return lambda policy: evaluate_accuracy(check_cfg, policy, eval_ds, tokenizer, processor, banned)["eval/accuracy"]
 
 
 def sft_warmup(tag: str, handle, train: TrainConfig, microbatches: Callable[[int], list[dict]],

