@@ -194,11 +194,18 @@ class MimoHandle(Handle):
 
     def loss_view(self, mb: dict) -> dict:
         """This rank's LLM rows of a coarse-block microbatch (text, side data; whole rows, before any cp
-        sharding), with `loss_mask`."""
+        sharding), with `loss_mask`. Side data that already has this rank's rows only (under fan-out: what
+        `logprobs()` returned, e.g. GRPO's old and reference logprobs) is taken as it is."""
         n = mb["input_ids"].shape[0]
         rows = self.language_row_range(n)
-        out = {k: v[rows.start:rows.stop] for k, v in mb.items()
-               if k not in IMAGE_KEYS and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
+        out = {}
+        for k, v in mb.items():
+            if k in IMAGE_KEYS or not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            if v.shape[0] == n:
+                out[k] = v[rows.start:rows.stop]
+            elif v.shape[0] == len(rows):
+                out[k] = v
         if "loss_mask" not in out:
             out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()
         return out
