@@ -1,9 +1,10 @@
 """Group relative policy optimization: the SPMD loop every rank runs.
 
-Per step: prompts drawn by (seed, step) (with their images for a MIMO model) -> n samples each from the generator (one engine, colocated on
-rank 0 or a Ray actor) -> exact-match reward against the reference answer -> group advantages -> this DP
-rank's samples as microbatches (padded, or with data.packing packed rows) -> old logprobs (trainer) and
-reference logprobs (reference weights swapped in) -> one clipped policy-gradient step over the microbatches
+Per step: prompts drawn by (seed, step), with their images for a MIMO model -> n samples each from the
+generator (one engine, colocated on rank 0 or a Ray actor) -> exact-match reward against the reference
+answer -> group advantages -> this DP rank's samples as microbatches (padded, or with data.packing packed
+rows; a MIMO row carries its prompt's images) -> old logprobs (trainer) and reference logprobs (reference
+weights swapped in; a MIMO model runs its encoder in both) -> one clipped policy-gradient step over the microbatches
 (global token / sequence normalization) -> refit the generator (weight streaming). Held-out greedy accuracy,
 through the generator, at step 0 and every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps
 of SFT (the embedded default's start).
