@@ -319,3 +319,42 @@ def test_the_default_config_loads():
     cfg = load_config("grpo", CONFIG[1])
     assert cfg.generation.backend == "hf" and cfg.grpo.warmup_sft_target_accuracy > 0
     assert cfg.train.global_batch_size == cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+
+
+# ---------------------------------------------------------------- rollout rows and banned tokens (one process)
+
+
+def test_a_response_ending_with_the_placeholder_keeps_the_rows_placeholders_its_images():
+    """The placeholder is a stop token: as the last label it stays, as the row's last input it becomes pad."""
+    from automodel_mimo.algorithms.grpo import sample_rows
+    from automodel_mimo.generation.sampling import Generation
+
+    prompt = [5, PLACEHOLDER, PLACEHOLDER, 6]
+    pixels = torch.randn(1, 3, 16, 16)
+    samples = [Generation(0, [7, PLACEHOLDER], [-1.0, -2.0], "stop"), Generation(0, [8, 9], [-0.5, -0.25], "stop")]
+    ended, plain = sample_rows([prompt], samples, torch.tensor([1.0, -1.0]), [pixels], PLACEHOLDER, pad_id=0)
+    assert ended["input_ids"] == [5, PLACEHOLDER, PLACEHOLDER, 6, 7, 0]
+    assert ended["labels"] == [IGNORE_INDEX] * 3 + [7, PLACEHOLDER, IGNORE_INDEX]
+    assert ended["gen_logprobs"] == [0.0] * 3 + [-1.0, -2.0, 0.0]
+    assert plain["input_ids"] == prompt + [8, 9]  # other responses untouched
+    assert ended["pixel_values"] is pixels and plain["pixel_values"] is pixels and ended["advantages"] == 1.0
+
+
+def test_banned_tokens_are_never_sampled_and_the_logprobs_renormalize(tmp_path):
+    from automodel_mimo.generation import SamplingParams
+    from automodel_mimo.generation.hf_backend import HFGenerator
+    from tests.unit.generation_fixtures import PROMPTS, export, tiny_model
+
+    generator = HFGenerator(export(tiny_model(seed=0), tmp_path / "model"))
+    free = generator.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
+    banned = tuple({s.token_ids[0] for s in free})  # the greedy first tokens
+    for temperature in (0.0, 1.0):
+        samples = generator.generate(PROMPTS, SamplingParams(temperature=temperature, max_new_tokens=6, n=3, seed=2,
+                                                             banned_token_ids=banned))
+        assert not {t for s in samples for t in s.token_ids} & set(banned), temperature
+    sample = samples[0]  # T=1: the logprob of the first token renormalized without the banned ones
+    with torch.no_grad():
+        logits = generator.model(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1].float()
+    logits[list(banned)] = float("-inf")
+    expected = torch.log_softmax(logits, -1)[sample.token_ids[0]]
+    assert abs(sample.logprobs[0] - float(expected)) < 1e-5
