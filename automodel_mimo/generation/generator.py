@@ -14,13 +14,15 @@ from collections.abc import Iterable
 import torch
 
 from automodel_mimo.generation.manifest import Manifest
-from automodel_mimo.generation.sampling import Generation, SamplingParams
+from automodel_mimo.generation.sampling import Generation, PromptImages, SamplingParams
 
 
 class Generator(ABC):
     @abstractmethod
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
-        """n samples per prompt (prompt-major order) with per-token logprobs and finish reasons."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 images: PromptImages | None = None) -> list[Generation]:
+        """n samples per prompt (prompt-major order) with per-token logprobs and finish reasons; `images`:
+        each prompt's images (sampling.PromptImages) when the model is a MIMO (LLaVA) one."""
 
     @abstractmethod
     def parameter_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -65,10 +67,11 @@ class Colocated:
             raise ValueError(f"rank {self.rank}: the backend must exist exactly on the owner rank {owner}")
         self.backend = backend
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 images: PromptImages | None = None) -> list[Generation]:
         import torch.distributed as dist
 
-        result = [self.backend.generate(prompts, sampling) if self.backend is not None else None]
+        result = [self.backend.generate(prompts, sampling, images) if self.backend is not None else None]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(result, src=self.owner)
         return result[0]

@@ -36,8 +36,8 @@ class GeneratorActor:
         self.engine = build_generator(backend, model_path, **kwargs)
         self.transport: BroadcastTransport | None = None
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
-        return self.engine.generate(prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, images=None) -> list[Generation]:
+        return self.engine.generate(prompts, sampling, images)
 
     def parameter_specs(self) -> dict:
         return self.engine.parameter_specs()
@@ -80,8 +80,8 @@ class RemoteGenerator(Generator):
 
         return ray.get(getattr(self.actor, method).remote(*args))
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
-        return self._call("generate", prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, images=None) -> list[Generation]:
+        return self._call("generate", prompts, sampling, images)
 
     def parameter_specs(self) -> dict:
         return self._call("parameter_specs")

@@ -2,7 +2,7 @@
 
 Logprob convention (both backends, and what the trainer must compute to compare): the logprob of each
 sampled token under the distribution it was sampled from, i.e. log_softmax(logits / temperature) after
-top-p truncation and renormalization (vLLM's `processed_logprobs`). With top_p = 1 that is
+top-p truncation and renormalization (vLLM's `processed_logprobs`), banned tokens removed first. With top_p = 1 that is
 log_softmax(logits / temperature); with temperature = 0 (greedy) the raw log_softmax(logits).
 """
 
@@ -19,6 +19,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (it is kept)
     seed: int | None = None
+    banned_token_ids: tuple[int, ...] = ()  # never sampled (a MIMO image placeholder): their logits are -inf
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -32,6 +33,12 @@ class SamplingParams:
     def logprob_temperature(self) -> float:
         """The temperature the reported logprobs are computed at (1 for greedy)."""
         return self.temperature if self.temperature > 0 else 1.0
+
+
+# Images of the prompts, for a generator serving a MIMO model (a LLaVA folder): one float32 tensor
+# (n_images, C, H, W) per prompt, preprocessed as the trainer preprocesses them, in placeholder order; a
+# prompt without images has a tensor of 0 images.
+PromptImages = list  # list[torch.Tensor]
 
 
 @dataclass

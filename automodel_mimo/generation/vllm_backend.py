@@ -105,9 +105,12 @@ class VLLMGenerator(Generator):
         return checkpoint_specs(self.model_path, self.dtype)
 
     # ------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, images=None) -> list[Generation]:
         import vllm
 
+        if images is not None or sampling.banned_token_ids:  # config/checks.py refuses MIMO + vllm before the run
+            raise NotImplementedError("the vllm generator serves causal LMs only (no image inputs, no banned tokens): "
+                                      "use generation.backend=hf for MIMO models (docs/generation.md)")
         params = vllm.SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=sampling.seed, logprobs=0,

@@ -45,6 +45,7 @@ class StreamPlan:
     manifest: Manifest
     buckets: list[Bucket]
     bucket_bytes: int
+    own_source: int | None = None  # the source of this trainer rank's stage (its entries are this rank's parameters)
 
     @property
     def sources(self) -> list[int]:
@@ -61,7 +62,7 @@ def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BU
 
     `handle`: a ModelHandle (or anything with `named_parameters()` and an optional `stage_group`).
     """
-    local = [(generator_name(n), tuple(p.shape)) for n, p in handle.named_parameters()]
+    local = [(name, tuple(p.shape)) for name, p in local_parameters(handle).items()]
     mine = (_stage_index(handle), dist.get_rank() if dist.is_initialized() else 0, local)
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
@@ -75,12 +76,43 @@ def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BU
     entries = [ManifestEntry(name, shape, dtype, source)
                for stage in sorted(stages) for source, names in [stages[stage]] for name, shape in names]
     manifest = Manifest(tuple(entries))
-    return StreamPlan(manifest, plan_buckets(manifest, bucket_bytes), bucket_bytes)
+    return StreamPlan(manifest, plan_buckets(manifest, bucket_bytes), bucket_bytes, stages[mine[0]][0])
 
 
 def local_parameters(handle) -> dict[str, torch.Tensor]:
-    """This rank's parameters keyed by generator name (sharded ones as DTensors)."""
-    return {generator_name(n): p for n, p in handle.named_parameters()}
+    """This rank's parameters keyed by generator name (sharded ones as DTensors): the handle's own naming of
+    its HF export (`generator_name`; a MIMO model's are LLaVA's), the model's names for a bare module."""
+    name_of = getattr(handle, "generator_name", generator_name)
+    return {name_of(n): p for n, p in handle.named_parameters()}
+
+
+def coverage_problems(plan: StreamPlan, params: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `params` (this rank's, full shapes: a DTensor's shape is global) from being exactly this rank's
+    stage's manifest entries: missing, extra or mis-shaped names."""
+    if plan.own_source is None:
+        return []
+    expected = {e.name: e.shape for e in plan.manifest.entries if e.source == plan.own_source}
+    problems = [f"{n}: missing from the trainer's parameters" for n in expected if n not in params]
+    problems += [f"{n}: not in the manifest" for n in params if n not in expected]
+    problems += [f"{n}: trainer shape {list(params[n].shape)} != manifest {list(shape)}"
+                 for n, shape in expected.items() if n in params and tuple(params[n].shape) != shape]
+    return problems
+
+
+def check_coverage(plan: StreamPlan, params: dict[str, torch.Tensor]) -> None:
+    """Before a refit gathers or sends anything: every rank's parameters (every module, each on its own grid)
+    cover its stage's manifest entries exactly, at the manifest's shapes. Collective over the world when
+    torch.distributed is initialized, so that every rank raises together instead of some hanging in a gather."""
+    mine = coverage_problems(plan, params)
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    bad = {rank: p for rank, p in enumerate(everyone) if p}
+    if bad:
+        lines = [f"rank {rank}: {p}" for rank, ps in bad.items() for p in ps[:8]]
+        raise StreamIntegrityError("refit refused before sending anything: the trainer's parameters do not match the "
+                                   "weight manifest\n  " + "\n  ".join(lines))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +128,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Iterator[tuple[Bucket, list | None]]:
     """Every trainer rank iterates this in step (the gathers are collective over the stage): each bucket
-    of this rank's stage with its full tensors at the manifest dtype, (bucket, None) for other stages'."""
+    of this rank's stage with its full tensors at the manifest dtype, (bucket, None) for other stages'.
+    Nothing is gathered unless every rank's parameters match the manifest (`check_coverage`)."""
+    check_coverage(plan, params)
     for bucket in plan.buckets:
         names = [s.entry.name for s in bucket.slots]
         if names[0] not in params:  # another pipeline stage's bucket

@@ -219,7 +219,8 @@ class MimoHandle(Handle):
     def loss_view(self, mb: dict) -> dict:
         """This rank's LLM rows of a coarse-block microbatch (text, side data; whole rows, before any cp
         sharding), with `loss_mask`. Side data already in that layout (computed from `logprobs()`, e.g. DPO's
-        reference sums: fewer rows than the microbatch under a fan-out) passes as it is."""
+        reference sums, GRPO's old and reference logprobs: fewer rows than the microbatch under a fan-out) passes
+        as it is."""
         n = mb["input_ids"].shape[0]
         rows = self.language_row_range(n)
         out = {k: v if v.shape[0] != n else v[rows.start:rows.stop] for k, v in mb.items()
@@ -512,6 +513,13 @@ class MimoHandle(Handle):
             for part in parts:
                 for n, p in part.named_parameters():
                     yield f"{name}.{n}", p
+
+    def generator_name(self, name: str) -> str:
+        """`<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` -> the LLaVA names of the `hf/` folder
+        (write_hf), which the generator serves: the refit manifest speaks the export's names."""
+        from automodel_mimo.mimo.llava import to_llava
+
+        return next(iter(to_llava({canonical_name(name): None}, self.encoder_name)))
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
