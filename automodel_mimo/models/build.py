@@ -17,7 +17,8 @@ from automodel_mimo.distributed.mesh import DTYPES, ParallelState
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
-from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.moe import build_moe_model, is_moe
 from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline
 
 
@@ -59,6 +60,8 @@ def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, packed
     else:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
+    if is_moe(model.config):  # nemo's MoE layer (router + experts) in the sparse layers: docs/moe.md
+        model = build_moe_model(model)
     return model
 
 
@@ -67,6 +70,7 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     from nemo_automodel.components.distributed.model_parallelizer import parallelize_model
 
     check_tp_divisibility(model.config, state.tp_size)
+    check_expert_split(model.config, state.mesh_context.ep_size)
     model = parallelize_model(model, state.mesh_context)
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)

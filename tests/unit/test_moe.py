@@ -1,0 +1,142 @@
+"""Mixture-of-experts oracle (docs/moe.md): one SFT step of a tiny Qwen3-MoE under expert parallelism equals an
+independent single-process step of transformers' own Qwen3-MoE (its router and experts, a hand-written
+sequence-wise balance loss): NLL, aux loss, grad norm, every gradient and the post-step weights (fp32, gloo)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from automodel_mimo.config import DataConfig, ModelConfig, ParallelConfig, RunConfig
+from automodel_mimo.data.batching import collate, local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
+from automodel_mimo.distributed.mesh import build_parallel_state
+from automodel_mimo.losses import IGNORE_INDEX
+from automodel_mimo.models.build import build_handle, build_model
+from automodel_mimo.models.moe import to_hf_state
+from policies.policy import Policy
+from tests.unit.multirank import run_ranks
+from tests.unit.oracle import TOL, VOCAB, assert_tensors_close, full_grads, full_params, random_rows, train_config
+
+ROWS = 8
+SEED = 3
+COEFF = 0.1  # large enough that the balance loss moves the router's gradient visibly
+OPTIMIZERS = [("sgd", 0.0), ("adamw", 0.5)]
+
+
+def moe_config(**overrides) -> Qwen3MoeConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                norm_topk_prob=True, router_aux_loss_coef=COEFF, max_position_embeddings=64,
+                tie_word_embeddings=False, pad_token_id=0)
+    return Qwen3MoeConfig(**{**base, **overrides})
+
+
+def _model(packed: bool = False):
+    return build_model(ModelConfig(config={"model_type": "qwen3_moe"}), moe_config(), seed=SEED, packed=packed)
+
+
+def balance_loss(router_logits, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """coeff * mean over rows of sum_i f_i P_i, each row one sequence (its real tokens), summed over layers."""
+    mask = attention_mask.bool()
+    total = 0.0
+    for logits in router_logits:
+        probs = logits.float().softmax(-1).view(*mask.shape, -1)
+        chosen = F.one_hot(probs.topk(k, -1).indices, probs.shape[-1]).sum(-2).float()
+        for row in range(mask.shape[0]):
+            p, c = probs[row][mask[row]], chosen[row][mask[row]]
+            f = c.sum(0) * probs.shape[-1] / (k * p.shape[0])
+            total = total + (f * p.mean(0)).sum()
+    return COEFF * total / mask.shape[0]
+
+
+def reference_step(rows: list[dict], optimizer: str, clip: float) -> dict:
+    """transformers' Qwen3-MoE with the same initial weights, one plain step."""
+    cfg = train_config(optimizer, clip, ROWS, ROWS)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32, attn_implementation="sdpa")
+    batch = collate(rows, pad_id=0)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    logp = torch.log_softmax(out.logits.float(), -1)
+    mask = batch["labels"] != IGNORE_INDEX
+    nll = -(logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0] * mask).sum() / mask.sum()
+    aux = balance_loss(out.router_logits, batch["attention_mask"], model.config.num_experts_per_tok)
+    (nll + aux).backward()
+    grads = full_grads(model.named_parameters())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = (torch.optim.SGD(groups, lr=cfg.lr) if optimizer == "sgd"
+           else torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps))
+    opt.step()
+    return {"loss": float(nll), "moe_aux_loss": float(aux), "grad_norm": float(norm), "grads": grads,
+            "params": full_params(model.named_parameters())}
+
+
+def _layout_step(parallel: dict, packing: bool, micro: int, rows: list[dict]) -> dict:
+    parallel = ParallelConfig(**parallel)
+    state = build_parallel_state(parallel, torch.device("cpu"))
+    data = DataConfig(packing=packing, packed_sequence_size=48, max_seq_len=24)
+    results = {}
+    for optimizer, clip in OPTIMIZERS:
+        cfg = RunConfig(parallel=parallel, data=data, train=train_config(optimizer, clip, ROWS, micro), seed=SEED)
+        handle = build_handle(cfg, _model(packed=packing or parallel.cp > 1), state, pad_id=0)
+        policy = Policy(handle, cfg.train)
+        local = local_slice(rows, *handle.data_block())
+        microbatches = MicrobatchBuilder.for_run(cfg, handle, pad_id=0).build(local, micro)
+        metrics = policy.sft_forward_backward(microbatches)
+        grads = to_hf_state(full_grads(handle.named_parameters()))
+        metrics.update(policy.optimizer_step())
+        results[optimizer] = {**metrics, "grads": grads, "params": to_hf_state(full_params(handle.named_parameters()))}
+    experts = [p for n, p in handle.named_parameters() if n.endswith("experts.down_projs")]
+    results["local_experts"] = {tuple(p.to_local().shape if hasattr(p, "to_local") else p.shape) for p in experts}
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rows = random_rows(ROWS, seed=9, max_len=22)
+    return rows, {opt: reference_step(rows, opt, clip) for opt, clip in OPTIMIZERS}
+
+
+def test_moe_model_matches_transformers(reference):
+    """The swapped-in nemo MoE layers compute transformers' Qwen3-MoE (same weights, same logits)."""
+    rows, _ = reference
+    torch.manual_seed(SEED)
+    hf = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32, attn_implementation="sdpa")
+    ours = _model()
+    batch = collate(rows, pad_id=0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert torch.allclose(ours(**inputs).logits, hf(**inputs).logits, atol=1e-5)
+    assert set(to_hf_state(ours.state_dict())) == set(hf.state_dict())
+
+
+LAYOUTS = {
+    "one-rank-4mb": ({"dp": 1}, False, 2),
+    "ep2": ({"dp": 2, "ep": 2}, False, 2),
+    "ep2-edp2": ({"dp": 4, "ep": 2}, False, 1),
+    "ep2-pp2": ({"dp": 2, "ep": 2, "pp": 2, "pp_microbatch_size": 1}, False, 2),
+    "ep2-cp2-packed": ({"dp": 1, "cp": 2, "ep": 2}, True, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_one_step_matches_single_process(reference, name):
+    parallel, packing, micro = LAYOUTS[name]
+    rows, ref = reference
+    world = parallel.get("dp", 1) * parallel.get("cp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
+    per_rank = run_ranks(_layout_step, world, parallel, packing, micro, rows)
+    ep, edp = parallel.get("ep", 1), world // parallel.get("pp", 1) // parallel.get("ep", 1)
+    for result in per_rank:  # each ep rank holds its share of the experts; FSDP splits that over edp (dim 1)
+        assert result["local_experts"] == {(4 // ep, 16 // edp, 32)}, result["local_experts"]
+    for opt, _ in OPTIMIZERS:
+        grads, params = {}, {}
+        for result in per_rank:
+            r = result[opt]
+            for key in ("loss", "moe_aux_loss", "grad_norm"):
+                assert abs(r[key] - ref[opt][key]) <= TOL * ref[opt][key], (opt, key, r[key], ref[opt][key])
+            grads.update(r["grads"])
+            params.update(r["params"])
+        assert_tensors_close(grads, ref[opt]["grads"], f"{opt} gradients")
+        assert_tensors_close(params, ref[opt]["params"], f"{opt} post-step weights")
