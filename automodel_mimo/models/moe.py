@@ -145,7 +145,9 @@ def build_moe_model(hf_model: nn.Module) -> nn.Module:
         if not torch.cuda.is_available():
             moe.experts.expert_activation_grouped = weighted_swiglu
         layer.mlp = moe
-        layer.register_forward_pre_hook(_take_segments, with_kwargs=True)
+    # the inner model's forward receives every model kwarg (also as a pipeline stage, whose patched forward
+    # calls decoder layers without them): hand the token -> sequence map to its MoE layers from there
+    hf_model.model.register_forward_pre_hook(_hand_segments, with_kwargs=True)
     hf_model.model.moe_config = cfg  # nemo's MoE parallelizer reads it (experts divisible by ep)
     return hf_model
 
@@ -156,8 +158,9 @@ def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up * weights).to(y.dtype)
 
 
-def _take_segments(layer: nn.Module, args, kwargs):
-    layer.mlp.segments = kwargs.get(SEGMENTS)
+def _hand_segments(model: nn.Module, args, kwargs):
+    for layer in moe_layers([model]):
+        layer.segments = kwargs.get(SEGMENTS)
 
 
 def moe_layers(parts: list[nn.Module]) -> list[nn.Module]:
