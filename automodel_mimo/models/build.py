@@ -18,7 +18,7 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
 from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility
-from automodel_mimo.models.moe import build_moe_model, is_moe
+from automodel_mimo.models.moe import build_moe_model, is_moe, parallelize_moe
 from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline
 
 
@@ -71,7 +71,10 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
 
     check_tp_divisibility(model.config, state.tp_size)
     check_expert_split(model.config, state.mesh_context.ep_size)
-    model = parallelize_model(model, state.mesh_context)
+    if state.mesh_context.ep_size > 1:
+        model = parallelize_moe(model, state.mesh_context)
+    else:
+        model = parallelize_model(model, state.mesh_context)
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
     return model.to(state.device)

@@ -152,6 +152,24 @@ def build_moe_model(hf_model: nn.Module) -> nn.Module:
     return hf_model
 
 
+def parallelize_moe(model: nn.Module, ctx) -> nn.Module:
+    """nemo's MoE parallelizer (EP over ctx.moe_mesh's `ep`, FSDP2 of experts over `ep_shard`, the rest over the
+    dense data ranks) as nemo's own dispatcher calls it, but without its context parallelism: the handle shards
+    rows over cp and runs the packed attention itself (parallel/context_parallel.py), while nemo's `apply_cp`
+    would swap in Transformer Engine attention (CUDA only)."""
+    from nemo_automodel.components.distributed.config import MoEParallelizerConfig
+    from nemo_automodel.components.moe.parallelizer import parallelize_model as parallelize_moe_model
+
+    moe, strategy = MoEParallelizerConfig(), ctx.strategy_config
+    reshard = strategy.reshard_after_forward if strategy.reshard_after_forward is not None else moe.reshard_after_forward
+    parallelize_moe_model(
+        model, world_mesh=ctx.device_mesh, moe_mesh=ctx.moe_mesh, activation_checkpointing=ctx.activation_checkpointing,
+        ignore_router_for_ac=moe.ignore_router_for_ac, reshard_after_forward=reshard, lm_head_precision=moe.lm_head_precision,
+        wrap_outer_model=moe.wrap_outer_model, mp_policy=strategy.mp_policy, tp_shard_plan=strategy.tp_plan,
+        sequence_parallel=strategy.sequence_parallel, **{**ctx.parallelize_axis_kwargs(), "cp_axis_name": None})
+    return model
+
+
 def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """nemo's weighted SwiGLU (gate half, then up half; times the routing weight), eager."""
     gate, up = y.chunk(2, -1)
