@@ -2,6 +2,8 @@
 independent single-process step of transformers' own Qwen3-MoE (its router and experts, a hand-written
 sequence-wise balance loss): NLL, aux loss, grad norm, every gradient and the post-step weights (fp32, gloo)."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models.build import build_handle, build_model
 from automodel_mimo.models.moe import to_hf_state
 from policies.policy import Policy
+from tests.unit.cli_runner import metrics, run_cli, train_losses
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, VOCAB, assert_tensors_close, full_grads, full_params, random_rows, train_config
 
@@ -140,3 +143,56 @@ def test_one_step_matches_single_process(reference, name):
             params.update(r["params"])
         assert_tensors_close(grads, ref[opt]["grads"], f"{opt} gradients")
         assert_tensors_close(params, ref[opt]["params"], f"{opt} post-step weights")
+
+
+# ---------------------------------------------------------------- the CLI: metrics, export, resume under another ep
+
+MOE_RUN = ["--config", "configs/moe_sft_tiny.yaml", "model.config.hidden_size=32", "model.config.moe_intermediate_size=16",
+           "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4", "model.config.num_key_value_heads=4",
+           "data.num_train=400", "data.num_eval=16", "train.global_batch_size=8", "train.micro_batch_size=2",
+           "train.warmup_steps=1", "eval.every_steps=0", "logging.progress=false", "train.max_steps=4",
+           "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_ep2")
+    r = run_cli("sft", *MOE_RUN, f"output_dir={out}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]  # a quiet terminal
+    return out
+
+
+def test_ep2_run_logs_router_metrics(ep2_run):
+    rows = [r for r in metrics(ep2_run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["moe_aux_loss"] > 0 and 1.0 <= r["moe_load_imbalance"] <= 8 / 2, r
+        assert 0 <= r["moe_idle_experts"] <= 2 * 8 and isinstance(r["moe_idle_experts"], int), r
+
+
+def test_ep2_export_is_transformers_qwen3_moe(ep2_run):
+    """The export holds transformers' own Qwen3-MoE names and layout, with the last checkpoint's values."""
+    import torch.distributed.checkpoint as dcp
+
+    exported = AutoModelForCausalLM.from_pretrained(ep2_run / "hf")
+    assert type(exported).__name__ == "Qwen3MoeForCausalLM"
+    ours = build_model(ModelConfig(config={"model_type": "qwen3_moe"}), exported.config, seed=0)
+    state = {"model": ours.state_dict()}
+    dcp.load(state, checkpoint_id=str(ep2_run / "checkpoints" / "step_4"))  # experts saved as ep shards
+    ours.load_state_dict(state["model"])
+    ids = torch.tensor([[5, 9, 17, 3, 40, 22]])
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, ours(ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], ["parallel.ep=1"]], ids=["ep1-one-rank", "ep1-dp2"])
+def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
+    out = tmp_path / "resumed"
+    shutil.copytree(ep2_run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    r = run_cli("sft", *MOE_RUN, *layout, f"output_dir={out}", "checkpoint.resume=true", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, ref = train_losses(out), train_losses(ep2_run)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
