@@ -196,3 +196,17 @@ def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
     assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("parallel.ep=3", "parallel.ep=3: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*2 = 2 ranks per pipeline "
+     "stage, so ep must divide 2"),
+    ("parallel.etp=2", "parallel.etp=2: expert tensor parallelism is not supported"),
+    ("parallel.tp=2 launch.nproc=4", "parallel.ep=2 with parallel.tp=2 is not supported"),
+    ("model.config.num_experts=3", "parallel.ep=2 must divide the model's num_experts=3"),
+    ("model.config.model_type=llama model.config.num_experts=0", "parallel.ep=2 needs a mixture-of-experts model"),
+])
+def test_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
+    r = run_cli("sft", *MOE_RUN, f"output_dir={tmp_path}", *override.split(), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
