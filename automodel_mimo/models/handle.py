@@ -40,7 +40,7 @@ from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
-from automodel_mimo.models.moe import SEGMENTS, RouterBalance, to_hf_state
+from automodel_mimo.models.moe import SEGMENTS, RouterBalance, hf_named, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.parallel.context_parallel import cp_attention, shard_batch
 
@@ -174,6 +174,12 @@ class ModelHandle(Handle):
             for name, param in part.named_parameters():
                 yield canonical_name(name), param
 
+    def generator_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`named_parameters` under transformers' names and layout (what an HF-format generator loads): the same
+        for dense models; an MoE model's expert tensors renamed and transposed (views)."""
+        for name, param in self.named_parameters():
+            yield hf_named(name, param)
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every gradient, identical on every rank."""
         return global_grad_norm(self.parameters(), self.device, extra_group=self.stage_group)
@@ -266,7 +272,7 @@ class ModelHandle(Handle):
         """Rank 0: the causal LM with `state` (full tensors) and the tokenizer, as a transformers folder."""
         config = self.config
         config.use_cache = True
-        state = to_hf_state(state)  # MoE: nemo's expert tensors in transformers' layout (no-op for dense)
+        state = {k: v.contiguous() for k, v in to_hf_state(state).items()}  # MoE: transformers' expert layout
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
         model.load_state_dict(state, assign=True, strict=True)

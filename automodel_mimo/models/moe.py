@@ -185,17 +185,21 @@ def moe_layers(parts: list[nn.Module]) -> list[nn.Module]:
     return [m for part in parts for m in part.modules() if hasattr(m, "aux_scale")]
 
 
+HF_EXPERTS = {"mlp.experts.gate_and_up_projs": "mlp.experts.gate_up_proj", "mlp.experts.down_projs": "mlp.experts.down_proj"}
+
+
+def hf_named(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A parameter under transformers' Qwen3-MoE name and layout: nemo's experts are [E, in, out], transformers'
+    [E, out, in] (a transposed view; a DTensor keeps its sharding); every other tensor as it is."""
+    for ours, theirs in HF_EXPERTS.items():
+        if name.endswith(ours):
+            return name[: -len(ours)] + theirs, value.transpose(1, 2)
+    return name, value
+
+
 def to_hf_state(state: dict) -> dict:
-    """nemo's expert tensors under transformers' Qwen3-MoE names and layout (the HF export)."""
-    out = {}
-    for name, value in state.items():
-        if name.endswith("mlp.experts.gate_and_up_projs"):
-            out[name.replace("gate_and_up_projs", "gate_up_proj")] = value.transpose(1, 2).contiguous()
-        elif name.endswith("mlp.experts.down_projs"):
-            out[name.replace("down_projs", "down_proj")] = value.transpose(1, 2).contiguous()
-        else:
-            out[name] = value
-    return out
+    """A state dict under transformers' names and layout (the HF export; a no-op for dense models)."""
+    return dict(hf_named(name, value) for name, value in state.items())
 
 
 # ---------------------------------------------------------------- sequences of a whole-row microbatch
