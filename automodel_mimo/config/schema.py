@@ -231,4 +231,5 @@ class RunConfig:
             return ", ".join(f"{name}: " + " ".join(f"{d}={sizes.get(d, 1)}" for d in ("dp", "tp", "cp", "pp"))
                              for name, sizes in self.mimo.layout.items())
         p = self.parallel
-        return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}"
+        experts = f" ep={p.ep}" if p.ep > 1 else ""  # the expert view of the same ranks (docs/moe.md)
+        return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}{experts}"

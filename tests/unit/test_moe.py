@@ -160,6 +160,7 @@ def ep2_run(tmp_path_factory):
     r = run_cli("sft", *MOE_RUN, f"output_dir={out}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Warning" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]  # a quiet terminal
+    assert "[sft] 2 ranks, dp=2 tp=1 cp=1 pp=1 ep=2," in r.stdout, r.stdout
     return out
 
 
