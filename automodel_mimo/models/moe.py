@@ -103,8 +103,9 @@ def _balanced_moe_class():
             tokens = counts[:, :1].clamp(min=1)
             f = counts[:, 1:] * n_experts / (k * tokens)
             aux = (f * psum / tokens).sum() * self.aux_scale
-            self.aux_sum += aux.detach().double().cpu()
-            self.load += routed.sum(0).double().cpu()
+            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpointing recompute (in backward)
+                self.aux_sum += aux.detach().double().cpu()
+                self.load += routed.sum(0).double().cpu()
             return AddAuxGrad.apply(y, aux) if self.aux_scale else y
 
     return BalancedMoE

@@ -211,3 +211,18 @@ def test_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
     r = run_cli("sft", *MOE_RUN, f"output_dir={tmp_path}", *override.split(), timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path):
+    """Recomputed MoE layers give the same losses and gradients, and count their router metrics once (the
+    recompute runs in backward; before that was excluded, moe_aux_loss read twice its value)."""
+    out = tmp_path / "ac"
+    r = run_cli("sft", *MOE_RUN, f"output_dir={out}", "parallel.activation_checkpointing=true", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {row["step"]: row for row in metrics(out) if "loss" in row}
+    ref = {row["step"]: row for row in metrics(ep2_run) if "loss" in row}
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        for key in ("loss", "moe_aux_loss", "grad_norm", "moe_load_imbalance"):
+            assert abs(got[step][key] - ref[step][key]) <= 1e-5 * abs(ref[step][key]), (step, key)
+        assert got[step]["moe_idle_experts"] == ref[step]["moe_idle_experts"]
