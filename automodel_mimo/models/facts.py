@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models.local_paths import is_local
 
+MOE_TYPES = ("qwen3_moe",)  # model types built with nemo's MoE layer (models/moe.py)
 FACTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "num_experts")
 
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from automodel_mimo.models.facts import MOE_TYPES
 from automodel_mimo.parallel.context_parallel import sum_over_cp
 
-MOE_TYPES = ("qwen3_moe",)
 SEGMENTS = "moe_segments"  # [B, S] sequence index of each token within its row, -1 for padding
 
 

@@ -226,3 +226,9 @@ def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path):
         for key in ("loss", "moe_aux_loss", "grad_norm", "moe_load_imbalance"):
             assert abs(got[step][key] - ref[step][key]) <= 1e-5 * abs(ref[step][key]), (step, key)
         assert got[step]["moe_idle_experts"] == ref[step]["moe_idle_experts"]
+
+
+def test_grpo_with_moe_is_a_clear_error(tmp_path):
+    r = run_cli("grpo", "model.config.model_type=qwen3_moe", f"output_dir={tmp_path}", timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "GRPO with a mixture-of-experts model is not supported yet" in r.stderr
