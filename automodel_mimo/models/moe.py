@@ -61,7 +61,7 @@ def _balanced_moe_class():
     class BalancedMoE(MoE):
         """nemo's MoE (router + experts) that also adds the sequence-wise balance loss and counts expert load.
 
-        `segments` (set per forward by the decoder layer's pre-hook), `cp_group` and `aux_scale` (coeff /
+        `segments` (set per forward by the inner model's pre-hook), `cp_group` and `aux_scale` (coeff /
         global sequence count, set by the handle before a step) come from outside; `stats` collects
         this step's aux loss and per-expert token counts (this rank's share)."""
 
