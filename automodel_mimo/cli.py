@@ -95,7 +95,7 @@ def _preflight(cfg) -> None:
     quiet_third_party(cfg.logging.verbose)  # before anything below imports a library
     from automodel_mimo.checkpoint.listing import check_resume_required
     from automodel_mimo.data.file_check import check_data_files
-    from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility, quick_facts
+    from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility, quick_facts
     from automodel_mimo.models.local_paths import check_model_paths
 
     check_model_paths(cfg.model)  # the user's files first: one line each, before anything is loaded
@@ -108,6 +108,7 @@ def _preflight(cfg) -> None:
     elif not cfg.model.pretrained:
         _check_vocab(facts.vocab_size)
     check_tp_divisibility(facts, p.tp)
+    check_expert_split(facts, p.ep)
     check_pipeline_split(facts.num_hidden_layers, p.pp, p.pp_schedule, p.layers_per_stage)
     if cfg.model.pretrained and cfg.model.config:
         print(f"note: model.pretrained={cfg.model.pretrained} is used; the model.config entries are ignored", file=sys.stderr)

@@ -93,8 +93,10 @@ class Policy:
     # ------------------------------------------------------------ training
     def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn, temperature: float = 1.0) -> dict:
         """Accumulate gradients of loss_fn over this rank's microbatches; the metrics reduced over all data
-        ranks. `temperature`: logprobs of logits / temperature (the distribution RL rollouts were sampled from)."""
-        return self.reduce_metrics(self.handle.forward_backward(microbatches, loss_fn, temperature))
+        ranks, and the handle's own step metrics (e.g. an MoE router's). `temperature`: logprobs of logits /
+        temperature (the distribution RL rollouts were sampled from)."""
+        metrics = self.reduce_metrics(self.handle.forward_backward(microbatches, loss_fn, temperature))
+        return {**metrics, **self.handle.step_metrics()}
 
     def sft_forward_backward(self, microbatches: list[dict]) -> dict:
         """Gradients of the global-batch mean NLL; the global loss and token counts."""
@@ -105,7 +107,7 @@ class Policy:
             return loss, {"loss": loss.detach()}
 
         metrics = self.forward_backward(microbatches, loss_fn)
-        return {"loss": metrics["loss"], "tokens": counts["data_tokens"], "loss_tokens": int(counts["tokens"])}
+        return {**metrics, "loss": metrics["loss"], "tokens": counts["data_tokens"], "loss_tokens": int(counts["tokens"])}
 
     def optimizer_step(self, loss: float | None = None) -> dict:
         return self.optimizer.optimizer_step(loss)

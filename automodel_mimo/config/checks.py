@@ -12,6 +12,7 @@ from automodel_mimo.config.schema import PP_SCHEDULES, DataConfig, LaunchConfig,
 from automodel_mimo.config.sizes import packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.paths import SYNTHETIC_PREFIX
 from automodel_mimo.errors import UserInputError
+from automodel_mimo.models.facts import MOE_TYPES
 
 
 def _require(cond: bool, message: str) -> None:
@@ -69,6 +70,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
     _require(p.dp * non_dp == world,
              f"parallel.dp*tp*cp*pp = {p.dp}*{p.tp}*{p.cp}*{p.pp} = {p.dp * non_dp} but launch.nproc = {world}; "
              "make the product equal the number of ranks")
+    validate_experts(p)
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1")
     _require(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
              f"train.stop_at_step={t.stop_at_step}: must be between 1 and train.max_steps={t.max_steps} (or null)")
@@ -121,6 +123,25 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_dpo(cfg)
     if cfg.algo == "grpo":
         validate_grpo(cfg)
+        _require(cfg.model.config.get("model_type") not in MOE_TYPES,
+                 f"model.config.model_type={cfg.model.config.get('model_type')}: GRPO with a mixture-of-experts model is "
+                 "not supported yet (the generator refit streams nemo's expert tensors, not transformers'; docs/moe.md); "
+                 "use sft or dpo")
+
+
+def validate_experts(p) -> None:
+    """The expert view factors the same ranks of a pipeline stage: etp x ep x edp == tp x cp x dp."""
+    _require(p.ep >= 1 and p.etp >= 1, f"parallel.ep={p.ep}, parallel.etp={p.etp}: must be >= 1")
+    _require(p.etp == 1, f"parallel.etp={p.etp}: expert tensor parallelism is not supported (nemo-automodel's "
+             "GroupedExperts shard experts over a 1-D ep mesh); set parallel.etp=1")
+    if p.ep == 1:
+        return
+    dense = p.tp * p.cp * p.dp
+    _require(dense % (p.etp * p.ep) == 0,
+             f"parallel.ep={p.ep}: the expert view etp*ep*edp must equal tp*cp*dp = {p.tp}*{p.cp}*{p.dp} = {dense} "
+             f"ranks per pipeline stage, so ep must divide {dense}; pick an ep that divides it")
+    _require(p.tp == 1, f"parallel.ep={p.ep} with parallel.tp={p.tp} is not supported: nemo's MoE keeps tokens "
+             "replicated over tp and its EP all-gather then counts each token tp times (docs/moe.md); use tp=1 with ep")
 
 
 def validate_schedule_step(p, rows: int, pp: int, pp_key: str, rows_key: str = "train.micro_batch_size") -> None:

@@ -34,6 +34,10 @@ class ParallelConfig:
     # recompute each decoder layer's activations in backward: the activations of a layer's inputs only are
     # kept (far less memory on long sequences) for about a third more compute
     activation_checkpointing: bool = False
+    # mixture-of-experts (docs/moe.md): the same ranks of each pipeline stage factored a second way,
+    # etp x ep x edp == tp x cp x dp; ep ranks hold different experts (edp is derived)
+    ep: int = 1
+    etp: int = 1  # expert tensor parallelism: only 1 (nemo's experts take a 1-D ep mesh)
 
 
 @dataclass
@@ -231,4 +235,5 @@ class RunConfig:
                              + (f" offset={sizes['offset']}" if sizes.get("offset") else "")
                              for name, sizes in self.mimo.layout.items())
         p = self.parallel
-        return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}"
+        experts = f" ep={p.ep}" if p.ep > 1 else ""  # the expert view of the same ranks (docs/moe.md)
+        return f"dp={p.dp} tp={p.tp} cp={p.cp} pp={p.pp}{experts}"

@@ -63,7 +63,8 @@ def pad_rows(batch: dict, n_rows: int, pad_id: int) -> dict:
     have = batch["input_ids"].shape[0]
     if have == n_rows:
         return batch
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 1, "position_ids": 0, "seq_index": -1}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 1, "position_ids": 0, "seq_index": -1,
+            "moe_segments": -1}
     if "cu_seqlens_padded" in batch:
         fill["cu_seqlens_padded"] = int(batch["cu_seqlens_padded"][:, -1].max())
     out = {}

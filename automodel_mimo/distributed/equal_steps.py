@@ -28,6 +28,8 @@ def weightless(batch: dict) -> dict:
         out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
     if "loss_mask" in out:
         out["loss_mask"] = torch.zeros_like(out["loss_mask"])
+    if "moe_segments" in out:  # no sequence either: a dummy step adds nothing to the MoE balance loss
+        out["moe_segments"] = torch.full_like(out["moe_segments"], -1)
     return out
 
 

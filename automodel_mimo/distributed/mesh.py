@@ -107,4 +107,20 @@ def build_parallel_state(parallel: ParallelConfig, device: torch.device, dtype: 
     sizes = ParallelismSizes(dp_size=parallel.dp, tp_size=parallel.tp, cp_size=parallel.cp, pp_size=parallel.pp)
     ctx = MeshContext.build(strategy, sizes, world_size=dist.get_world_size(),
                             activation_checkpointing=parallel.activation_checkpointing)
+    if parallel.ep > 1:
+        ctx.moe_mesh = expert_view(ctx, parallel, device)
     return ParallelState(mesh_context=ctx, device=device)
+
+
+def expert_view(ctx, parallel: ParallelConfig, device: torch.device) -> DeviceMesh:
+    """The expert factorization of the same ranks (docs/moe.md): pp x ep_shard x ep, ep innermost (consecutive
+    ranks of a stage: cp, then dp), pp shared with the dense grid; nemo's MoE parallelizer reads its `ep` and
+    `ep_shard` axes (the names nemo's own moe_mesh has)."""
+    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec
+    from automodel_mimo.distributed.grids import Grid
+
+    sizes = {"pp": parallel.pp, "dp": parallel.dp, "cp": parallel.cp, "tp": parallel.tp}
+    grid = Grid(GridSpec.for_module(LANGUAGE, sizes), ctx, device)
+    per_stage = parallel.dp * parallel.cp * parallel.tp
+    dims = (("pp", parallel.pp), ("ep_shard", per_stage // (parallel.etp * parallel.ep)), ("ep", parallel.ep))
+    return grid.view("experts", dims, shared=("pp",))

@@ -18,7 +18,8 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses.token import compile_logprobs
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
-from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.moe import build_moe_model, is_moe, parallelize_moe
 from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline
 
 
@@ -60,6 +61,8 @@ def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, packed
     else:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
+    if is_moe(model.config):  # nemo's MoE layer (router + experts) in the sparse layers: docs/moe.md
+        model = build_moe_model(model)
     return model
 
 
@@ -68,7 +71,11 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     from nemo_automodel.components.distributed.model_parallelizer import compile_parallelized_model, parallelize_model
 
     check_tp_divisibility(model.config, state.tp_size)
-    model = parallelize_model(model, _compile_safe_checkpointing(model, state))
+    check_expert_split(model.config, state.mesh_context.ep_size)
+    if state.mesh_context.ep_size > 1:
+        model = parallelize_moe(model, state.mesh_context)
+    else:
+        model = parallelize_model(model, _compile_safe_checkpointing(model, state))
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
     compile_parallelized_model(model, state.mesh_context)  # per decoder layer, in place (names unchanged)

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models.local_paths import is_local
 
-FACTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+MOE_TYPES = ("qwen3_moe",)  # model types built with nemo's MoE layer (models/moe.py)
+FACTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "num_experts")
 
 
 def quick_facts(model) -> SimpleNamespace | None:
@@ -55,3 +56,17 @@ def check_tp_divisibility(hf_config, tp: int) -> None:
         value = getattr(hf_config, name, None)
         if tp > 1 and value is not None and value % tp:
             raise UserInputError(f"parallel.tp={tp} must divide the model's {name}={value}; choose a tp that divides it")
+
+
+def check_expert_split(hf_config, ep: int) -> None:
+    """Expert parallelism needs an MoE model whose routed experts divide over ep."""
+    if ep == 1:
+        return
+    experts = getattr(hf_config, "num_experts", None)
+    if experts is None and isinstance(hf_config, SimpleNamespace):
+        return  # model.config leaves it to the model type's default: checked on the HF config at build time
+    if not experts:
+        raise UserInputError(f"parallel.ep={ep} needs a mixture-of-experts model (model.config.num_experts, e.g. "
+                             "model_type qwen3_moe); this model has no routed experts: set parallel.ep=1")
+    if experts % ep:
+        raise UserInputError(f"parallel.ep={ep} must divide the model's num_experts={experts}; choose an ep that divides it")

@@ -40,6 +40,7 @@ from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
+from automodel_mimo.models.moe import SEGMENTS, RouterBalance, hf_named, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.parallel.context_parallel import cp_attention, shard_batch
 
@@ -48,7 +49,7 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 # capture_fn(logits, batch) -> one value row per batch row
 CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", SEGMENTS)
 
 
 def at_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -101,6 +102,23 @@ class Handle:
             for module in part.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
+
+    @property
+    def router(self) -> RouterBalance | None:
+        """A mixture-of-experts model's router side (balance loss, expert load); None for a dense model."""
+        if not hasattr(self, "_router"):
+            self._router = RouterBalance.of(self.parts, getattr(self, "state", None))
+        return self._router
+
+    def _balanced(self, microbatches: list[dict]) -> list[dict]:
+        """MoE: each microbatch with its token -> sequence map and the step's global sequence count set."""
+        if self.router is None:
+            return microbatches
+        return self.router.prepare(microbatches, self.data_group, self.cp_group)
+
+    def step_metrics(self) -> dict:
+        """Global metrics of the last forward_backward beyond the loss's own (MoE: router metrics)."""
+        return {} if self.router is None else self.router.metrics(self.stage_group)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """FSDP reduce-scatters gradients only when enabled: on the last microbatch of a step."""
@@ -161,6 +179,12 @@ class ModelHandle(Handle):
             for name, param in part.named_parameters():
                 yield canonical_name(name), param
 
+    def generator_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`named_parameters` under transformers' names and layout (what an HF-format generator loads): the same
+        for dense models; an MoE model's expert tensors renamed and transposed (views)."""
+        for name, param in self.named_parameters():
+            yield hf_named(name, param)
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every gradient, identical on every rank."""
         return global_grad_norm(self.parameters(), self.device, extra_group=self.stage_group)
@@ -179,7 +203,7 @@ class ModelHandle(Handle):
         FSDP reduce-scatters gradients only after the last microbatch (earlier ones accumulate unsharded)."""
         self.train()
         metrics = []
-        microbatches = self._equalized(microbatches)
+        microbatches = self._equalized(self._balanced(microbatches))
         with cp_attention(self.cp_group):
             for i, mb in enumerate(microbatches):
                 self.set_gradient_sync(i == len(microbatches) - 1)
@@ -253,6 +277,7 @@ class ModelHandle(Handle):
         """Rank 0: the causal LM with `state` (full tensors) and the tokenizer, as a transformers folder."""
         config = self.config
         config.use_cache = True
+        state = {k: v.contiguous() for k, v in to_hf_state(state).items()}  # MoE: transformers' expert layout
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
         model.load_state_dict(state, assign=True, strict=True)
@@ -280,7 +305,7 @@ class PipelineModelHandle(ModelHandle):
         self.train()
         with cp_attention(self.cp_group):
             return self.driver.forward_backward(
-                [self._shard(mb) for mb in microbatches],
+                [self._shard(mb) for mb in self._balanced(microbatches)],
                 lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))
 
     @torch.no_grad()

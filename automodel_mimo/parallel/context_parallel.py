@@ -21,7 +21,7 @@ from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.models import packed_attention
 
-SHARDED_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
+SHARDED_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "moe_segments")
 
 
 def cp_indices(cu_seqlens_padded: list[int], cp: int, rank: int) -> list[int]:

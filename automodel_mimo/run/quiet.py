@@ -19,6 +19,7 @@ _HARMLESS = (
     "returned a view tensor",  # FSDP2 on HF embeddings: the models do not modify it in place
     "Transformer Engine and Apex are not installed",  # megatron-fsdp probing optional GPU kernels
     "is an Enum subclass and is now natively supported",  # torch pytree registration by torchao
+    "torch.distributed.nn.functional.all_reduce is deprecated",  # nemo's MoE experts (EP output all-reduce)
 )
 
 
