@@ -106,6 +106,7 @@ def test_short_mimo_dpo_run(short_run):
     assert ev["step"] == 3 and ev["eval/num_pairs"] == 6 and 0 <= ev["eval/preference_accuracy"] <= 1
 
 
+@pytest.mark.slow  # tests/nightly/unit_slow.sh; the oracle (test_mimo_dpo.py) covers packed and fan-out steps in CI
 def test_packed_fan_out_run_matches_the_padded_fan_in_run(short_run, tmp_path):
     """The mirrored layout (vision tp2 + language dp2: each LLM dp slot takes one packed row of whole pairs) with
     data.packing logs the padded fan-in run's steps (warm-up and eval stay padded; rounding only)."""

@@ -124,7 +124,11 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2 and ep2 x cp2 packed run in CI
+SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
 def test_one_step_matches_single_process(reference, name):
     parallel, packing, micro = LAYOUTS[name]
     rows, ref = reference
@@ -187,7 +191,8 @@ def test_ep2_export_is_transformers_qwen3_moe(ep2_run):
         assert torch.allclose(exported(ids).logits, ours(ids).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], ["parallel.ep=1"]], ids=["ep1-one-rank", "ep1-dp2"])
+@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], pytest.param(["parallel.ep=1"], marks=pytest.mark.slow)],
+                         ids=["ep1-one-rank", "ep1-dp2"])
 def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
     out = tmp_path / "resumed"
     shutil.copytree(ep2_run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
@@ -213,6 +218,7 @@ def test_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
     assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path):
     """Recomputed MoE layers give the same losses and gradients, and count their router metrics once (the
     recompute runs in backward; before that was excluded, moe_aux_loss read twice its value)."""
