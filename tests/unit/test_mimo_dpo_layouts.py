@@ -18,18 +18,24 @@ from policies.policy import Policy
 from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, assert_step_close, build_modules
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, full_params, train_config
-from tests.unit.test_mimo_dpo import (  # noqa: F401  (reference: the module's fixture)
-    DPO, GLOBAL_BATCH, MOVE, OPTIMIZERS, GradsBeforeStep, _builder, reference)
+from tests.unit.test_mimo_dpo import (
+    DPO, GLOBAL_BATCH, MOVE, OPTIMIZERS, GradsBeforeStep, _builder, preference_rows, reference_dpo_step)
 
 CPU = torch.device("cpu")
+INTERLEAVED_LAYERS = 4  # interleaved 1F1B on pp2: 2 virtual stages of 1 layer per rank
 # (name, layout, micro_batch_size: sequences, or packed rows of whole pairs, packed); a pipeline microbatch holds
-# whole (chosen, rejected) pairs (config/checks.py): 2 padded sequences, or 1 packed row
+# whole (chosen, rejected) pairs (config/checks.py): 2 padded sequences, or 1 packed row. "interleaved" in a name:
+# the interleaved1f1b schedule on an LLM of INTERLEAVED_LAYERS layers (else 2 layers, 1F1B)
 TWO_RANKS = [
     ("vision-dp2+language-pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4, False),
     ("vision-dp2+language-pp2-packed", {"vision": {"dp": 2}, "language": {"pp": 2}}, 2, True),
+    ("vision-tp2+language-pp2-interleaved", {"vision": {"tp": 2}, "language": {"pp": 2}}, 4, False),
 ]
 FOUR_RANKS = [
     ("vision-dp4+language-pp2xdp2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2}}, 4, False),
+    ("vision-dp4+language-pp2xcp2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2}}, 4, False),
+    ("vision-dp4+language-pp2xtp2", {"vision": {"dp": 4}, "language": {"pp": 2, "tp": 2}}, 4, False),
+    ("noncolocated vision-dp2+language-cp2", {"vision": {"dp": 2}, "language": {"cp": 2, "offset": 2}}, 4, False),
     ("noncolocated vision-dp2+language-dp2", {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}}, 2, False),
     ("noncolocated vision-dp2+language-dp2-packed", {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}}, 1, True),
 ]
@@ -41,17 +47,21 @@ THREE_RANKS = [
 ]
 
 
-def _handle(layout: dict, micro: int, packed: bool, grids: dict | None = None) -> MimoHandle:
-    encoders, llm = build_modules(packed=packed)
-    pipeline = {"schedule": "1f1b", "pp_microbatch_size": 1 if packed else 2, "layers_per_stage": None, "seq_len": 64,
-                "micro_batch_size": micro}
+def _layers(name: str) -> int:
+    return INTERLEAVED_LAYERS if "interleaved" in name else 2
+
+
+def _handle(name: str, layout: dict, micro: int, packed: bool, grids: dict | None = None) -> MimoHandle:
+    encoders, llm = build_modules(packed=packed or layout["language"].get("cp", 1) > 1, layers=_layers(name))
+    pipeline = {"schedule": "interleaved1f1b" if "interleaved" in name else "1f1b", "pp_microbatch_size": 1 if packed else 2,
+                "layers_per_stage": None, "seq_len": 64, "micro_batch_size": micro}
     return MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH,
                       grids=grids, pipeline=pipeline)
 
 
-def _dpo_step(rows: list[dict], layout: dict, grids: dict, micro: int, packed: bool, optimizer: str, clip: float) -> dict:
+def _dpo_step(rows: list[dict], name: str, layout: dict, grids: dict, micro: int, packed: bool, optimizer: str, clip: float) -> dict:
     """algorithms/dpo.dpo_train_step on this rank's block of pairs; this rank's full gradients and weights."""
-    model = _handle(layout, micro, packed, grids)
+    model = _handle(name, layout, micro, packed, grids)
     policy = GradsBeforeStep(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
     policy.init_reference()
     model.reshard()
@@ -69,13 +79,13 @@ def _dpo_step(rows: list[dict], layout: dict, grids: dict, micro: int, packed: b
     return result
 
 
-def _reference_swap(rows: list[dict], layout: dict, micro: int, packed: bool) -> dict:
+def _reference_swap(rows: list[dict], name: str, layout: dict, micro: int, packed: bool) -> dict:
     """The reference from full tensors (the single-process init), then the encoder, the projector and the LLM
     moved one after another; after each, the reference pass must give the initial logprobs exactly (every rank:
     encoder ranks receive them from the LLM ranks) and leave the moved weights and their logprobs untouched."""
-    model = _handle(layout, micro, packed)
+    model = _handle(name, layout, micro, packed)
     policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, micro))
-    encoders, llm = build_modules()
+    encoders, llm = build_modules(layers=_layers(name))
     policy.init_reference({f"{module}.{k}": v for module, part in (("vision", encoders["vision"]), ("language", llm))
                            for k, v in part.state_dict().items()})
     microbatches = _builder(model, False).build(local_slice(rows, *model.data_block()), micro, group=2)
@@ -105,16 +115,26 @@ def _steps(rows: list[dict], layouts: list, swap: list) -> dict:
     for name, layout, micro, packed in layouts:
         grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
         for optimizer, clip in OPTIMIZERS:
-            results[name, optimizer] = _dpo_step(rows, layout, grids, micro, packed, optimizer, clip)
+            results[name, optimizer] = _dpo_step(rows, name, layout, grids, micro, packed, optimizer, clip)
     for name, layout, micro, packed in swap:
-        results["swap", name] = _reference_swap(rows, layout, micro, packed)
+        results["swap", name] = _reference_swap(rows, name, layout, micro, packed)
     return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process step per (LLM layers, optimizer)."""
+    rows = preference_rows(seed=0)
+    ref = {(layers, optimizer): reference_dpo_step(rows, optimizer, clip, layers)
+           for layers in sorted({2, INTERLEAVED_LAYERS}) for optimizer, clip in OPTIMIZERS}
+    assert all(r["grad_norm"] > 0.5 for (_, optimizer), r in ref.items() if optimizer == "adamw"), "the clip is active"
+    return rows, ref
 
 
 def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
     for name, layout, _, packed in layouts:
         for optimizer, _ in OPTIMIZERS:
-            r, what = ref[optimizer], f"{name} {optimizer}"
+            r, what = ref[_layers(name), optimizer], f"{name} {optimizer}"
             for rank, result in enumerate(per_rank):
                 got = result[name, optimizer]
                 assert got["skipped"] == 0 and got["pairs"] == 3, (what, rank, got["pairs"])  # pair 3: no rejected tokens
@@ -133,8 +153,9 @@ def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
         if "offset" in layout["language"]:  # disjoint: a rank holds the encoder or the LLM, never both
             assert all(len(s["modules"]) == 1 for s in steps) and {m for s in steps for m in s["modules"]} == {
                 "vision", "language"}, (name, [s["modules"] for s in steps])
-        if layout["language"].get("pp", 1) > 1:  # a stage's part of the LLM per LLM rank
-            assert all(s["llm_parts"] == 1 for s in steps if "language" in s["modules"]), name
+        if layout["language"].get("pp", 1) > 1:  # a stage's part of the LLM per LLM rank (interleaved: two)
+            parts = 2 if "interleaved" in name else 1
+            assert all(s["llm_parts"] == parts for s in steps if "language" in s["modules"]), name
 
 
 def _check_swap(per_rank: list[dict], name: str) -> None:
