@@ -1,12 +1,13 @@
 """MIMO DPO oracle under the LLM-pipelined and non-colocated layouts (docs/numerics.md): the real DPO step of
 algorithms/dpo.py (reference logprobs through the weight swap, DPO + SFT loss, clipped optimizer step) equals the
 single-process `reference_dpo_step` of test_mimo_dpo.py — loss, grad norm, preference accuracy, reward margin,
-every encoder, projector and LLM gradient, post-step weights (SGD and clipped AdamW) — on every rank, under:
-colocated vision dp2 + language pp2 (2 ranks) and vision dp4 + language pp2 x dp2 (4 ranks); non-colocated
-vision dp2 on ranks 0-1 + language dp2 on ranks 2-3, vision dp1 + language pp2 on 3 ranks, vision dp1 + language
-dp2 on 3 ranks (a fan-out). Each rank holds part of the model (a pp stage's LLM layers, or one module): the union
-of the ranks' gradients and weights is compared. Also: the reference swap covers every module bit for bit under
-the non-colocated layouts (from full tensors; encoder ranks read the LLM ranks' reference logprobs)."""
+every encoder, projector and LLM gradient, post-step weights (SGD and clipped AdamW) — on every rank. Layouts:
+LLM pp2 colocated (2 ranks: padded, packed, interleaved 1F1B; 4 ranks: pp2 x dp2, x cp2, x tp2) and non-colocated
+(4 ranks: vision dp2 + language dp2 padded and packed, vision dp2 + language cp2; 3 ranks: vision dp1 + language
+pp2 padded and packed, fan-out, fan-in, the LLM first). Each rank holds part of the model (a pp stage's LLM layers,
+or one module): the union of the ranks' gradients and weights is compared. Also: the reference swap covers every
+module bit for bit under two non-colocated layouts (from full tensors; encoder ranks read the LLM ranks'
+reference logprobs)."""
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ THREE_RANKS = [
     ("noncolocated vision-dp1+language-pp2-packed", {"vision": {"dp": 1}, "language": {"pp": 2, "offset": 1}}, 2, True),
     ("noncolocated vision-dp1+language-dp2-fan-out", {"vision": {"dp": 1}, "language": {"dp": 2, "offset": 1}}, 4, False),
     ("noncolocated vision-dp2+language-dp1-fan-in", {"vision": {"dp": 2}, "language": {"dp": 1, "offset": 2}}, 4, False),
+    # the LLM first: rank 0 (which logs) is an LLM rank, the encoder the last rank
+    ("noncolocated language-dp2+vision-dp1", {"vision": {"dp": 1, "offset": 2}, "language": {"dp": 2}}, 4, False),
 ]
 
 
