@@ -57,11 +57,11 @@ def preference_rows(seed: int = 0) -> list[dict]:
     return rows
 
 
-def reference_dpo_step(rows: list[dict], optimizer: str, clip: float) -> dict:
+def reference_dpo_step(rows: list[dict], optimizer: str, clip: float, layers: int = 2) -> dict:
     """One process, the whole batch: reference logprobs of the initial weights, the policy at MOVE x those weights,
     DPO (average logprobs) + sft_weight x NLL of the chosen rows over the pairs with loss tokens in both rows."""
     cfg = train_config(optimizer, clip, GLOBAL_BATCH, GLOBAL_BATCH)
-    encoders, llm = build_modules()
+    encoders, llm = build_modules(layers=layers)
     vision = encoders["vision"]
     named = named_mimo_parameters(vision, llm)
     batch = mimo_collate(rows)

@@ -128,11 +128,55 @@ def test_packed_fan_out_run_matches_the_padded_fan_in_run(short_run, tmp_path):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
+def _assert_same_run(got: list[dict], ref: list[dict]) -> None:
+    assert [row["step"] for row in got] == [row["step"] for row in ref] == [1, 2, 3, 3]
+    for a, b in zip(got, ref):
+        for key in ("loss", "grad_norm", "eval/loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        for key in ("pairs", "skipped", "preference_accuracy", "eval/preference_accuracy", "eval/num_pairs"):
+            if key in b:
+                assert a[key] == b[key], (a["step"], key)
+        for key in ("reward_margin", "chosen_reward", "eval/reward_margin"):  # differences of nearby sums
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_noncolocated_run_matches_the_colocated_run_and_exports(short_run, tmp_path):
+    """Non-colocated (vision dp1 on rank 0, language on rank 1: rows, gradients and results point-to-point): the
+    warm-up, the reference swap over both ranks' modules, 3 DPO steps and the held-out eval log the colocated
+    run's values (rounding only; rank 0, an encoder rank, logs the LLM's metrics), and the HF export loads."""
+    r = run_cli("dpo", *CONFIG, *SHORT[:-1], f"output_dir={tmp_path}", "mimo.layout.vision={dp: 1}",
+                "mimo.layout.language={offset: 1}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vision: dp=1 tp=1 cp=1 pp=1, language: dp=1 tp=1 cp=1 pp=1 offset=1" in r.stdout, r.stdout[-2000:]
+    _assert_same_run(metrics(tmp_path), metrics(short_run))
+
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert llava.config.vision_config.image_size == 32
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "language")
+    assert torch.equal(llm.lm_head.weight, llava.lm_head.weight)  # both exports hold the trained LLM
+
+
+def test_llm_pp2_run_matches_the_colocated_run(short_run, tmp_path):
+    """The LLM pipelined (vision dp2 + language pp2, a pipeline microbatch = one pair): warm-up, 3 DPO steps and the
+    held-out eval through the stages log the tp2 run's values (rounding only)."""
+    r = run_cli("dpo", *CONFIG, *SHORT, f"output_dir={tmp_path}", "mimo.layout.language={pp: 2}",
+                "parallel.pp_microbatch_size=2", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "language: dp=1 tp=1 cp=1 pp=2" in r.stdout, r.stdout[-2000:]
+    _assert_same_run(metrics(tmp_path), metrics(short_run))
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["mimo.layout.vision={tp: 2}", "mimo.layout.language={dp: 2}", "train.micro_batch_size=2"],
      "train.micro_batch_size=2: each of the language model's 2 dp slots takes 1 of its sequences"),
     (["dpo.reference=configs"], "dpo.reference=configs: a MIMO run's reference is its initial weights"),
     (["data.packing=true", "data.packed_sequence_size=100"], "data.packed_sequence_size=100 cannot hold a (chosen, rejected) pair"),
+    (["mimo.layout.language={pp: 2}", "parallel.pp_microbatch_size=1"],
+     "parallel.pp_microbatch_size=1: a pipeline microbatch of mimo.layout.language.pp must hold whole (chosen, rejected)"),
 ])
 def test_mimo_dpo_config_errors_are_one_line(tmp_path, overrides, expected):
     r = run_cli("dpo", *CONFIG, f"output_dir={tmp_path / 'out'}", *overrides, timeout=60)
