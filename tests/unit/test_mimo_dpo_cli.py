@@ -160,6 +160,7 @@ def test_noncolocated_run_matches_the_colocated_run_and_exports(short_run, tmp_p
     assert torch.equal(llm.lm_head.weight, llava.lm_head.weight)  # both exports hold the trained LLM
 
 
+@pytest.mark.slow  # tests/nightly/unit_slow.sh; test_mimo_dpo_layouts.py covers the pp2 step in CI
 def test_llm_pp2_run_matches_the_colocated_run(short_run, tmp_path):
     """The LLM pipelined (vision dp2 + language pp2, a pipeline microbatch = one pair): warm-up, 3 DPO steps and the
     held-out eval through the stages log the tp2 run's values (rounding only)."""
