@@ -142,6 +142,7 @@ def _assert_same_run(got: list[dict], ref: list[dict]) -> None:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
+@pytest.mark.slow  # tests/nightly/unit_slow.sh; CI: the DPO layouts oracle (non-colocated) and the SFT non-colocated CLI run
 def test_noncolocated_run_matches_the_colocated_run_and_exports(short_run, tmp_path):
     """Non-colocated (vision dp1 on rank 0, language on rank 1: rows, gradients and results point-to-point): the
     warm-up, the reference swap over both ranks' modules, 3 DPO steps and the held-out eval log the colocated

@@ -176,6 +176,7 @@ def test_mimo_dpo_pp2_two_ranks(reference):
     _check(run_ranks(_steps, 2, rows, TWO_RANKS, []), TWO_RANKS, ref)
 
 
+@pytest.mark.slow  # tests/nightly/unit_slow.sh; CI: pp2 (two ranks) and non-colocated (three ranks) below
 def test_mimo_dpo_pp2xdp2_and_noncolocated_four_ranks(reference):
     rows, ref = reference
     per_rank = run_ranks(_steps, 4, rows, FOUR_RANKS, FOUR_RANKS[1:2])
