@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI's .ci/run): set up, lint, the unit tests, then the embedded defaults
 # end to end, each gated on the result the README promises (tests/nightly/*.sh). Fails on the first failure.
-#   bash scripts/test.sh           everything (29 min on 2 CPU cores after the set-up, 2026-12-01)
+#   bash scripts/test.sh           everything (47 min on 2 CPU cores after the set-up, 2026-12-01)
 #   bash scripts/test.sh --unit    set-up, lint and unit tests only
 set -euo pipefail
 cd "$(dirname "$0")/.."
