@@ -71,10 +71,6 @@ class Policy:
         out = dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total[:4].clamp(min=1).float()))
         return {**out, "data_tokens": int(total[4])}
 
-    def data_tokens(self, microbatches: list[dict]) -> int:
-        """Non-padding tokens of the global batch (the rows every data rank's loss sees)."""
-        return self.global_counts(microbatches)["data_tokens"]
-
     def reduce_metrics(self, per_mb: list[dict]) -> dict:
         """This rank's per-microbatch metric shares -> global values, identical on every rank (docs/numerics.md:
         shares summed over the data ranks, `*_min`/`*_max` by min/max)."""

@@ -57,7 +57,7 @@ def dpo_train_step(policy: Policy, microbatches: list[dict], cfg: DPOConfig) -> 
     policy.optimizer.zero_grad()
     metrics = policy.forward_backward(microbatches, dpo_loss_fn(cfg, counts))
     metrics.update(policy.optimizer_step(metrics["loss"]))
-    return metrics
+    return {**metrics, "tokens": counts["data_tokens"]}
 
 
 # ---------------------------------------------------------------- data
@@ -183,9 +183,8 @@ def run_dpo(cfg: RunConfig) -> None:
         t0 = time.perf_counter()
         microbatches = step_microbatches(cfg, run, i)
         metrics = dpo_train_step(policy, microbatches, cfg.dpo)
-        tokens = policy.data_tokens(microbatches)
         step_s = time.perf_counter() - t0
-        return {**metrics, "tokens": tokens, "tokens_per_s": tokens / step_s, "step_s": step_s}
+        return {**metrics, "tokens_per_s": metrics["tokens"] / step_s, "step_s": step_s}
 
     run_steps(cfg, start, logger, step, evaluate=lambda done: evaluate_preferences(cfg, policy, eval_mbs, eval_ref),
               save=lambda done: ckpt.save(done, handle, policy.optimizer))
