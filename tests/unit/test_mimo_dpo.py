@@ -130,19 +130,17 @@ def _all_steps(rows: list[dict]) -> dict:
     return results
 
 
-def _reference_swap(rows: list[dict]) -> dict:
-    """Fan-in (vision dp4, language dp2 x tp2): the reference from full tensors (the single-process init), then the
-    encoder, the projector and the LLM moved one after another; after each, the reference pass must give the initial
-    logprobs exactly and leave the moved weights and their logprobs untouched."""
-    name, layout, micro = LAYOUTS[0]
-    model = _handle(layout, None, packed=False)
-    policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, micro))
-    encoders, llm = build_modules()
+def move_each_module(policy: Policy, microbatches: list[dict], modules: tuple) -> dict:
+    """The reference from the full tensors of `modules` (encoders, llm), then the encoder, the projector and the LLM
+    scaled by MOVE one after another; per module: whether the reference pass gave the initial logprobs exactly, the
+    policy's moved, the policy's (and its weights) came back unchanged. A rank holding no LLM rows (a non-colocated
+    encoder slot) has no logprobs that could move."""
+    model = policy.handle
+    encoders, llm = modules
     policy.init_reference({f"{module}.{k}": v for module, part in (("vision", encoders["vision"]), ("language", llm))
                            for k, v in part.state_dict().items()})
-    microbatches = _builder(model, False).build(local_slice(rows, *model.data_block()), micro)
     initial = policy.logprobs(microbatches)
-    out = {}
+    out = {"rows": sum(len(lp) for lp in initial)}
     for prefix in ("vision.encoder.", "vision.projector.", "language."):
         model.reshard()
         with torch.no_grad():
@@ -154,10 +152,23 @@ def _reference_swap(rows: list[dict]) -> dict:
         after, restored = policy.logprobs(microbatches), full_params(model.named_parameters())
         out[prefix] = {
             "reference_is_initial": all(torch.equal(a, b) for a, b in zip(reference, initial)),
-            "policy_moved": not all(torch.equal(a, b) for a, b in zip(moved, initial)),
+            "policy_moved": out["rows"] == 0 or not all(torch.equal(a, b) for a, b in zip(moved, initial)),
             "policy_unchanged": all(torch.equal(a, b) for a, b in zip(after, moved)),
             "weights_back": all(torch.equal(w, restored[n]) for n, w in weights.items()),
         }
+    return out
+
+
+def _reference_swap(rows: list[dict]) -> dict:
+    """Fan-in (vision dp4, language dp2 x tp2): the reference from full tensors (the single-process init), then the
+    encoder, the projector and the LLM moved one after another; after each, the reference pass must give the initial
+    logprobs exactly and leave the moved weights and their logprobs untouched."""
+    name, layout, micro = LAYOUTS[0]
+    model = _handle(layout, None, packed=False)
+    policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, micro))
+    microbatches = _builder(model, False).build(local_slice(rows, *model.data_block()), micro)
+    out = move_each_module(policy, microbatches, build_modules())
+    assert out.pop("rows") > 0  # every fan-in rank holds LLM rows: its policy logprobs must move
     model.destroy()
     return out
 

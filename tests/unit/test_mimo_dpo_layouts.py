@@ -20,7 +20,7 @@ from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, assert_step_cl
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, full_params, train_config
 from tests.unit.test_mimo_dpo import (
-    DPO, GLOBAL_BATCH, MOVE, OPTIMIZERS, GradsBeforeStep, _builder, preference_rows, reference_dpo_step)
+    DPO, GLOBAL_BATCH, MOVE, OPTIMIZERS, GradsBeforeStep, _builder, move_each_module, preference_rows, reference_dpo_step)
 
 CPU = torch.device("cpu")
 INTERLEAVED_LAYERS = 4  # interleaved 1F1B on pp2: 2 virtual stages of 1 layer per rank
@@ -88,27 +88,8 @@ def _reference_swap(rows: list[dict], name: str, layout: dict, micro: int, packe
     encoder ranks receive them from the LLM ranks) and leave the moved weights and their logprobs untouched."""
     model = _handle(name, layout, micro, packed)
     policy = Policy(model, train_config("sgd", 0.0, GLOBAL_BATCH, micro))
-    encoders, llm = build_modules(layers=_layers(name))
-    policy.init_reference({f"{module}.{k}": v for module, part in (("vision", encoders["vision"]), ("language", llm))
-                           for k, v in part.state_dict().items()})
     microbatches = _builder(model, False).build(local_slice(rows, *model.data_block()), micro, group=2)
-    initial = policy.logprobs(microbatches)
-    out = {"rows": sum(len(lp) for lp in initial)}
-    for prefix in ("vision.encoder.", "vision.projector.", "language."):
-        model.reshard()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.startswith(prefix):
-                    p.mul_(MOVE)
-        moved, weights = policy.logprobs(microbatches), full_params(model.named_parameters())
-        reference = policy.reference_logprobs(microbatches)
-        after, restored = policy.logprobs(microbatches), full_params(model.named_parameters())
-        out[prefix] = {
-            "reference_is_initial": all(torch.equal(a, b) for a, b in zip(reference, initial)),
-            "policy_moved": out["rows"] == 0 or not all(torch.equal(a, b) for a, b in zip(moved, initial)),
-            "policy_unchanged": all(torch.equal(a, b) for a, b in zip(after, moved)),
-            "weights_back": all(torch.equal(w, restored[n]) for n, w in weights.items()),
-        }
+    out = move_each_module(policy, microbatches, build_modules(layers=_layers(name)))
     model.destroy()
     return out
 
