@@ -14,14 +14,14 @@ import torch
 
 from automodel_mimo.distributed.grid_spec import GridSpec, validate_layout
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.mimo.handle import MimoHandle, build_mimo_grids
+from automodel_mimo.mimo.handle import MimoHandle
 from policies.policy import Policy
 from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules, mimo_rows
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import train_config
-from tests.unit.oracle import full_grads, full_params
+from tests.unit.oracle import full_params
 from tests.unit.test_mimo import OPTIMIZERS, _assert_layout_matches
-from tests.unit.test_mimo_pp import GLOBAL_BATCH, _merged, _microbatches, _model, _pipeline
+from tests.unit.test_mimo_pp import GLOBAL_BATCH, _merged, _microbatches, _model, _pipeline, layout_steps
 
 FOUR_RANKS = [  # (name, layout, micro_batch_size, parallel pipeline keys, packed)
     ("vision-dp2+language-tp2", {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}}, 4, {}, False),
@@ -39,22 +39,7 @@ THREE_RANKS = [
 
 def _steps(rows: list[dict], layouts: list) -> dict:
     """Per layout and optimizer: this rank's metrics, the modules it holds, its full gradients and weights."""
-    results = {}
-    for name, layout, micro, keys, packed in layouts:
-        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
-        for optimizer, clip in OPTIMIZERS:
-            model = _model(layout, micro, keys, packed, grids)
-            policy = Policy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
-            microbatches = _microbatches(model, rows, micro, packed)
-            metrics = policy.sft_forward_backward(microbatches)
-            grads = full_grads(model.named_parameters())
-            metrics.update(policy.optimizer_step())
-            results[name, optimizer] = {**metrics, "microbatches": len(microbatches), "modules": sorted(model.module_parts),
-                                        "packed_max": max(int((mb["seq_index"][:, :, 0] >= 0).sum(1).max())
-                                                          for mb in microbatches) if packed else 0,
-                                        "grads": grads, "params": full_params(model.named_parameters())}
-            model.destroy()
-    return results
+    return layout_steps(rows, layouts, lambda model: {"modules": sorted(model.module_parts)})
 
 
 def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:

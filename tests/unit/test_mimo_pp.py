@@ -54,7 +54,9 @@ def _microbatches(model: MimoHandle, rows: list[dict], micro: int, packed: bool)
     return builder.build(local_slice(rows, *model.data_block()), micro)
 
 
-def _steps(rows: list[dict], layouts: list) -> dict:
+def layout_steps(rows: list[dict], layouts: list, extra) -> dict:
+    """Per layout and optimizer: one SFT step's metrics, its microbatch count and largest packed row, this rank's
+    full gradients and post-step weights, and `extra(model)` (what the caller checks of the layout)."""
     results = {}
     for name, layout, micro, keys, packed in layouts:
         grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
@@ -66,13 +68,16 @@ def _steps(rows: list[dict], layouts: list) -> dict:
             grads = full_grads(model.named_parameters())
             metrics.update(policy.optimizer_step())
             params = full_params(model.named_parameters())
-            results[name, optimizer] = {**metrics, "microbatches": len(microbatches),
-                                        "llm_parts": len(model.module_parts["language"]),
+            results[name, optimizer] = {**metrics, **extra(model), "microbatches": len(microbatches),
                                         "packed_max": max(int((mb["seq_index"][:, :, 0] >= 0).sum(1).max())
                                                           for mb in microbatches) if packed else 0,
                                         "grads": grads, "params": params}
             model.destroy()
     return results
+
+
+def _steps(rows: list[dict], layouts: list) -> dict:
+    return layout_steps(rows, layouts, lambda model: {"llm_parts": len(model.module_parts["language"])})
 
 
 def _merged(per_rank: list[dict], name: str, optimizer: str) -> dict:
