@@ -71,30 +71,37 @@ class Policy:
         out = dict(zip(("tokens", "seqs", "pairs", "chosen_tokens"), total[:4].clamp(min=1).float()))
         return {**out, "data_tokens": int(total[4])}
 
-    def reduce_metrics(self, per_mb: list[dict]) -> dict:
+    def reduce_metrics(self, per_mb: list[dict], on_host: bool = True) -> dict:
         """This rank's per-microbatch metric shares -> global values, identical on every rank (docs/numerics.md:
-        shares summed over the data ranks, `*_min`/`*_max` by min/max)."""
-        local = combine_metrics(per_mb)
+        shares summed over the data ranks, `*_min`/`*_max` by min/max). on_host=False: 0-d device tensors, read
+        nowhere yet (no host sync: the optimizer step can be queued behind the backward; `host_values`)."""
+        if on_host:
+            local = combine_metrics(per_mb)
+        else:
+            local = {k: _on_device([m[k] for m in per_mb if k in m], k, self.handle.device)
+                     for k in sorted({k for m in per_mb for k in m})}
         keys = sorted(local)
         out = {}
         for op, pick in ((dist.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max"))),
                          (dist.ReduceOp.MIN, lambda k: k.endswith("_min")), (dist.ReduceOp.MAX, lambda k: k.endswith("_max"))):
             names = [k for k in keys if pick(k)]
             if names:
-                values = torch.tensor([local[k] for k in names], dtype=torch.float64, device=self.handle.device)
+                values = (torch.tensor([local[k] for k in names], dtype=torch.float64, device=self.handle.device)
+                          if on_host else torch.stack([local[k] for k in names]))
                 dist.all_reduce(values, op=op, group=self.handle.data_group)
-                out.update(zip(names, values.tolist()))
+                out.update(zip(names, values.tolist() if on_host else values.unbind()))
         return out
 
     # ------------------------------------------------------------ training
-    def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn, temperature: float = 1.0) -> dict:
+    def forward_backward(self, microbatches: list[dict], loss_fn: LogprobLossFn, temperature: float = 1.0,
+                         on_host: bool = True) -> dict:
         """Accumulate gradients of loss_fn over this rank's microbatches; the metrics reduced over all data
         ranks, and the handle's own step metrics (e.g. an MoE router's). `temperature`: logprobs of logits /
-        temperature (the distribution RL rollouts were sampled from)."""
-        metrics = self.reduce_metrics(self.handle.forward_backward(microbatches, loss_fn, temperature))
+        temperature (the distribution RL rollouts were sampled from). on_host: see reduce_metrics."""
+        metrics = self.reduce_metrics(self.handle.forward_backward(microbatches, loss_fn, temperature), on_host)
         return {**metrics, **self.handle.step_metrics()}
 
-    def sft_forward_backward(self, microbatches: list[dict]) -> dict:
+    def sft_forward_backward(self, microbatches: list[dict], on_host: bool = True) -> dict:
         """Gradients of the global-batch mean NLL; the global loss and token counts."""
         counts = self.global_counts(microbatches)
 
@@ -102,17 +109,20 @@ class Policy:
             loss = masked_nll(logprobs, view["loss_mask"], counts["tokens"])
             return loss, {"loss": loss.detach()}
 
-        metrics = self.forward_backward(microbatches, loss_fn)
+        metrics = self.forward_backward(microbatches, loss_fn, on_host=on_host)
         return {**metrics, "loss": metrics["loss"], "tokens": counts["data_tokens"], "loss_tokens": int(counts["tokens"])}
 
-    def optimizer_step(self, loss: float | None = None) -> dict:
-        return self.optimizer.optimizer_step(loss)
+    def optimizer_step(self, loss: float | torch.Tensor | None = None, on_host: bool = True) -> dict:
+        return self.optimizer.optimizer_step(loss, on_host)
 
     def sft_train_step(self, microbatches: list[dict]) -> dict:
+        """One SFT step. Its metrics stay on the device until the optimizer step is queued and are then read in
+        one copy: a read after the backward would idle the GPU while the host launches the norm, clip and
+        optimizer kernels (docs/benchmarks.md)."""
         self.optimizer.zero_grad()
-        metrics = self.sft_forward_backward(microbatches)
-        metrics.update(self.optimizer_step(metrics["loss"]))
-        return metrics
+        metrics = self.sft_forward_backward(microbatches, on_host=False)
+        metrics.update(self.optimizer_step(metrics["loss"], on_host=False))
+        return host_values(metrics)
 
     # ------------------------------------------------------------ inference
     def logprobs(self, microbatches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
@@ -196,3 +206,23 @@ def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
         if t in stop_ids:
             return tokens[:i]
     return tokens
+
+
+def _on_device(values: list, key: str, device: torch.device) -> torch.Tensor:
+    """Per-microbatch shares of one metric combined as combine_metrics does, as a 0-d float64 device tensor
+    (Python numbers go over without a host sync: non-blocking copy)."""
+    stacked = torch.stack([v.detach().to(device, torch.float64).reshape(()) if isinstance(v, torch.Tensor)
+                           else torch.tensor(float(v), dtype=torch.float64).to(device, non_blocking=True) for v in values])
+    if key.endswith("_min"):
+        return stacked.min()
+    return stacked.max() if key.endswith("_max") else stacked.sum()
+
+
+def host_values(metrics: dict) -> dict:
+    """`metrics` with every device tensor read into a Python number, all in one device-to-host copy."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
+    out = {**metrics, **dict(zip(keys, values))}
+    if "skipped" in out:
+        out["skipped"] = int(out["skipped"])
+    return out

@@ -100,6 +100,9 @@ class TrainConfig:
     # torch.compile each decoder layer (nemo-automodel's per-layer compile, after FSDP2/TP/AC); None: on when
     # training on CUDA. Fuses the elementwise work between matmuls (norms, RoPE, SwiGLU, residuals)
     compile: bool | None = None
+    # AdamW as one fused kernel over all tensors (no foreach temporaries); None: on when training on CUDA. A fused
+    # optimizer also takes the step-skip decision on the device (found_inf), so the vote costs no host sync
+    fused_optimizer: bool | None = None
 
     @property
     def last_step(self) -> int:

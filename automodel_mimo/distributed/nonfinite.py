@@ -32,6 +32,18 @@ def any_rank(flag: bool) -> bool:
     return bool(vote.item())
 
 
+def nonfinite_vote(grad_norm: torch.Tensor, loss: float | torch.Tensor | None = None) -> torch.Tensor:
+    """skip_step's decision left on the device (no host sync under NCCL): a 0-d float tensor, 1.0 on every rank
+    when the global grad norm or the loss is inf/NaN on any rank (fused optimizers' `found_inf`)."""
+    vote = (~torch.isfinite(grad_norm.detach().float())).float().reshape(()).to(reduce_device())
+    if isinstance(loss, torch.Tensor):
+        vote = torch.maximum(vote, (~torch.isfinite(loss.detach())).float().reshape(()).to(vote.device))
+    elif loss is not None and not math.isfinite(float(loss)):
+        vote.fill_(1.0)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return vote
+
+
 def skip_step(grad_norm: torch.Tensor | float, loss: torch.Tensor | float | None = None) -> bool:
     """World consensus: skip this optimizer step when the global grad norm or the loss is inf/NaN on any rank.
     A non-finite loss with finite gradients counts too (the gradients of a NaN loss are not to be trusted)."""

@@ -498,7 +498,7 @@ class MimoHandle(Handle):
                                cp, state.cp_rank)["inputs_embeds"]
 
         local = shard_batch(batch, cp, state.cp_rank)  # labels, loss mask, positions (no-op when cp == 1)
-        inputs = {k: local[k] for k in ("attention_mask", "position_ids") if k in local}
+        inputs = {k: local[k] for k in ("position_ids",) if k in local}  # no mask: models/handle.py MODEL_INPUTS
         hook = llm.get_input_embeddings().register_forward_hook(splice_then_shard)
         try:
             with cp_attention(state.cp_group if cp > 1 else None):

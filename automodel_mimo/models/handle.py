@@ -49,7 +49,10 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 # capture_fn(logits, batch) -> one value row per batch row
 CaptureFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", SEGMENTS)
+# What the model is called with. No attention_mask: rows are right-padded (data/batching.py) and attention is
+# causal, so no real token ever sees a pad; the mask would only change the pad positions' outputs, which carry no
+# loss, and with it SDPA cannot run its fused causal kernels (cuDNN on Hopper: 2-3x faster, docs/benchmarks.md).
+MODEL_INPUTS = ("input_ids", "position_ids", SEGMENTS)
 
 
 def at_positions(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

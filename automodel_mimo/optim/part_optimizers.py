@@ -32,7 +32,8 @@ def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # fused on CUDA: one kernel over all tensors, no foreach temporaries (~23 GiB at 8B; docs/benchmarks.md)
-    fused = all(p.device.type == "cuda" for g in groups for p in g["params"]) and bool(groups)
+    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    fused = (on_cuda if cfg.fused_optimizer is None else cfg.fused_optimizer) and bool(groups)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
@@ -55,9 +56,21 @@ class PartOptimizers:
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
 
-    def step(self) -> None:
+    @property
+    def fused(self) -> bool:
+        """Every optimizer is one fused AdamW kernel, which can skip its own update on the device (found_inf)."""
+        return all(opt.defaults.get("fused") for opt in self.optimizers)
+
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """`found_inf` (fused optimizers only): a 0-d float tensor; where it is 1 the kernels leave
+        weights, moments and step counts unchanged (torch's AMP skip), so the skip needs no host decision."""
         for opt, sched in zip(self.optimizers, self.schedulers):
-            opt.step()
+            if found_inf is not None:
+                opt.found_inf = found_inf
+            try:
+                opt.step()
+            finally:
+                opt.__dict__.pop("found_inf", None)
             sched.step()
 
     def skip(self) -> None:

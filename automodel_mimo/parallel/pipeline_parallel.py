@@ -160,7 +160,7 @@ class PipelineDriver:
         schedule = info.schedule
         schedule._loss_fn = adapter
         args = (batch["input_ids"],) if info.has_first_stage else ()
-        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids", "moe_segments") if k in batch}
+        kwargs = {k: batch[k] for k in ("position_ids", "moe_segments") if k in batch}  # no mask: handle.MODEL_INPUTS
         if info.has_first_stage:
             kwargs.update({k: batch[k] for k in self.first_stage_inputs if k in batch})
         target = batch[ROW_IDS] if info.has_last_stage else None

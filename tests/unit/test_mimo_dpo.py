@@ -85,9 +85,9 @@ def reference_dpo_step(rows: list[dict], optimizer: str, clip: float, layers: in
 class GradsBeforeStep(Policy):
     """The Policy, reading every gradient (full tensors) when the DPO step reaches its optimizer step."""
 
-    def optimizer_step(self, loss=None) -> dict:
+    def optimizer_step(self, *args, **kwargs) -> dict:
         self.grads = full_grads(self.handle.named_parameters())
-        return super().optimizer_step(loss)
+        return super().optimizer_step(*args, **kwargs)
 
 
 def _handle(layout: dict, grids: dict, packed: bool) -> MimoHandle:

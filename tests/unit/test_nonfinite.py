@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -101,14 +102,43 @@ def test_skipped_step_keeps_weights_and_moments_and_advances_the_schedule():
     assert opt.lr == lr_factor(3, cfg)  # steps 1 and 2 were skipped, the schedule is at step 3 all the same
 
 
+def test_fused_adamw_skips_on_the_device_vote_as_the_host_skip_does():
+    """found_inf=1: a fused AdamW step leaves weights, moments and the step count as skip() does, while the
+    schedule advances; found_inf=0 steps exactly like a step without it."""
+    cfg = TrainConfig(max_steps=10, warmup_steps=2, lr=1.0, min_lr=0.1, fused_optimizer=True)
+    runs = {}
+    for skip_on_device in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 3)
+        opt = PartOptimizers([model], cfg)
+        assert opt.fused
+        for found in (0.0, 1.0, 0.0):
+            model.zero_grad()
+            model(torch.ones(1, 3)).sum().backward()
+            if skip_on_device:
+                opt.step(torch.tensor(found))
+            elif found:
+                opt.skip()
+            else:
+                opt.step()
+        state = opt.optimizers[0].state[model.weight]
+        runs[skip_on_device] = ({k: v.clone() for k, v in model.state_dict().items()},
+                                {k: v.clone() for k, v in state.items()}, opt.lr)
+    (w0, m0, lr0), (w1, m1, lr1) = runs[False], runs[True]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0) and lr0 == lr1 == lr_factor(3, cfg)
+    assert all(torch.equal(m0[k], m1[k]) for k in m0) and float(m1["step"]) == 2  # two real steps
+
+
 RUN = [*TINY, "launch.nproc=2", "train.lr=1e6", "train.max_steps=12", "checkpoint.every_steps=2",
        "train.max_skipped_steps=4"]
 
 
-def test_diverging_two_rank_run_skips_then_stops_with_only_finite_checkpoints(tmp_path):
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_diverging_two_rank_run_skips_then_stops_with_only_finite_checkpoints(tmp_path, fused):
     """lr=1e6: from step 3 the gradient norm is NaN. Both ranks skip steps 3-6 together (no hang), the 4th
-    skip in a row stops the run with one line naming the step (exit 3), and every checkpoint is finite."""
-    r = run_cli("sft", *RUN, f"output_dir={tmp_path}", timeout=240)  # the timeout is the no-hang check
+    skip in a row stops the run with one line naming the step (exit 3), and every checkpoint is finite.
+    fused: fused AdamW (CUDA's default, here on CPU) skips inside its kernel on the device vote (found_inf)."""
+    r = run_cli("sft", *RUN, f"train.fused_optimizer={str(fused).lower()}", f"output_dir={tmp_path}", timeout=240)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     stops = [line for line in r.stderr.splitlines() if line.startswith("stopped:")]
