@@ -6,7 +6,8 @@
    checks, run with the real CUDA kernel instead of the CPU reference kernel).
 2. A small Llama in bf16 runs the same packed rows (odd lengths, a one-token sequence, trailing padding)
    through the varlen path and with it switched off (explicit block-causal mask): logits, loss and every
-   gradient compared (docs/numerics.md: rel err < 1e-2 in bf16). Exits 1 if any check fails.
+   gradient compared (docs/numerics.md: rel err < 1e-2 in bf16), also with the plan passed as attention kwargs
+   (`packed_attention.varlen_kwargs`, what the handle does). Exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from automodel_mimo.models import packed_attention, varlen_attention
 from tests.unit.test_varlen_attention import check_cp, check_packed
 
 
-def run(model, batch):
+def run(model, batch, **kwargs):
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **kwargs).logits
     loss = masked_nll(token_logprobs(logits, batch["labels"]), batch["loss_mask"], batch["loss_mask"].sum())
     loss.backward()
     return logits.float().detach(), loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
@@ -53,11 +54,14 @@ def main() -> int:
             "attention_cp2": check_cp(kernel, 2, "cuda", torch.bfloat16),
             "attention_cp3": check_cp(kernel, 3, "cuda", torch.bfloat16)}
     fast = run(model, batch)
+    planned = run(model, batch, **packed_attention.varlen_kwargs(model, batch))  # the plan the handle passes
     varlen_attention.KERNEL = None  # the boolean-mask SDPA path
     ref = run(model, batch)
     varlen_attention.KERNEL = kernel
     errs.update({"logits": rel(fast[0], ref[0]), "loss": rel(fast[1], ref[1]),
-                 "worst_grad": max(rel(fast[2][n], ref[2][n]) for n in ref[2])})
+                 "worst_grad": max(rel(fast[2][n], ref[2][n]) for n in ref[2]),
+                 "planned_logits": rel(planned[0], ref[0]), "planned_vs_cached": rel(planned[0], fast[0]),
+                 "planned_worst_grad": max(rel(planned[2][n], ref[2][n]) for n in ref[2])})
     print(json.dumps({"packed_kernel_check": errs, "torch": torch.__version__}))
     return 0 if max(errs.values()) < 1e-2 else 1
 

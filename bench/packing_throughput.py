@@ -15,6 +15,7 @@ The padding-ratio limit is padded tokens / real tokens of the padded path: packi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -39,6 +40,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="train.compile (default: on CUDA, as the CLI)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per variant, GPU time by kernel family and the host ops of one step (bench/sft_throughput.py's)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -77,14 +82,15 @@ def main() -> None:
         variants[name] = (packed_attention.NAME, [split_rows(packed, i, i + micro_rows) for i in range(0, n_rows, micro_rows)])
     real = sum(lengths)
     padded_tokens = sum(mb["input_ids"].numel() for mb in variants["padded"][1])
-    result = {"real_tokens_per_step": real, "padding_ratio_limit": padded_tokens / real,
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    result = {"compile": compile, "real_tokens_per_step": real, "padding_ratio_limit": padded_tokens / real,
               "packed_rows": len(plan), "packed_fill": real / (len(plan) * args.max_len)}
     for name, (attn, microbatches) in variants.items():
         cfg = RunConfig(parallel=ParallelConfig(dp=1), model=ModelConfig(config=kwargs, dtype="float32" if args.tiny else "bfloat16"),
                         data=DataConfig(max_seq_len=args.max_len),
                         train=TrainConfig(max_steps=100, global_batch_size=args.batch, micro_batch_size=args.micro,
                                           lr=1e-5, warmup_steps=0))
-        state = build_parallel_state(cfg.parallel, device, cfg.model.dtype)
+        state = build_parallel_state(cfg.parallel, device, cfg.model.dtype, compile=compile)
         torch.manual_seed(0)
         with device:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**kwargs), dtype=torch.float32,
@@ -102,6 +108,11 @@ def main() -> None:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         result[f"{name}_step_s"] = statistics.median(times)
+        if args.profile and device.type == "cuda":
+            from bench.sft_throughput import host_profile, kernel_profile
+
+            step = functools.partial(policy.sft_train_step, microbatches)
+            result[f"{name}_profile"], result[f"{name}_host_ops"] = kernel_profile(step, device), host_profile(step)
         result[f"{name}_real_tokens_per_s"] = real / result[f"{name}_step_s"]
         del policy, model
         if device.type == "cuda":

@@ -42,6 +42,7 @@ from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.models.moe import SEGMENTS, RouterBalance, hf_named, to_hf_state
 from automodel_mimo.models.names import canonical_name
+from automodel_mimo.models.packed_attention import varlen_kwargs
 from automodel_mimo.parallel.context_parallel import cp_attention, shard_batch
 
 # loss_fn(logprobs, view) -> (loss to backpropagate, metrics of this microbatch): models/loss_view.py
@@ -195,6 +196,7 @@ class ModelHandle(Handle):
     # ------------------------------------------------------------ compute
     def _logits(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs.update(varlen_kwargs(self.parts[0], inputs, self.cp_size))
         return self.parts[0](**inputs, use_cache=False).logits
 
     def _equalized(self, microbatches: list[dict]) -> list[dict]:

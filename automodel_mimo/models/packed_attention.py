@@ -69,7 +69,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     fast = varlen_attention.available(query, position_ids) and not (dropout and module.training)
     if CP_GROUP is None:
         if fast:
-            return varlen_attention.packed_attention(query, key, value, position_ids, scaling), None
+            cu = kwargs.get("cu_seq_lens_q")
+            return varlen_attention.packed_attention(query, key, value, position_ids, scaling, cu=cu), None
         mask = block_causal_mask(position_ids)
     else:
         key, value, positions, segments = cp_gather(key, value, position_ids, CP_GROUP)
@@ -81,6 +82,19 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
         query, _repeat_kv(key, groups), _repeat_kv(value, groups), attn_mask=mask,
         dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_kwargs(model, inputs: dict, cp_size: int = 1) -> dict:
+    """The packed rows' varlen plan as HF attention kwargs (`cu_seq_lens_q/k`, passed by every decoder layer to
+    its attention), computed once per forward outside the compiled layers: inside, its data-dependent ops
+    (nonzero) and the plan cache would break each compiled layer into several graphs (host-bound steps,
+    docs/benchmarks.md). Empty unless the model runs this attention on CUDA without cp (cp plans its own)."""
+    position_ids = inputs.get("position_ids")
+    if (position_ids is None or not position_ids.is_cuda or cp_size > 1
+            or getattr(model.config, "_attn_implementation", None) != NAME):
+        return {}
+    cu = varlen_attention.cu_seqlens(position_ids)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
 
 
 def _no_mask(*args, **kwargs):

@@ -69,16 +69,25 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B * T, H, D)
 
 
-def packed_attention(query, key, value, position_ids, scale, kernel=None):
-    """Packed rows [B, H, T, D] (sequences start at position 0) -> [B, T, H, D]."""
-    def build():
-        flat = position_ids.reshape(-1)
-        starts = torch.nonzero(flat == 0).flatten()
-        cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-        return cu, int((cu[1:] - cu[:-1]).max())
+def cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions -> int32 cumulative sequence lengths over the flattened rows (a sequence starts at 0)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
 
-    cu, max_len = _cache.get(position_ids, build)
+
+def packed_attention(query, key, value, position_ids, scale, kernel=None, cu: torch.Tensor | None = None):
+    """Packed rows [B, H, T, D] (sequences start at position 0) -> [B, T, H, D]. `cu`: the rows' cu_seqlens when
+    the caller computed them (models/packed_attention.py varlen_kwargs); the row length T bounds every sequence."""
     B, H, T, D = query.shape
+    if cu is None:
+        def build():
+            cu = cu_seqlens(position_ids)
+            return cu, int((cu[1:] - cu[:-1]).max())
+
+        cu, max_len = _cache.get(position_ids, build)
+    else:
+        max_len = T
     return _run(_flat(query), _flat(key), _flat(value), cu, cu, max_len, max_len, scale, kernel).view(B, T, H, D)
 
 
