@@ -179,6 +179,39 @@ def host_profile(step) -> list:
     return [[round(e.self_cpu_time_total / 1e3, 2), e.count, e.key[:90]] for e in events[:20]]
 
 
+def gpu_gaps(step, min_ms: float = 0.2) -> dict:
+    """Where the GPU idles in one step: the gaps between kernels (all streams merged) longer than `min_ms`, each
+    with the host ops that ran during it (by overlap), the largest first; total idle from the step's first host
+    op to its last kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    start = min(e.time_range.start for e in host)
+    gaps, cursor = [], start
+    for a, b in kernels:
+        if a - cursor > min_ms * 1e3:
+            gaps.append((cursor, a))
+        cursor = max(cursor, b)
+    out = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:12]:
+        overlap: dict[str, float] = {}
+        for e in host:
+            o = min(b, e.time_range.end) - max(a, e.time_range.start)
+            if o > 0:
+                overlap[e.name] = overlap.get(e.name, 0.0) + o
+        top = sorted(overlap.items(), key=lambda kv: -kv[1])[:8]
+        out.append({"at_ms": round((a - start) / 1e3, 2), "idle_ms": round((b - a) / 1e3, 2),
+                    "host_ops_ms": [[n[:70], round(o / 1e3, 2)] for n, o in top]})
+    return {"step_ms": round((cursor - start) / 1e3, 1), "idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 1),
+            "gaps": len(gaps), "largest": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="1b")
@@ -192,6 +225,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--profile", action="store_true", help="GPU time of one step by kernel family")
     ap.add_argument("--host-profile", action="store_true", help="host-side ops of one step (CPU time)")
+    ap.add_argument("--gaps", action="store_true", help="where the GPU idles in one step, with the host ops then")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -233,6 +267,8 @@ def main() -> None:
                     row["profile"] = kernel_profile(step, device)
                 if args.host_profile:
                     row["host_profile_ms"] = host_profile(step)
+                if args.gaps:
+                    row["gaps_profile"] = gpu_gaps(step)
         except torch.OutOfMemoryError as e:
             row = {"error": f"OOM: {str(e).splitlines()[0]}"}
         result["variants"][name] = row
