@@ -12,7 +12,6 @@ from automodel_mimo.config.schema import PP_SCHEDULES, DataConfig, LaunchConfig,
 from automodel_mimo.config.sizes import packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.paths import SYNTHETIC_PREFIX
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.facts import MOE_TYPES
 
 
 def _require(cond: bool, message: str) -> None:
@@ -123,10 +122,6 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_dpo(cfg)
     if cfg.algo == "grpo":
         validate_grpo(cfg)
-        _require(cfg.model.config.get("model_type") not in MOE_TYPES,
-                 f"model.config.model_type={cfg.model.config.get('model_type')}: GRPO with a mixture-of-experts model is "
-                 "not supported yet (the generator refit streams nemo's expert tensors, not transformers'; docs/moe.md); "
-                 "use sft or dpo")
 
 
 def validate_experts(p) -> None:

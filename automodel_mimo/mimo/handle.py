@@ -57,6 +57,7 @@ from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, 
 from automodel_mimo.mimo.relay import Relay
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import Handle, count_over, stage_full_state
+from automodel_mimo.models.moe import hf_named
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
@@ -514,12 +515,15 @@ class MimoHandle(Handle):
                 for n, p in part.named_parameters():
                     yield f"{name}.{n}", p
 
-    def generator_name(self, name: str) -> str:
-        """`<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` -> the LLaVA names of the `hf/` folder
-        (write_hf), which the generator serves: the refit manifest speaks the export's names."""
+    def generator_parameters(self):
+        """This rank's parameters under the LLaVA names and layout of the `hf/` folder (write_hf), which the
+        generator serves: `<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` renamed (an MoE language
+        model's experts also in transformers' layout, `hf_named`)."""
         from automodel_mimo.mimo.llava import to_llava
 
-        return next(iter(to_llava({canonical_name(name): None}, self.encoder_name)))
+        for name, param in self.named_parameters():
+            name, param = hf_named(canonical_name(name), param)
+            yield next(iter(to_llava({name: None}, self.encoder_name))), param
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is

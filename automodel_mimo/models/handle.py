@@ -85,11 +85,6 @@ class Handle:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
-    def generator_name(self, name: str) -> str:
-        """A name of `named_parameters()` in the naming of the HF folder `write_hf` writes (what a generator
-        serving that folder loads): the model's own name, without wrapper parts."""
-        return canonical_name(name)
-
     def num_parameters(self) -> int:
         """Whole-model parameter count (DTensor numel is global; pipeline stages are summed)."""
         return count_over(self.parameters(), self.stage_group, self.device)
