@@ -102,14 +102,19 @@ class Handle:
     def router(self) -> RouterBalance | None:
         """A mixture-of-experts model's router side (balance loss, expert load); None for a dense model."""
         if not hasattr(self, "_router"):
-            self._router = RouterBalance.of(self.parts, getattr(self, "state", None))
+            self._router = RouterBalance.of(self.parts, self.router_state)
         return self._router
+
+    @property
+    def router_state(self) -> ParallelState | None:
+        """The parallel state of the model holding the MoE layers (its dp/cp groups reduce the router metrics)."""
+        return getattr(self, "state", None)
 
     def _balanced(self, microbatches: list[dict]) -> list[dict]:
         """MoE: each microbatch with its token -> sequence map and the step's global sequence count set."""
         if self.router is None:
             return microbatches
-        return self.router.prepare(microbatches, self.data_group, self.cp_group)
+        return self.router.prepare(microbatches, self.data_group, self.cp_group, self.loss_view)
 
     def step_metrics(self) -> dict:
         """Global metrics of the last forward_backward beyond the loss's own (MoE: router metrics)."""
