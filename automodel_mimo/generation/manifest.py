@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 class ManifestMismatchError(ValueError):
     """The trainer's manifest and the generator's parameters disagree (names, shapes or dtypes)."""
 

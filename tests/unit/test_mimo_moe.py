@@ -133,3 +133,21 @@ def test_mimo_expert_layout_errors_are_one_clear_line(tmp_path, override, expect
     r = run_cli("sft", *MIMO_MOE, f"output_dir={tmp_path}", *override.split(), timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_mimo_grpo_with_an_moe_llm_under_ep2_is_on_policy(tmp_path):
+    """The MIMO refit streams the LLaVA names with the experts in transformers' layout: the hf (LLaVA) generator holds
+    the trainer's weights after each refit (gen_kl_error ~ 0 at step 2, after an update that moved the policy)."""
+    from tests.unit.cli_runner import metrics
+
+    r = run_cli("grpo", "--config", "configs/mimo_grpo_tiny.yaml", *MIMO_MOE[2:-1], "mimo.layout.language.dp=2",
+                "mimo.layout.language.ep=2", "train.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+                "train.global_batch_size=16", "train.micro_batch_size=8", "grpo.warmup_sft_steps=20", "data.num_train=64",
+                "data.num_eval=6", "eval.every_steps=0", "logging.progress=false", f"output_dir={tmp_path}", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["gen_kl_error"] < 1e-5 and row["moe_aux_loss"] > 0, row
+    assert rows[1]["kl"] > 0, rows  # the refit before step 2 carried moved weights

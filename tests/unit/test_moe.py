@@ -246,6 +246,17 @@ GRPO_MOE = ["model.config.model_type=qwen3_moe", "model.config.hidden_size=64", 
             "logging.tensorboard=false"]
 
 
+def test_vllm_manifest_check_speaks_transformers_fused_expert_names(tmp_path):
+    """transformers saves the experts one tensor per expert; the vLLM generator's manifest check folds them back
+    into the names and shapes the trainer streams (transformers' in-memory ones)."""
+    from automodel_mimo.generation.vllm_backend import checkpoint_specs
+
+    model = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    assert checkpoint_specs(tmp_path, torch.float32) == {n: (tuple(p.shape), torch.float32)
+                                                          for n, p in model.named_parameters()}
+
+
 def _grpo_ep2_is_on_policy(backend: str, out) -> None:
     r = run_cli("grpo", *GRPO_MOE, f"generation.backend={backend}", f"output_dir={out}", env={"OMP_NUM_THREADS": "1"},
                 timeout=900)
