@@ -124,10 +124,14 @@ MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=q
 
 @pytest.mark.parametrize("override,expected", [
     ("mimo.layout.language.ep=3", "mimo.layout.language.ep=3: the expert view etp*ep*edp must equal tp*cp*dp"),
-    pytest.param("mimo.layout.language.etp=2", "mimo.layout.language.etp=2: expert tensor parallelism is not supported",
-                 marks=pytest.mark.slow),
-    pytest.param("mimo.layout.vision.ep=2", "mimo.layout.vision: unknown dims ['ep']", marks=pytest.mark.slow),
+    ("mimo.layout.language.etp=2", "mimo.layout.language.etp=2: expert tensor parallelism is not supported"),
+    ("mimo.layout.vision.ep=2", "mimo.layout.vision: unknown dims ['ep']"),
     ("mimo.layout.language.ep=2 model.config.model_type=llama", "mimo.layout.language.ep=2 needs a mixture-of-experts"),
+    ("mimo.layout.language.ep=2 mimo.layout.language.pp=2 launch.nproc=4 mimo.layout.vision.dp=4",
+     "mimo.layout.language.ep=2 with mimo.layout.language.pp=2 is not supported under MIMO yet"),
+    ("mimo.layout.language.ep=2 model.pretrained=configs", "mimo.layout.language.ep=2 with model.pretrained"),
+    ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.dp=2 mimo.layout.language.offset=2 "
+     "launch.nproc=4 train.micro_batch_size=16", "runs colocated layouts only so far"),
 ])
 def test_mimo_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
     r = run_cli("sft", *MIMO_MOE, f"output_dir={tmp_path}", *override.split(), timeout=120)
