@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from automodel_mimo.config import DataConfig, ModelConfig, ParallelConfig, RunConfig
+from automodel_mimo.losses import PGLossConfig
 from automodel_mimo.data.batching import collate, local_slice
 from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state
@@ -147,6 +148,84 @@ def test_one_step_matches_single_process(reference, name):
             params.update(r["params"])
         assert_tensors_close(grads, ref[opt]["grads"], f"{opt} gradients")
         assert_tensors_close(params, ref[opt]["params"], f"{opt} post-step weights")
+
+
+# ---------------------------------------------------------------- the GRPO step (as run_grpo wires it) under ep2
+
+PG = PGLossConfig(eps_low=0.2, eps_high=0.2, kl_beta=0.1, kl_type="k3", truncated_is_cap=1.02)
+TEMPERATURE = 0.7
+
+
+def _grpo_ep2(rows: list[dict]) -> dict:
+    """Reference = the initial model, then the policy moves (weights x 1.05); old / reference logprobs at the sampling
+    temperature, clipped PG with the generator's logprobs plus the balance loss, SGD (tests/unit/test_rl_oracle.py)."""
+    from automodel_mimo.algorithms.grpo import grpo_forward_backward
+
+    parallel = ParallelConfig(dp=2, ep=2)
+    state = build_parallel_state(parallel, torch.device("cpu"))
+    cfg = RunConfig(parallel=parallel, train=train_config("sgd", 0.0, ROWS, 2), seed=SEED)
+    handle = build_handle(cfg, _model(), state, pad_id=0)
+    policy = Policy(handle, cfg.train)
+    policy.init_reference()
+    handle.reshard()
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.mul_(1.05)
+    microbatches = MicrobatchBuilder(0, state.device).build(local_slice(rows, *handle.data_block()), 2)
+    metrics = grpo_forward_backward(policy, microbatches, PG, TEMPERATURE)
+    grads = to_hf_state(full_grads(handle.named_parameters()))
+    metrics.update(policy.optimizer_step())
+    return {**metrics, "grads": grads, "params": to_hf_state(full_params(handle.named_parameters()))}
+
+
+def _grpo_reference(rows: list[dict]) -> dict:
+    from automodel_mimo.losses import clipped_pg_loss
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(moe_config(), dtype=torch.float32, attn_implementation="sdpa")
+    batch = collate([{k: r[k] for k in ("input_ids", "labels")} for r in rows], pad_id=0)
+    mask = batch["loss_mask"]
+
+    def forward():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+        logp = torch.log_softmax(out.logits.float() / TEMPERATURE, -1)
+        return logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0] * mask, out.router_logits
+
+    with torch.no_grad():
+        ref_lp = forward()[0]
+        for p in model.parameters():
+            p.mul_(1.05)
+    gen = torch.stack([torch.nn.functional.pad(torch.tensor(r["gen_logprobs"]), (0, mask.shape[1] - len(r["gen_logprobs"])))
+                       for r in rows])
+    lp, router_logits = forward()
+    pg, m = clipped_pg_loss(lp, lp.detach(), torch.tensor([r["advantages"] for r in rows]), mask, PG,
+                            global_valid_tokens=mask.sum(), global_valid_seqs=(mask.sum(-1) > 0).sum(),
+                            ref_logprobs=ref_lp, gen_logprobs=gen)
+    aux = balance_loss(router_logits, batch["attention_mask"], model.config.num_experts_per_tok)
+    (pg + aux).backward()
+    grads = full_grads(model.named_parameters())
+    lr = train_config("sgd", 0.0, ROWS, ROWS).lr
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+    return {"loss": float(pg), "moe_aux_loss": float(aux), "kl": float(m["kl"]), "grads": grads,
+            "params": full_params(model.named_parameters())}
+
+
+@pytest.mark.slow  # ~60 s; the GRPO/MoE path in CI: test_grpo_ep2_is_on_policy_with_the_hf_generator
+def test_grpo_step_under_ep2_matches_single_process():
+    from tests.unit.test_rl_oracle import _rollout_rows
+
+    rollout, advantages = _rollout_rows(random_rows(ROWS, seed=9, max_len=22))
+    rows = [{**r, "advantages": float(a)} for r, a in zip(rollout, advantages)]
+    ref = _grpo_reference(rows)
+    per_rank = run_ranks(_grpo_ep2, 2, rows)
+    for r in per_rank:
+        for key in ("loss", "moe_aux_loss", "kl"):
+            assert abs(r[key] - ref[key]) <= TOL * abs(ref[key]), (key, r[key], ref[key])
+        assert abs(r["ratio_min"] - 1) < 1e-6 and abs(r["ratio_max"] - 1) < 1e-6, r  # on-policy
+    assert_tensors_close(per_rank[0]["grads"], ref["grads"], "GRPO ep2 gradients")
+    assert_tensors_close(per_rank[0]["params"], ref["params"], "GRPO ep2 post-step weights (SGD)")
 
 
 # ---------------------------------------------------------------- the CLI: metrics, export, resume under another ep
