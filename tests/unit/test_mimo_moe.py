@@ -150,6 +150,7 @@ def test_mimo_grpo_with_an_moe_llm_under_ep2_is_on_policy(tmp_path):
                 "train.global_batch_size=16", "train.micro_batch_size=8", "grpo.warmup_sft_steps=20", "data.num_train=64",
                 "data.num_eval=6", "eval.every_steps=0", "logging.progress=false", f"output_dir={tmp_path}", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "language: dp=2 tp=1 cp=1 pp=1 ep=2" in r.stdout, r.stdout
     rows = [row for row in metrics(tmp_path) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
