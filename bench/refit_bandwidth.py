@@ -65,7 +65,7 @@ class Weights:
         self.tensors = {n: torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).to(dtype)
                         for n, p in meta.named_parameters()}
 
-    def named_parameters(self):
+    def generator_parameters(self):
         return iter(self.tensors.items())
 
 
@@ -174,7 +174,7 @@ def _guarded_rank(rank: int, *args):
 class _NoParams:
     """The generator rank owns no trainer parameters; the plan comes from rank 0's listing."""
 
-    def named_parameters(self):
+    def generator_parameters(self):
         return iter(())
 
 

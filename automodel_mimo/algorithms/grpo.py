@@ -216,9 +216,9 @@ def run_grpo(cfg: RunConfig) -> None:
     run = start_run(cfg, prepare_sft_data)
     handle, data, tokenizer = run.handle, run.data, run.tokenizer
     if cfg.generation.backend == "vllm" and handle.device.type == "cpu":  # before minutes of warm-up
-        from automodel_mimo.generation.vllm_backend import check_cpu_head_size
+        from automodel_mimo.generation.vllm_backend import check_cpu_model
 
-        check_cpu_head_size(handle.config)
+        check_cpu_model(handle.config)
     ckpt = Checkpointer(cfg.output_dir, cfg.checkpoint.keep_last)
     latest = resume_checkpoint(cfg, ckpt)
     began = time.perf_counter()

@@ -12,7 +12,6 @@ from automodel_mimo.config.schema import PP_SCHEDULES, DataConfig, LaunchConfig,
 from automodel_mimo.config.sizes import packed_row_size, pad_multiple, round_up
 from automodel_mimo.data.paths import SYNTHETIC_PREFIX
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.facts import MOE_TYPES
 
 
 def _require(cond: bool, message: str) -> None:
@@ -123,25 +122,22 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_dpo(cfg)
     if cfg.algo == "grpo":
         validate_grpo(cfg)
-        _require(cfg.model.config.get("model_type") not in MOE_TYPES,
-                 f"model.config.model_type={cfg.model.config.get('model_type')}: GRPO with a mixture-of-experts model is "
-                 "not supported yet (the generator refit streams nemo's expert tensors, not transformers'; docs/moe.md); "
-                 "use sft or dpo")
 
 
-def validate_experts(p) -> None:
-    """The expert view factors the same ranks of a pipeline stage: etp x ep x edp == tp x cp x dp."""
-    _require(p.ep >= 1 and p.etp >= 1, f"parallel.ep={p.ep}, parallel.etp={p.etp}: must be >= 1")
-    _require(p.etp == 1, f"parallel.etp={p.etp}: expert tensor parallelism is not supported (nemo-automodel's "
-             "GroupedExperts shard experts over a 1-D ep mesh); set parallel.etp=1")
+def validate_experts(p, key: str = "parallel") -> None:
+    """The expert view factors the same ranks of a pipeline stage: etp x ep x edp == tp x cp x dp. `key`: where
+    the sizes are set (`parallel`, or `mimo.layout.language` for a MIMO language model)."""
+    _require(p.ep >= 1 and p.etp >= 1, f"{key}.ep={p.ep}, {key}.etp={p.etp}: must be >= 1")
+    _require(p.etp == 1, f"{key}.etp={p.etp}: expert tensor parallelism is not supported (nemo-automodel's "
+             f"GroupedExperts shard experts over a 1-D ep mesh); set {key}.etp=1")
     if p.ep == 1:
         return
     dense = p.tp * p.cp * p.dp
     _require(dense % (p.etp * p.ep) == 0,
-             f"parallel.ep={p.ep}: the expert view etp*ep*edp must equal tp*cp*dp = {p.tp}*{p.cp}*{p.dp} = {dense} "
+             f"{key}.ep={p.ep}: the expert view etp*ep*edp must equal tp*cp*dp = {p.tp}*{p.cp}*{p.dp} = {dense} "
              f"ranks per pipeline stage, so ep must divide {dense}; pick an ep that divides it")
-    _require(p.tp == 1, f"parallel.ep={p.ep} with parallel.tp={p.tp} is not supported: nemo's MoE keeps tokens "
-             "replicated over tp and its EP all-gather then counts each token tp times (docs/moe.md); use tp=1 with ep")
+    _require(p.tp == 1, f"{key}.ep={p.ep} with {key}.tp={p.tp} is not supported: nemo's MoE keeps tokens "
+             f"replicated over tp and its EP all-gather then counts each token tp times (docs/moe.md); use tp=1 with ep")
 
 
 def validate_schedule_step(p, rows: int, pp: int, pp_key: str, rows_key: str = "train.micro_batch_size") -> None:
@@ -251,6 +247,30 @@ def validate_dpo(cfg: RunConfig) -> None:
 
 
 MIMO_DIMS = ("dp", "tp", "cp", "pp")
+EXPERT_DIMS = ("ep", "etp")
+
+
+def _validate_mimo_experts(cfg: RunConfig, sizes: dict, colocated: bool) -> None:
+    """mimo.layout.language.ep: the language model's experts over its grid's expert view (as parallel.ep for an LM),
+    colocated and unpipelined so far."""
+    from types import SimpleNamespace
+
+    from automodel_mimo.models.facts import MOE_TYPES
+
+    key = "mimo.layout.language"
+    p = SimpleNamespace(**{d: int(sizes.get(d, 1)) for d in (*MIMO_DIMS, *EXPERT_DIMS)})
+    validate_experts(p, key)
+    if p.ep == 1:
+        return
+    _require(not cfg.model.pretrained, f"{key}.ep={p.ep} with model.pretrained: a LLaVA folder's language model is "
+             f"loaded as transformers builds it, without the MoE layers ep splits (not supported yet); set {key}.ep=1")
+    _require(cfg.model.config.get("model_type") in MOE_TYPES,
+             f"{key}.ep={p.ep} needs a mixture-of-experts language model (model.config.model_type: "
+             f"{', '.join(sorted(MOE_TYPES))}, with num_experts); set {key}.ep=1")
+    _require(colocated, f"{key}.ep={p.ep}: expert parallelism under MIMO runs colocated layouts only so far (every module "
+             f"spans all ranks, no offset); set {key}.ep=1 or drop the offsets")
+    _require(p.pp == 1, f"{key}.ep={p.ep} with {key}.pp={p.pp} is not supported under MIMO yet (the router metrics and "
+             f"balance loss are not carried through the MIMO pipeline); use pp=1 with ep")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:
@@ -269,9 +289,9 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")
     for name, sizes in m.layout.items():
         _require(isinstance(sizes, dict), f"mimo.layout.{name}: expected a mapping such as {{dp: 2, tp: 2}}")
-        unknown = set(sizes) - set(MIMO_DIMS) - {"offset"}
+        unknown = set(sizes) - set(MIMO_DIMS) - {"offset"} - (set(EXPERT_DIMS) if name == LANGUAGE else set())
         _require(not unknown, f"mimo.layout.{name}: unknown dims {sorted(unknown)}; use {', '.join(MIMO_DIMS)} "
-                 "(and offset: the module's first rank)")
+                 "(and offset: the module's first rank; ep, etp: the language model's experts)")
         for dim, size in sizes.items():
             least = 0 if dim == "offset" else 1
             _require(isinstance(size, int) and not isinstance(size, bool) and size >= least,
@@ -293,6 +313,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
     lm_pp = specs[1].dim_size("pp")
     fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
+    _validate_mimo_experts(cfg, m.layout[LANGUAGE], is_colocated(specs, world))
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if cfg.algo == "grpo":

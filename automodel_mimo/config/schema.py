@@ -232,10 +232,12 @@ class RunConfig:
     @property
     def layout(self) -> str:
         """The layout as printed and recorded: `dp=2 tp=1 cp=1 pp=1`, or per MIMO module
-        `vision: dp=2 tp=1 cp=1 pp=1, language: dp=1 tp=2 cp=1 pp=1` (non-colocated: `... pp=1 offset=2`)."""
+        `vision: dp=2 tp=1 cp=1 pp=1, language: dp=1 tp=2 cp=1 pp=1` (non-colocated: `... pp=1 offset=2`; an MoE
+        language model's experts: `... ep=2`)."""
         if self.mimo.layout:
             return ", ".join(f"{name}: " + " ".join(f"{d}={sizes.get(d, 1)}" for d in ("dp", "tp", "cp", "pp"))
                              + (f" offset={sizes['offset']}" if sizes.get("offset") else "")
+                             + (f" ep={sizes['ep']}" if sizes.get("ep", 1) > 1 else "")
                              for name, sizes in self.mimo.layout.items())
         p = self.parallel
         experts = f" ep={p.ep}" if p.ep > 1 else ""  # the expert view of the same ranks (docs/moe.md)

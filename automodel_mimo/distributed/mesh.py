@@ -120,7 +120,12 @@ def expert_view(ctx, parallel: ParallelConfig, device: torch.device) -> DeviceMe
     from automodel_mimo.distributed.grids import Grid
 
     sizes = {"pp": parallel.pp, "dp": parallel.dp, "cp": parallel.cp, "tp": parallel.tp}
-    grid = Grid(GridSpec.for_module(LANGUAGE, sizes), ctx, device)
-    per_stage = parallel.dp * parallel.cp * parallel.tp
-    dims = (("pp", parallel.pp), ("ep_shard", per_stage // (parallel.etp * parallel.ep)), ("ep", parallel.ep))
+    return grid_expert_view(Grid(GridSpec.for_module(LANGUAGE, sizes), ctx, device), parallel.ep, parallel.etp)
+
+
+def grid_expert_view(grid, ep: int, etp: int = 1) -> DeviceMesh:
+    """`expert_view` of a module grid (distributed/grids.py: an LM's, or a MIMO language module's)."""
+    pp = grid.size("pp")
+    per_stage = grid.spec.size // pp
+    dims = (("pp", pp), ("ep_shard", per_stage // (etp * ep)), ("ep", ep))
     return grid.view("experts", dims, shared=("pp",))

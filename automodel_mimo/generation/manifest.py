@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from automodel_mimo.models.names import canonical_name
 
 class ManifestMismatchError(ValueError):
     """The trainer's manifest and the generator's parameters disagree (names, shapes or dtypes)."""
@@ -69,8 +68,3 @@ class Manifest:
                 problems.append(f"{e.name}: manifest dtype {e.dtype} != generator dtype {dtype}")
         if problems:
             raise ManifestMismatchError("weight manifest does not match the generator:\n  " + "\n  ".join(problems))
-
-
-def generator_name(trainer_name: str) -> str:
-    """A trainer parameter name in the generator's (HF checkpoint) naming."""
-    return canonical_name(trainer_name)

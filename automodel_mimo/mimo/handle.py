@@ -49,6 +49,7 @@ from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import global_grad_norm
 from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocated
 from automodel_mimo.distributed.grids import build_grids
+from automodel_mimo.distributed.mesh import grid_expert_view
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge, sum_grad_over_cp
@@ -57,6 +58,7 @@ from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, 
 from automodel_mimo.mimo.relay import Relay
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import Handle, count_over, stage_full_state
+from automodel_mimo.models.moe import SEGMENTS, hf_named, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
@@ -94,7 +96,11 @@ def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: 
     if missing:
         raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
     specs = [GridSpec.for_module(n, layout[n]) for n in [*encoder_names, LANGUAGE]]
-    return build_grids(specs, device, dtype, global_batch_size)
+    grids = build_grids(specs, device, dtype, global_batch_size)
+    ep = int(layout[LANGUAGE].get("ep", 1))
+    if ep > 1:  # an MoE LLM's experts over the expert view of its grid, as an LM's (docs/moe.md)
+        grids[LANGUAGE].mesh_context.moe_mesh = grid_expert_view(grids[LANGUAGE], ep)
+    return grids
 
 
 class MimoHandle(Handle):
@@ -157,6 +163,11 @@ class MimoHandle(Handle):
     @property
     def pp_group(self) -> dist.ProcessGroup | None:
         return self.driver.pp_group if self.driver is not None else None
+
+    @property
+    def router_state(self):
+        """An MoE LLM's router metrics reduce over the LLM's grid."""
+        return self.language_state
 
     @property
     def config(self):
@@ -334,7 +345,7 @@ class MimoHandle(Handle):
         self.check_batch(microbatches)
         self.train()
         metrics = []
-        microbatches = self._equalized(microbatches)
+        microbatches = self._equalized(self._balanced(microbatches))  # an MoE LLM: token -> sequence maps
         if not self.on_language:  # the LLM slots' per-microbatch metrics
             return [m for slot in self._encoder_only(microbatches, train=True) for m in slot]
         self._received = []
@@ -498,7 +509,7 @@ class MimoHandle(Handle):
                                cp, state.cp_rank)["inputs_embeds"]
 
         local = shard_batch(batch, cp, state.cp_rank)  # labels, loss mask, positions (no-op when cp == 1)
-        inputs = {k: local[k] for k in ("position_ids",) if k in local}  # no mask: models/handle.py MODEL_INPUTS
+        inputs = {k: local[k] for k in ("position_ids", SEGMENTS) if k in local}  # no mask: models/handle.py MODEL_INPUTS
         hook = llm.get_input_embeddings().register_forward_hook(splice_then_shard)
         try:
             with cp_attention(state.cp_group if cp > 1 else None):
@@ -514,12 +525,15 @@ class MimoHandle(Handle):
                 for n, p in part.named_parameters():
                     yield f"{name}.{n}", p
 
-    def generator_name(self, name: str) -> str:
-        """`<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` -> the LLaVA names of the `hf/` folder
-        (write_hf), which the generator serves: the refit manifest speaks the export's names."""
+    def generator_parameters(self):
+        """This rank's parameters under the LLaVA names and layout of the `hf/` folder (write_hf), which the
+        generator serves: `<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` renamed (an MoE language
+        model's experts also in transformers' layout, `hf_named`)."""
         from automodel_mimo.mimo.llava import to_llava
 
-        return next(iter(to_llava({canonical_name(name): None}, self.encoder_name)))
+        for name, param in self.named_parameters():
+            name, param = hf_named(canonical_name(name), param)
+            yield next(iter(to_llava({name: None}, self.encoder_name))), param
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
@@ -602,7 +616,7 @@ class MimoHandle(Handle):
 
         from automodel_mimo.mimo.llava import export_config, save_llava
 
-        name = self.encoder_name
+        state, name = to_hf_state(state), self.encoder_name  # an MoE LLM's experts: transformers' names and layout
         config = export_config(*self.vision_configs[name], self.config, self.placeholder_id, self.tokens_per_image)
         save_llava(state, name, config, tokenizer, folder)
         with torch.device("meta"):

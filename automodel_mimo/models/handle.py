@@ -89,11 +89,6 @@ class Handle:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
 
-    def generator_name(self, name: str) -> str:
-        """A name of `named_parameters()` in the naming of the HF folder `write_hf` writes (what a generator
-        serving that folder loads): the model's own name, without wrapper parts."""
-        return canonical_name(name)
-
     def num_parameters(self) -> int:
         """Whole-model parameter count (DTensor numel is global; pipeline stages are summed)."""
         return count_over(self.parameters(), self.stage_group, self.device)
@@ -111,14 +106,19 @@ class Handle:
     def router(self) -> RouterBalance | None:
         """A mixture-of-experts model's router side (balance loss, expert load); None for a dense model."""
         if not hasattr(self, "_router"):
-            self._router = RouterBalance.of(self.parts, getattr(self, "state", None))
+            self._router = RouterBalance.of(self.parts, self.router_state)
         return self._router
+
+    @property
+    def router_state(self) -> ParallelState | None:
+        """The parallel state of the model holding the MoE layers (its dp/cp groups reduce the router metrics)."""
+        return getattr(self, "state", None)
 
     def _balanced(self, microbatches: list[dict]) -> list[dict]:
         """MoE: each microbatch with its token -> sequence map and the step's global sequence count set."""
         if self.router is None:
             return microbatches
-        return self.router.prepare(microbatches, self.data_group, self.cp_group)
+        return self.router.prepare(microbatches, self.data_group, self.cp_group, self.loss_view)
 
     def step_metrics(self) -> dict:
         """Global metrics of the last forward_backward beyond the loss's own (MoE: router metrics)."""

@@ -250,10 +250,12 @@ class RouterBalance:
         layers = moe_layers(parts)
         return cls(layers, state) if layers else None
 
-    def prepare(self, microbatches: list[dict], data_group, cp_group) -> list[dict]:
-        """Each microbatch with its token -> sequence map (SEGMENTS); the aux scale coeff / global sequences."""
+    def prepare(self, microbatches: list[dict], data_group, cp_group, rows_of=lambda mb: mb) -> list[dict]:
+        """Each microbatch with its token -> sequence map (SEGMENTS); the aux scale coeff / global sequences.
+        `rows_of(mb)`: the rows of `mb` this rank's model runs (a MIMO LLM slot's share under a fan-out), whose
+        sequences the count over `data_group` takes."""
         out = [{**mb, SEGMENTS: token_segments(mb)} for mb in microbatches]
-        local = torch.tensor([float(sum(sequence_count(mb) for mb in microbatches))], dtype=torch.float64,
+        local = torch.tensor([float(sum(sequence_count(rows_of(mb)) for mb in microbatches))], dtype=torch.float64,
                              device=self.state.device)
         dist.all_reduce(local, group=data_group)
         for layer in self.layers:

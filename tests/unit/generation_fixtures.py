@@ -13,12 +13,13 @@ PROMPTS = [[5, 17, 33, 2], [40, 41], [7, 8, 9, 10, 11, 12]]
 
 
 class Trainer:
-    """A single-process stand-in for the trainer's ModelHandle (named_parameters is all a plan needs)."""
+    """A single-process stand-in for the trainer's ModelHandle (generator_parameters is all a plan needs): a bare
+    transformers model's names already are the generator's."""
 
     def __init__(self, model):
         self.model = model
 
-    def named_parameters(self):
+    def generator_parameters(self):
         return self.model.named_parameters()
 
 
