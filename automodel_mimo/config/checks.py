@@ -296,7 +296,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if cfg.algo == "grpo":
-        validate_mimo_grpo(cfg, lm_pp, is_colocated(specs, world))
+        validate_mimo_grpo(cfg, is_colocated(specs, world))
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
                                "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
@@ -351,12 +351,9 @@ MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vll
              "(docs/generation.md, MIMO / LLaVA generation)")
 
 
-def validate_mimo_grpo(cfg: RunConfig, lm_pp: int, colocated: bool) -> None:
-    """GRPO on a MIMO model: the hf generator (LLaVA), an LLM without pipeline stages (the refit manifest lists
-    every module once, from every rank: a pipelined LLM's stages would each list the whole encoder), colocated
-    modules (the refit and rollout paths have not been run with encoder-only and LLM-only ranks)."""
+def validate_mimo_grpo(cfg: RunConfig, colocated: bool) -> None:
+    """GRPO on a MIMO model: the hf generator (LLaVA) and colocated modules (the refit and rollout paths have not
+    been run with encoder-only and LLM-only ranks)."""
     _require(cfg.generation.backend == "hf", MIMO_VLLM)
     _require(colocated, "mimo.layout.<module>.offset: GRPO on a MIMO model runs colocated layouts only so far (every "
              "module on all ranks, offset 0); non-colocated placement is for sft and dpo")
-    _require(lm_pp == 1, f"mimo.layout.language.pp={lm_pp}: GRPO on a MIMO model needs the LLM unpipelined (pp=1) so "
-             "far; use tp, cp or dp for the LLM")

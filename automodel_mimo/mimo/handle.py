@@ -521,6 +521,14 @@ class MimoHandle(Handle):
 
         return next(iter(to_llava({canonical_name(name): None}, self.encoder_name)))
 
+    def weight_groups(self) -> dict[str, tuple[int, int]]:
+        """Refit groups (generation/weight_stream.py), generator name -> (module index, LLM pp stage): the encoder
+        with its projector is one group (every encoder rank holds it whole), each LLM stage another, so the
+        manifest lists every module once whatever ranks hold it."""
+        stage = dist.get_rank(self.pp_group) if self.pp_group is not None else 0
+        return {self.generator_name(f"{name}.{n}"): (self.names.index(name), stage if name == LANGUAGE else 0)
+                for name, parts in self.module_parts.items() for part in parts for n, _ in part.named_parameters()}
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
         reduced over that module's grid (a DTensor norm covers its shards) into its slot of a world vector
