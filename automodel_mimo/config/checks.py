@@ -256,7 +256,7 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 def validate_mimo(cfg: RunConfig, world: int) -> None:
     """The MIMO section and its layout (grids.validate_layout: colocated or disjoint rank ranges covering the world,
     encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
-    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocated, validate_layout
+    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
     _require(cfg.algo in ("sft", "dpo", "grpo"), f"mimo.layout is set, but MIMO supports sft, dpo and grpo (got {cfg.algo})")
@@ -296,7 +296,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if cfg.algo == "grpo":
-        validate_mimo_grpo(cfg, is_colocated(specs, world))
+        validate_mimo_grpo(cfg)
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
                                "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
@@ -351,9 +351,7 @@ MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vll
              "(docs/generation.md, MIMO / LLaVA generation)")
 
 
-def validate_mimo_grpo(cfg: RunConfig, colocated: bool) -> None:
-    """GRPO on a MIMO model: the hf generator (LLaVA) and colocated modules (the refit and rollout paths have not
-    been run with encoder-only and LLM-only ranks)."""
+def validate_mimo_grpo(cfg: RunConfig) -> None:
+    """GRPO on a MIMO model: the hf generator (LLaVA), under any layout (the refit streams each module from the
+    ranks that hold it, generation/weight_stream.py)."""
     _require(cfg.generation.backend == "hf", MIMO_VLLM)
-    _require(colocated, "mimo.layout.<module>.offset: GRPO on a MIMO model runs colocated layouts only so far (every "
-             "module on all ranks, offset 0); non-colocated placement is for sft and dpo")

@@ -25,6 +25,7 @@ CPU = torch.device("cpu")
 BUCKET_BYTES = 16 << 10  # many buckets per group
 # (name, layout, micro_batch_size, world)
 PP2 = ("vision-dp2+language-pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4, 2)
+NONCOLOCATED = ("vision-dp1+language-tp2 offset 1", {"vision": {"dp": 1}, "language": {"tp": 2, "offset": 1}}, 4, 3)
 
 
 def _handle(layout: dict, micro: int, grids: dict | None = None) -> MimoHandle:
@@ -147,3 +148,16 @@ def test_mimo_grpo_under_language_pp2(tmp_path):
     _check_steps(per_rank, ref, name)
     _check_refit(per_rank, [("language_model", 0), ("language_model", 1), ("lm_head", 1),
                             ("multi_modal_projector", 0), ("vision_tower", 0)], name)
+
+
+def test_mimo_grpo_noncolocated(tmp_path):
+    """vision dp1 on rank 0 + language tp2 on ranks 1-2: the generator lives on rank 0, an encoder-only rank; the
+    encoder and projector stream from rank 0 itself, the LLM from rank 1 (gathered from its tp shards by ranks 1-2)."""
+    rows = rollout_rows()
+    ref = reference_grpo_steps(rows)
+    name, layout, micro, world = NONCOLOCATED
+    per_rank = run_ranks(_run, world, rows, str(tmp_path / "llava"), layout, micro)
+    assert [r["refit"]["modules"] for r in per_rank] == [["vision"], ["language"], ["language"]]
+    _check_steps(per_rank, ref, name)
+    _check_refit(per_rank, [("language_model", 1), ("lm_head", 1), ("multi_modal_projector", 0), ("vision_tower", 0)],
+                 name)
