@@ -319,13 +319,10 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
 
 def _validate_mimo_dpo(cfg: RunConfig, fan_out: int, lm_cp: int, lm_pp: int) -> None:
     """A (chosen, rejected) pair stays whole in each LLM dp slot's share of a micro batch and in each pipeline
-    microbatch; the reference is the run's own initial weights."""
+    microbatch."""
     from automodel_mimo.distributed.grid_spec import LANGUAGE
 
     t, p = cfg.train, cfg.parallel
-    _require(cfg.dpo.reference == "initial",
-             f"dpo.reference={cfg.dpo.reference}: a MIMO run's reference is its initial weights (dpo.reference=initial; "
-             "to start from a LLaVA folder, set model.pretrained to it)")
     if cfg.data.packing:  # pairs are packed whole into rows; padded to whole load-balanced cp chunks of the LLM
         pair = 2 * round_up(cfg.data.max_seq_len, 2 * lm_cp if lm_cp > 1 else 1)
         _require(packed_row_size(cfg.data) >= pair,

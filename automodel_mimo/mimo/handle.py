@@ -602,6 +602,12 @@ class MimoHandle(Handle):
         """Whether this rank holds the whole module `name` (not pipeline stages of it)."""
         return name != LANGUAGE or self.driver is None
 
+    def hf_state(self, folder: str, field: str) -> dict:
+        """A LLaVA folder's full tensors under `<module>.<name>` (mimo/llava.py names), e.g. a DPO reference."""
+        from automodel_mimo.mimo.llava import llava_state
+
+        return llava_state(folder, self.encoder_name, field)
+
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
         """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,
         mimo/llava.py), loadable as model.pretrained; `<folder>/language` the LLM alone + tokenizer, for
