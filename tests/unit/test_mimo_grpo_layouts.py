@@ -1,9 +1,10 @@
-"""MIMO GRPO under the LLM-pipelined layout (vision dp2 + language pp2, colocated, 2 ranks): the GRPO step (old /
-reference logprobs and the clipped-PG step through the pipeline) equals the single-process step of
-test_mimo_grpo.py (loss, metrics, every gradient and post-step weight: the union of the ranks' parts); the refit
-streams the encoder + projector once (from rank 0) and each LLM stage from that stage, and gives the hf generator
-(LLaVA) bit-identical weights; a rollout sampled by the refit generator on image prompts is on-policy in the next
-GRPO step (ratio 1, gen_kl_error < 1e-5)."""
+"""MIMO GRPO under the LLM-pipelined layout (vision dp2 + language pp2, colocated, 2 ranks) and a non-colocated one
+(vision dp1 on rank 0 + language tp2 on ranks 1-2): the GRPO step (old / reference logprobs and the clipped-PG step
+through the pipeline or the relay) equals the single-process step of test_mimo_grpo.py (loss, metrics, every
+gradient and post-step weight: the union of the ranks' parts); the refit streams each weight group once from the
+lowest rank holding it (the encoder + projector; each LLM stage) and gives the hf generator (LLaVA, on rank 0)
+bit-identical weights; a rollout sampled by the refit generator on image prompts is on-policy in the next GRPO
+step (ratio 1, gen_kl_error < 1e-5)."""
 
 from __future__ import annotations
 
