@@ -174,10 +174,9 @@ def test_mimo_dpo_noncolocated_three_ranks(reference):
 
 # ---------------------------------------------------------------- dpo.reference=<the run's own LLaVA export>
 
-FOLDER_LAYOUTS = [
-    ("vision-dp2+language-tp2", {"vision": {"dp": 2}, "language": {"tp": 2}}, 4, False),
-    TWO_RANKS[0],  # vision dp2 + language pp2: each stage loads its layers of the folder
-]
+# vision dp2 + language pp2: the encoder loads whole on both ranks, each LLM stage its layers of the folder (vision dp2
+# + language tp2 passed too: one more layout's ~40 s, left out of CI)
+FOLDER_LAYOUTS = [TWO_RANKS[0]]
 
 
 def _reference_step(rows: list[dict], name: str, layout: dict, grids: dict, micro: int, reference: str) -> dict:
@@ -218,7 +217,7 @@ def _folder_vs_initial(rows: list[dict], folder: str) -> dict:
 
 def test_mimo_dpo_reference_from_the_runs_own_llava_export_equals_initial(tmp_path):
     """dpo.reference=<the LLaVA folder the run's initial export wrote> gives the DPO step of dpo.reference=initial bit
-    for bit (loss, metrics, every gradient and post-step weight), colocated and with the LLM pipelined."""
+    for bit (loss, metrics, every gradient and post-step weight), with the LLM pipelined."""
     rows = preference_rows(seed=0)
     per_rank = run_ranks(_folder_vs_initial, 2, rows, str(tmp_path))
     for name, *_ in FOLDER_LAYOUTS:

@@ -8,6 +8,7 @@ step (ratio 1, gen_kl_error < 1e-5)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -43,12 +44,13 @@ def _microbatches(model: MimoHandle, rows: list[dict], micro: int) -> list[dict]
     return builder.build(local_slice(rows, *model.data_block()), micro)
 
 
-def _grpo_steps(rows: list[dict], layout: dict, micro: int) -> dict:
+def _grpo_steps(rows: list[dict], layout: dict, micro: int, losses: list[str]) -> dict:
     """The GRPO step of test_mimo_grpo.py (reference = the initial weights, the policy x 1.05, SGD) per loss; this
     rank's metrics, full gradients and post-step weights."""
     grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=ROWS)
     out = {}
-    for loss_name, cfg in LOSSES.items():
+    for loss_name in losses:
+        cfg = LOSSES[loss_name]
         model = _handle(layout, micro, grids)
         policy = Policy(model, train_config("sgd", 0.0, ROWS, micro))
         policy.init_reference()
@@ -110,12 +112,13 @@ def _refit_and_rollout(folder: str, layout: dict, micro: int) -> dict:
     return out
 
 
-def _run(rows: list[dict], folder: str, layout: dict, micro: int) -> dict:
-    return {"steps": _grpo_steps(rows, layout, micro), "refit": _refit_and_rollout(folder, layout, micro)}
+def _run(rows: list[dict], folder: str, layout: dict, micro: int, losses: list[str]) -> dict:
+    return {"steps": _grpo_steps(rows, layout, micro, losses), "refit": _refit_and_rollout(folder, layout, micro)}
 
 
 def _check_steps(per_rank: list[dict], ref: dict, what: str) -> None:
-    for loss_name, r in ref.items():
+    for loss_name in per_rank[0]["steps"]:
+        r = ref[loss_name]
         for rank, result in enumerate(per_rank):
             got = result["steps"][loss_name]
             assert _close(got["loss"], r["loss"]), (what, loss_name, rank, got["loss"], r["loss"])
@@ -145,7 +148,7 @@ def test_mimo_grpo_under_language_pp2(tmp_path):
     rows = rollout_rows()
     ref = reference_grpo_steps(rows)
     name, layout, micro, world = PP2
-    per_rank = run_ranks(_run, world, rows, str(tmp_path / "llava"), layout, micro)
+    per_rank = run_ranks(_run, world, rows, str(tmp_path / "llava"), layout, micro, list(LOSSES))
     _check_steps(per_rank, ref, name)
     _check_refit(per_rank, [("language_model", 0), ("language_model", 1), ("lm_head", 1),
                             ("multi_modal_projector", 0), ("vision_tower", 0)], name)
@@ -157,8 +160,31 @@ def test_mimo_grpo_noncolocated(tmp_path):
     rows = rollout_rows()
     ref = reference_grpo_steps(rows)
     name, layout, micro, world = NONCOLOCATED
-    per_rank = run_ranks(_run, world, rows, str(tmp_path / "llava"), layout, micro)
+    per_rank = run_ranks(_run, world, rows, str(tmp_path / "llava"), layout, micro, ["grpo"])  # GSPO: pp2 above
     assert [r["refit"]["modules"] for r in per_rank] == [["vision"], ["language"], ["language"]]
     _check_steps(per_rank, ref, name)
     _check_refit(per_rank, [("language_model", 1), ("lm_head", 1), ("multi_modal_projector", 0), ("vision_tower", 0)],
                  name)
+
+
+@pytest.mark.slow  # tests/nightly/unit_slow.sh; the oracle tests above cover the step and the refit in CI
+@pytest.mark.parametrize("layout", [["mimo.layout.language={pp: 2}", "parallel.pp_microbatch_size=2"],
+                                    ["mimo.layout={vision: {dp: 1}, language: {offset: 1}}"]], ids=["pp2", "noncolocated"])
+def test_mimo_grpo_cli_runs_on_policy(tmp_path, layout):
+    """The GRPO loop (export, generator on rank 0, refit after every step, evals, final export) under LLM pp2 and
+    with the vision module on rank 0 and the LLM on rank 1: every step on-policy (ratio 1, gen_kl_error < 1e-5)."""
+    from tests.unit.cli_runner import metrics, run_cli
+    from tests.unit.test_mimo_grpo import CONFIG, SHORT
+
+    out = tmp_path / "run"
+    r = run_cli("grpo", *CONFIG, *SHORT, *layout, f"output_dir={out}", "train.max_steps=2",
+                env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [row for row in metrics(out) if "loss" in row]
+    assert [row["step"] for row in train] == [1, 2]
+    for row in train:
+        assert abs(row["ratio_min"] - 1) < 1e-6 and abs(row["ratio_max"] - 1) < 1e-6 and row["gen_kl_error"] < 1e-5, row
+    assert [e["eval/num_samples"] for e in metrics(out) if "eval/accuracy" in e] == [6, 6, 6]
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(out / "hf")
