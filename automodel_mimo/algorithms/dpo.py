@@ -154,14 +154,12 @@ def evaluate_preferences(cfg: RunConfig, policy: Policy, microbatches: list[dict
 
 
 def init_reference(cfg: RunConfig, policy: Policy) -> None:
-    """dpo.reference: the weights training starts from, or an HF model directory's weights."""
+    """dpo.reference: the weights training starts from, or an HF model directory's weights (the handle reads its
+    own export format: a causal LM's folder, a MIMO model's LLaVA folder)."""
     if cfg.dpo.reference == "initial":
         policy.init_reference()
         return
-    from transformers import AutoModelForCausalLM
-
-    state = AutoModelForCausalLM.from_pretrained(cfg.dpo.reference, dtype=torch.float32).state_dict()
-    policy.init_reference(state)
+    policy.init_reference(policy.handle.hf_state(cfg.dpo.reference, "dpo.reference"))
 
 
 def run_dpo(cfg: RunConfig) -> None:

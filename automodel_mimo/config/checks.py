@@ -317,7 +317,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if cfg.algo == "grpo":
-        validate_mimo_grpo(cfg, lm_pp, is_colocated(specs, world))
+        validate_mimo_grpo(cfg)
     if lm_pp > 1:  # the LLM's rows of a micro batch (a fan-out slot's share) run as one schedule step
         validate_schedule_step(p, t.micro_batch_size // fan_out, lm_pp, f"mimo.layout.{LANGUAGE}.pp",
                                "train.micro_batch_size" + (f" / {fan_out} (the LLM's dp slots)" if fan_out > 1 else ""))
@@ -340,13 +340,10 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
 
 def _validate_mimo_dpo(cfg: RunConfig, fan_out: int, lm_cp: int, lm_pp: int) -> None:
     """A (chosen, rejected) pair stays whole in each LLM dp slot's share of a micro batch and in each pipeline
-    microbatch; the reference is the run's own initial weights."""
+    microbatch."""
     from automodel_mimo.distributed.grid_spec import LANGUAGE
 
     t, p = cfg.train, cfg.parallel
-    _require(cfg.dpo.reference == "initial",
-             f"dpo.reference={cfg.dpo.reference}: a MIMO run's reference is its initial weights (dpo.reference=initial; "
-             "to start from a LLaVA folder, set model.pretrained to it)")
     if cfg.data.packing:  # pairs are packed whole into rows; padded to whole load-balanced cp chunks of the LLM
         pair = 2 * round_up(cfg.data.max_seq_len, 2 * lm_cp if lm_cp > 1 else 1)
         _require(packed_row_size(cfg.data) >= pair,
@@ -372,12 +369,7 @@ MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vll
              "(docs/generation.md, MIMO / LLaVA generation)")
 
 
-def validate_mimo_grpo(cfg: RunConfig, lm_pp: int, colocated: bool) -> None:
-    """GRPO on a MIMO model: the hf generator (LLaVA), an LLM without pipeline stages (the refit manifest lists
-    every module once, from every rank: a pipelined LLM's stages would each list the whole encoder), colocated
-    modules (the refit and rollout paths have not been run with encoder-only and LLM-only ranks)."""
+def validate_mimo_grpo(cfg: RunConfig) -> None:
+    """GRPO on a MIMO model: the hf generator (LLaVA), under any layout (the refit streams each module from the
+    ranks that hold it, generation/weight_stream.py)."""
     _require(cfg.generation.backend == "hf", MIMO_VLLM)
-    _require(colocated, "mimo.layout.<module>.offset: GRPO on a MIMO model runs colocated layouts only so far (every "
-             "module on all ranks, offset 0); non-colocated placement is for sft and dpo")
-    _require(lm_pp == 1, f"mimo.layout.language.pp={lm_pp}: GRPO on a MIMO model needs the LLM unpipelined (pp=1) so "
-             "far; use tp, cp or dp for the LLM")

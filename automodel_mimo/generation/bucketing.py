@@ -1,6 +1,6 @@
 """Buckets: the manifest cut into flat byte buffers of at most `bucket_bytes`, and their pack/unpack.
 
-A bucket holds consecutive manifest entries of one source rank, each at a 16-byte aligned offset (so a
+A bucket holds consecutive manifest entries of one weight group (one source rank), each at a 16-byte aligned offset (so a
 byte slice can be viewed as any dtype), followed by a 16-byte trailer: the bucket's index and an int64
 checksum of its payload. Sender and receiver compute the same plan from the same manifest, so only
 the bytes travel. A parameter larger than `bucket_bytes` gets a bucket of its own, sized to fit it
@@ -50,13 +50,14 @@ def _aligned(n: int) -> int:
 
 
 def plan_buckets(manifest: Manifest, bucket_bytes: int) -> list[Bucket]:
-    """Consecutive manifest entries of one source, greedily filled up to `bucket_bytes` per buffer."""
+    """Consecutive manifest entries of one group (so of one source), greedily filled up to `bucket_bytes` per
+    buffer: every rank holding a bucket's first entry holds all of them (the gathers are collective)."""
     capacity = bucket_bytes - TRAILER_BYTES
     if capacity < ALIGN:
         raise ValueError(f"bucket_bytes={bucket_bytes} is too small: it must exceed {TRAILER_BYTES + ALIGN}")
     buckets: list[Bucket] = []
     slots: list[Slot] = []
-    used, source = 0, None
+    used, source, group = 0, None, None
 
     def close():
         nonlocal slots, used
@@ -66,9 +67,9 @@ def plan_buckets(manifest: Manifest, bucket_bytes: int) -> list[Bucket]:
 
     for entry in manifest.entries:
         size = _aligned(entry.nbytes)
-        if slots and (entry.source != source or used + size > capacity):
+        if slots and ((entry.source, entry.group) != (source, group) or used + size > capacity):
             close()
-        source = entry.source
+        source, group = entry.source, entry.group
         slots.append(Slot(entry, used))
         used += size
     close()

@@ -21,7 +21,8 @@ class ManifestEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    source: int = 0  # global rank that packs and sends this entry (its pipeline stage's leader)
+    source: int = 0  # global rank that packs and sends this entry (the lowest rank holding its group)
+    group: int = 0  # its weight group (parameters the same ranks hold, e.g. a pipeline stage): buckets never mix groups
 
     @property
     def nbytes(self) -> int:

@@ -1,12 +1,13 @@
 """Refit: stream the trainer's weights into the generator, bucket by bucket.
 
-Setup (once): `build_stream_plan` lists every trainer rank's parameters (pipeline stages own disjoint
-ones), orders them by stage and module order into a `Manifest` in the generator's naming, marks each
-entry with its source (the lowest global rank of the owning stage) and cuts it into buckets. The
-generator validates the manifest once against its own parameters.
+Setup (once): `build_stream_plan` lists every trainer rank's parameters by weight group (a group: the
+parameters the same ranks hold, e.g. one pipeline stage of an LM; a MIMO model's encoder + projector, and each
+of its LLM's stages, `handle.weight_groups()`), orders the groups into a `Manifest` in the generator's naming, each
+group once, marks each entry with its source (the lowest global rank holding its group) and cuts it into
+buckets that never mix groups. The generator validates the manifest once against its own parameters.
 
-Each refit: `gathered_buckets` runs on EVERY trainer rank: for each bucket of its stage, all ranks of the
-stage gather the bucket's sharded parameters (FSDP/TP DTensors) to full tensors together; only one bucket
+Each refit: `gathered_buckets` runs on EVERY trainer rank: for each bucket of its groups, all ranks of the
+group gather the bucket's sharded parameters (FSDP/TP DTensors) to full tensors together; only one bucket
 of full tensors exists at a time, never the whole model. Bytes that travel (`send_weights`, a broadcast
 transport) are packed by the source into one of two alternating flat buffers, and the generator side
 (`verified`) checks each bucket's index and checksum. A generator in the source rank's own process reads
@@ -45,38 +46,50 @@ class StreamPlan:
     manifest: Manifest
     buckets: list[Bucket]
     bucket_bytes: int
-    own_source: int | None = None  # the source of this trainer rank's stage (its entries are this rank's parameters)
+    own_names: frozenset[str] | None = None  # the entries of this trainer rank's groups (its parameters)
 
     @property
     def sources(self) -> list[int]:
         return sorted({b.source for b in self.buckets})
 
 
-def _stage_index(handle) -> int:
+def _groups(handle, local: dict[str, torch.Tensor]) -> dict[tuple, list[str]]:
+    """This rank's generator names by weight group key (sortable; ranks with equal keys hold the same parameters):
+    the handle's own grouping (`weight_groups`: name -> key) or one group per pipeline stage."""
+    key_of = handle.weight_groups() if hasattr(handle, "weight_groups") else None
     group = getattr(handle, "stage_group", None)
-    return dist.get_rank(group) if group is not None else 0
+    stage = (dist.get_rank(group) if group is not None else 0,)
+    out: dict[tuple, list[str]] = {}
+    for name in local:
+        out.setdefault(key_of[name] if key_of is not None else stage, []).append(name)
+    return out
 
 
 def build_stream_plan(handle, dtype: torch.dtype, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> StreamPlan:
     """The manifest and bucket plan (collective over the world when torch.distributed is initialized).
 
-    `handle`: a ModelHandle (or anything with `generator_parameters()` and an optional `stage_group`).
+    `handle`: a ModelHandle (or anything with `generator_parameters()`, an optional `stage_group` and an optional
+    `weight_groups()`). Each group is listed once, by the lowest rank holding it, in key order.
     """
-    local = [(name, tuple(p.shape)) for name, p in local_parameters(handle).items()]
-    mine = (_stage_index(handle), dist.get_rank() if dist.is_initialized() else 0, local)
+    local = local_parameters(handle)
+    shapes = {name: tuple(p.shape) for name, p in local.items()}
+    mine = (dist.get_rank() if dist.is_initialized() else 0,
+            {key: [(n, shapes[n]) for n in names] for key, names in _groups(handle, local).items()})
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
     else:
         everyone = [mine]
-    stages: dict[int, tuple[int, list]] = {}
-    for stage, rank, names in everyone:
-        if stage not in stages or rank < stages[stage][0]:
-            stages[stage] = (rank, names)
-    entries = [ManifestEntry(name, shape, dtype, source)
-               for stage in sorted(stages) for source, names in [stages[stage]] for name, shape in names]
+    groups: dict[tuple, tuple[int, list]] = {}
+    for rank, held in everyone:
+        for key, names in held.items():
+            if key not in groups or rank < groups[key][0]:
+                groups[key] = (rank, names)
+    entries = [ManifestEntry(name, shape, dtype, source, index)
+               for index, key in enumerate(sorted(groups)) for source, names in [groups[key]] for name, shape in names]
     manifest = Manifest(tuple(entries))
-    return StreamPlan(manifest, plan_buckets(manifest, bucket_bytes), bucket_bytes, stages[mine[0]][0])
+    own = frozenset(n for names in mine[1].values() for n, _ in names)
+    return StreamPlan(manifest, plan_buckets(manifest, bucket_bytes), bucket_bytes, own)
 
 
 def local_parameters(handle) -> dict[str, torch.Tensor]:
@@ -88,10 +101,10 @@ def local_parameters(handle) -> dict[str, torch.Tensor]:
 
 def coverage_problems(plan: StreamPlan, params: dict[str, torch.Tensor]) -> list[str]:
     """What keeps `params` (this rank's, full shapes: a DTensor's shape is global) from being exactly this rank's
-    stage's manifest entries: missing, extra or mis-shaped names."""
-    if plan.own_source is None:
+    groups' manifest entries: missing, extra or mis-shaped names."""
+    if plan.own_names is None:
         return []
-    expected = {e.name: e.shape for e in plan.manifest.entries if e.source == plan.own_source}
+    expected = {e.name: e.shape for e in plan.manifest.entries if e.name in plan.own_names}
     problems = [f"{n}: missing from the trainer's parameters" for n in expected if n not in params]
     problems += [f"{n}: not in the manifest" for n in params if n not in expected]
     problems += [f"{n}: trainer shape {list(params[n].shape)} != manifest {list(shape)}"
@@ -101,7 +114,7 @@ def coverage_problems(plan: StreamPlan, params: dict[str, torch.Tensor]) -> list
 
 def check_coverage(plan: StreamPlan, params: dict[str, torch.Tensor]) -> None:
     """Before a refit gathers or sends anything: every rank's parameters (every module, each on its own grid)
-    cover its stage's manifest entries exactly, at the manifest's shapes. Collective over the world when
+    cover its groups' manifest entries exactly, at the manifest's shapes. Collective over the world when
     torch.distributed is initialized, so that every rank raises together instead of some hanging in a gather."""
     mine = coverage_problems(plan, params)
     everyone = [mine]
@@ -127,13 +140,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Iterator[tuple[Bucket, list | None]]:
-    """Every trainer rank iterates this in step (the gathers are collective over the stage): each bucket
-    of this rank's stage with its full tensors at the manifest dtype, (bucket, None) for other stages'.
+    """Every trainer rank iterates this in step (the gathers are collective over a group's ranks): each bucket
+    of this rank's groups with its full tensors at the manifest dtype, (bucket, None) for other groups'.
     Nothing is gathered unless every rank's parameters match the manifest (`check_coverage`)."""
     check_coverage(plan, params)
     for bucket in plan.buckets:
         names = [s.entry.name for s in bucket.slots]
-        if names[0] not in params:  # another pipeline stage's bucket
+        if names[0] not in params:  # another group's bucket (a bucket holds one group)
             yield bucket, None
             continue
         yield bucket, [_full(params[n]).to(dtype=s.entry.dtype) for n, s in zip(names, bucket.slots)]

@@ -535,6 +535,15 @@ class MimoHandle(Handle):
             name, param = hf_named(canonical_name(name), param)
             yield next(iter(to_llava({name: None}, self.encoder_name))), param
 
+    def weight_groups(self) -> dict[str, tuple[int, int]]:
+        """Refit groups (generation/weight_stream.py), generator name -> (module index, LLM pp stage): the encoder
+        with its projector is one group (every encoder rank holds it whole), each LLM stage another, so the
+        manifest lists every module once whatever ranks hold it."""
+        stage = dist.get_rank(self.pp_group) if self.pp_group is not None else 0
+        modules = [name for name, parts in self.module_parts.items() for part in parts for _ in part.parameters()]
+        return {generated: (self.names.index(name), stage if name == LANGUAGE else 0)  # named_parameters' order
+                for (generated, _), name in zip(self.generator_parameters(), modules, strict=True)}
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is
         reduced over that module's grid (a DTensor norm covers its shards) into its slot of a world vector
@@ -607,6 +616,12 @@ class MimoHandle(Handle):
     def _whole(self, name: str) -> bool:
         """Whether this rank holds the whole module `name` (not pipeline stages of it)."""
         return name != LANGUAGE or self.driver is None
+
+    def hf_state(self, folder: str, field: str) -> dict:
+        """A LLaVA folder's full tensors under `<module>.<name>` (mimo/llava.py names), e.g. a DPO reference."""
+        from automodel_mimo.mimo.llava import llava_state
+
+        return llava_state(folder, self.encoder_name, field)
 
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
         """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,

@@ -51,27 +51,40 @@ def from_llava(state: dict, encoder_name: str) -> dict:
     return _rename(state, [(b, a) for a, b in _prefixes(encoder_name)])
 
 
-def llava_config(path: str) -> LlavaConfig:
-    """The LLaVA config of `model.pretrained` (a local folder or hub name); anything else is a UserInputError."""
+def llava_config(path: str, field: str = "model.pretrained") -> LlavaConfig:
+    """The LLaVA config of `model.pretrained` (or `field`: a local folder or hub name); anything else is a
+    UserInputError."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserInputError(f"model.pretrained={path}: cannot load its config ({detail})") from None
+        raise UserInputError(f"{field}={path}: cannot load its config ({detail})") from None
     if not isinstance(config, LlavaConfig):
-        raise UserInputError(f"model.pretrained={path} is a {config.model_type} checkpoint; under mimo it must be a "
-                             "transformers LLaVA folder (model_type llava, e.g. the hf/ export of a MIMO run), or unset "
-                             "(the modules from model.config and mimo.encoder)")
+        unset = " or unset (the modules from model.config and mimo.encoder)" if field == "model.pretrained" else ""
+        raise UserInputError(f"{field}={path} is a {config.model_type} checkpoint; under mimo it must be a "
+                             f"transformers LLaVA folder (model_type llava, e.g. the hf/ export of a MIMO run){unset}")
     return config
+
+
+def _complete_llava(path: str, field: str = "model.pretrained") -> LlavaForConditionalGeneration:
+    """The LLaVA checkpoint, fp32 on CPU; weights its config needs but the checkpoint lacks are an error
+    (transformers would initialize them at random, after a report only)."""
+    llava, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserInputError(f"{field}={path}: {len(missing)} weights of its LLaVA config are missing from "
+                             f"its checkpoint (e.g. {missing[0]}); point it at a complete LLaVA folder")
+    return llava
+
+
+def llava_state(path: str, encoder_name: str, field: str = "model.pretrained") -> dict:
+    """A LLaVA checkpoint's full tensors under the MIMO model's names (`<encoder>.encoder.*`, `language.*`)."""
+    return from_llava(_complete_llava(path, field).state_dict(), encoder_name)
 
 
 def load_llava(path: str, attn_implementation: str = "sdpa") -> tuple[VisionModule, nn.Module]:
     """The vision module and the causal LM of a LLaVA checkpoint, fp32 on CPU, the same on every rank."""
-    llava, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    if info["missing_keys"]:  # transformers would train them from random init, after a report only
-        missing = sorted(info["missing_keys"])
-        raise UserInputError(f"model.pretrained={path}: {len(missing)} weights of its LLaVA config are missing from "
-                             f"its checkpoint (e.g. {missing[0]}); point it at a complete LLaVA folder")
+    llava = _complete_llava(path)
     vision = VisionModule(llava.model.vision_tower, llava.model.multi_modal_projector, llava.config)
     llm = AutoModelForCausalLM.from_config(llava.config.text_config, dtype=torch.float32,
                                            attn_implementation=attn_implementation)

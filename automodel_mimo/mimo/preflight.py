@@ -84,6 +84,10 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
     if size is not None and size != cfg.data.image_size:
         raise UserInputError(f"data.image_size={cfg.data.image_size}, but the encoder takes {size}x{size} images; "
                              f"set data.image_size={size}")
+    if cfg.algo == "dpo" and cfg.dpo.reference != "initial":  # the reference is read as the export is written
+        from automodel_mimo.mimo.llava import llava_config
+
+        llava_config(cfg.dpo.reference, "dpo.reference")
     vision_tp = m.layout[m.encoder_name].get("tp", 1)
     heads = getattr(config, "num_attention_heads", None)
     if vision_tp > 1 and heads is not None and heads % vision_tp:

@@ -278,6 +278,11 @@ class ModelHandle(Handle):
         for part in self.parts:
             set_model_state_dict(part, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
+    def hf_state(self, folder: str, field: str) -> dict:
+        """The full tensors of the HF folder `folder` (named by config `field`) under this handle's state keys
+        (`load_full_state_dict`'s), e.g. a DPO reference: the causal LM's own."""
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
     def write_hf(self, state: dict, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
         """Rank 0: the causal LM with `state` (full tensors) and the tokenizer, as a transformers folder."""
         config = self.config

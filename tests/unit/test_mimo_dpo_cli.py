@@ -175,7 +175,7 @@ def test_llm_pp2_run_matches_the_colocated_run(short_run, tmp_path):
 @pytest.mark.parametrize("overrides,expected", [
     (["mimo.layout.vision={tp: 2}", "mimo.layout.language={dp: 2}", "train.micro_batch_size=2"],
      "train.micro_batch_size=2: each of the language model's 2 dp slots takes 1 of its sequences"),
-    (["dpo.reference=configs"], "dpo.reference=configs: a MIMO run's reference is its initial weights"),
+    (["dpo.reference=configs"], "dpo.reference=configs: cannot load its config"),  # not a LLaVA folder
     (["data.packing=true", "data.packed_sequence_size=100"], "data.packed_sequence_size=100 cannot hold a (chosen, rejected) pair"),
     (["mimo.layout.language={pp: 2}", "parallel.pp_microbatch_size=1"],
      "parallel.pp_microbatch_size=1: a pipeline microbatch of mimo.layout.language.pp must hold whole (chosen, rejected)"),

@@ -301,11 +301,7 @@ def test_a_transformers_llava_folder_trains_one_grpo_step_from_the_cli_on_policy
 
 @pytest.mark.parametrize("overrides,expected", [
     (["generation.backend=vllm"], "generation.backend=vllm cannot serve a MIMO (LLaVA) model yet"),
-    (["mimo.layout={vision: {dp: 2}, language: {pp: 2}}", "train.micro_batch_size=2"],
-     "mimo.layout.language.pp=2: GRPO on a MIMO model needs the LLM unpipelined"),
-    (["mimo.layout={vision: {dp: 1}, language: {dp: 1, offset: 1}}", "train.micro_batch_size=2"],
-     "GRPO on a MIMO model runs colocated layouts only"),
-], ids=["vllm", "pp", "noncolocated"])
+], ids=["vllm"])
 def test_mimo_grpo_config_errors(overrides, expected):
     from automodel_mimo.config import load_config
     from automodel_mimo.errors import UserInputError
