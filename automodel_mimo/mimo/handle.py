@@ -29,7 +29,8 @@ stage), then the encoder's backward from the gradient the first stage captured a
 Non-colocated layouts (`mimo.layout.<module>.offset`, disjoint rank ranges): a rank holds the encoder (+ projector)
 or the LLM. The same data mapping, but the bridge is a `Relay` (mimo/relay.py): encoder ranks encode and send their
 rows point-to-point, LLM ranks receive them as leaves, run the LLM as above and send the leaves' gradients and their
-results (metrics, logprobs, next tokens) back, so every method returns on encoder ranks what callers expect for
+results (metrics, logprobs, next tokens) back (a training step: one micro batch at a time, the encoder one ahead of
+the LLM, mimo/cross_schedule.py), so every method returns on encoder ranks what callers expect for
 the rows those ranks stand for (`language_row_range`).
 """
 
@@ -393,15 +394,12 @@ class MimoHandle(Handle):
         results = self.bridge.recv_results()
         return [m for slot in (results if self.bridge.slot == 0 else [_emptied(r) for r in results]) for m in slot]
 
-    def _relay_back(self, result, grads: bool = False):
-        """An LLM rank of a non-colocated layout: the received rows' gradients back to the encoder ranks (after
-        the backward), then `result` (metrics, logprobs, next tokens) to them; unchanged `result`."""
+    def _relay_back(self, result):
+        """An LLM rank of a non-colocated layout, after an inference pass: `result` (logprobs, next tokens) to the
+        encoder ranks; unchanged `result`. (A training step sends its gradients and metrics in _language_1f1b.)"""
         if self.colocated:
             return result
-        received, self._received = self._received, []
-        if grads:
-            self.bridge.send_grads([r for r, _ in received],
-                                   [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in received])
+        self._received = []
         self.bridge.send_results(_portable(result))
         return result
 
