@@ -11,7 +11,7 @@ its whole pipeline schedule step under LLM pp; s/r: the rows of a microbatch sen
 gradient.) Every exchange `|...|` is one `batch_isend_irecv` on each side, and the k-th exchange of a rank
 matches the k-th exchange of each of its peers op for op (rows of microbatch k, gradient of k-1), so the p2p
 ops cannot deadlock under gloo or NCCL (a send never waits on a receive its peer posts only later). An exchange
-with a receive is waited for before the computation that needs it; the first one (rows of microbatch 0 only)
+with a receive is waited for (with every earlier one) before the computation that needs it; the first one (rows of microbatch 0 only)
 is not, so the encoder goes on to microbatch 1 at once; every send is complete when the step returns.
 Not overlapped: the encoder's first forward (the LLM waits for it), the LLM's last step (the encoder waits for
 its gradient), the encoder's last backward, and the metrics sent at the end (relay.send_results).
@@ -32,7 +32,8 @@ from automodel_mimo.mimo.relay import Ranges, Relay
 class Trace:
     """What a rank did in the last step, in order: (kind, microbatch, start, end), monotonic seconds. Kinds:
     encoder ranks `forward`, `wait` (for rows to go / a gradient to arrive), `backward`; LLM ranks `wait`,
-    `step`. `sync_cuda` makes each wait end when the GPU has the data (for measuring; NCCL waits are async)."""
+    `step`. `sync_cuda` (for measuring: NCCL waits do not block the host) synchronizes the GPU before a wait
+starts and before it ends, so a wait lasts until the data is on the GPU and excludes queued compute."""
 
     def __init__(self, sync_cuda: bool = False):
         self.events: list[tuple[str, int, float, float]] = []
@@ -40,9 +41,12 @@ class Trace:
 
     @contextmanager
     def span(self, kind: str, k: int):
+        sync = kind == "wait" and self.sync_cuda and torch.cuda.is_available()
+        if sync:  # the compute queued before the wait is not waiting
+            torch.cuda.synchronize()
         start = time.monotonic()
         yield
-        if kind == "wait" and self.sync_cuda and torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
         self.events.append((kind, k, start, time.monotonic()))
 
