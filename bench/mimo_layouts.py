@@ -15,7 +15,8 @@ feasible homogeneous one.
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8 --encoder-only
       # the vision module alone per layout: wall, host and kernel time
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --noncolocated   # encoder and LLM on disjoint
-      # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one
+      # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one,
+      # and per non-colocated layout the share of the step its encoder / LLM ranks wait for each other
 """
 
 from __future__ import annotations
@@ -172,6 +173,15 @@ def encoder_times(model: MimoHandle, spec: dict, device: torch.device, args) -> 
     return out
 
 
+def idle_fractions(model: MimoHandle, idle: float) -> dict:
+    """Non-colocated: the mean share of the step each module's ranks spent waiting in the cross-module
+    exchanges (mimo/cross_schedule.py: for rows or gradients to arrive, for the last sends to complete)."""
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (model.on_language, idle))
+    mean = {side: statistics.mean(f for on_language, f in per_rank if on_language == side) for side in (False, True)}
+    return {"encoder_idle_fraction": round(mean[False], 3), "llm_idle_fraction": round(mean[True], 3)}
+
+
 def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args) -> dict:
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
     placeholder = spec["llm"]["vocab_size"] - 1
@@ -194,7 +204,8 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
     if args.encoder_only:
         out = encoder_times(model, spec, device, args)
     else:
-        times = []
+        model.schedule_trace.sync_cuda = True  # non-colocated waits end when the GPU has the data
+        times, waits = [], []
         for step in range(args.warmup + args.steps):
             sync(device)
             t0 = time.perf_counter()
@@ -202,9 +213,12 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
             sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
+                waits.append(model.schedule_trace.seconds("wait"))
         step_s = statistics.median(times)
         out = {"step_s": round(step_s, 4), "samples_per_s": round(spec["global_batch"] / step_s, 3),
                "loss": round(metrics["loss"], 4), "microbatches_per_rank": len(batch), "microbatch_rows": micro}
+        if not model.colocated:
+            out.update(idle_fractions(model, sum(waits) / sum(times)))
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     model.destroy()

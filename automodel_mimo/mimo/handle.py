@@ -29,7 +29,8 @@ stage), then the encoder's backward from the gradient the first stage captured a
 Non-colocated layouts (`mimo.layout.<module>.offset`, disjoint rank ranges): a rank holds the encoder (+ projector)
 or the LLM. The same data mapping, but the bridge is a `Relay` (mimo/relay.py): encoder ranks encode and send their
 rows point-to-point, LLM ranks receive them as leaves, run the LLM as above and send the leaves' gradients and their
-results (metrics, logprobs, next tokens) back, so every method returns on encoder ranks what callers expect for
+results (metrics, logprobs, next tokens) back (a training step: one micro batch at a time, the encoder one ahead of
+the LLM, mimo/cross_schedule.py), so every method returns on encoder ranks what callers expect for
 the rows those ranks stand for (`language_row_range`).
 """
 
@@ -53,6 +54,7 @@ from automodel_mimo.distributed.mesh import grid_expert_view
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.losses import IGNORE_INDEX
 from automodel_mimo.mimo.bridge import Bridge, sum_grad_over_cp
+from automodel_mimo.mimo.cross_schedule import Trace, encoder_1f1b, language_1f1b
 from automodel_mimo.mimo.modules import VisionModule, vision_tp_plan
 from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, image_embeddings
 from automodel_mimo.mimo.relay import Relay
@@ -143,6 +145,7 @@ class MimoHandle(Handle):
                        Relay(self.grids[self.encoder_name].spec, self.grids[LANGUAGE].spec, language.config.hidden_size, device))
         self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
         self._config, self.driver, self._received = language.config, None, []
+        self.schedule_trace = Trace()  # non-colocated: the last training step's cross-module schedule, in order
         if not self.on_language:
             return
         if self.language_state.pp_size == 1:
@@ -328,11 +331,13 @@ class MimoHandle(Handle):
         """Logits of this rank's LLM rows (sharded over cp when cp > 1) and the LLM batch shard they belong to."""
         return self._language_forward(self.loss_view(mb), self._bridged_rows([mb])[0] if rows is None else rows)
 
-    def _stage_batches(self, microbatches: list[dict], views: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
+    def _stage_batches(self, microbatches: list[dict], views: list[dict],
+                       rows: list[torch.Tensor] | None = None) -> tuple[list[dict], list[torch.Tensor]]:
         """Phase 1 under LLM pp: per microbatch, the LLM's batch shard with its image embeddings (cp-sharded like
-        the ids, detached: the pipeline's input) and those embeddings still attached to the encoder's graph."""
+        the ids, detached: the pipeline's input) and those embeddings still attached to the encoder's graph
+        (`rows`: the microbatches' encoder rows when already at hand, e.g. received by the cross-module schedule)."""
         state, attached, batches = self.language_state, [], []
-        for view, rows in zip(views, self._bridged_rows(microbatches)):
+        for view, rows in zip(views, self._bridged_rows(microbatches) if rows is None else rows):
             dense = image_embeddings(view["input_ids"], rows, self.placeholder_id)
             local = shard_batch({**view, "inputs_embeds": dense}, state.cp_size, state.cp_rank)
             attached.append(local.pop("inputs_embeds"))
@@ -346,30 +351,66 @@ class MimoHandle(Handle):
         self.train()
         metrics = []
         microbatches = self._equalized(self._balanced(microbatches))  # an MoE LLM: token -> sequence maps
-        if not self.on_language:  # the LLM slots' per-microbatch metrics
-            return [m for slot in self._encoder_only(microbatches, train=True) for m in slot]
-        self._received = []
+        if not self.colocated:  # the cross-module 1F1B schedule (mimo/cross_schedule.py)
+            return self._language_1f1b(microbatches, loss_fn, temperature) if self.on_language else \
+                self._encoder_1f1b(microbatches)
         if self.driver is not None:
-            return self._relay_back(self._pipelined_forward_backward(microbatches, loss_fn, temperature), grads=True)
-        received = None if self.colocated else self._bridged_rows(microbatches)  # every microbatch's rows at once
+            return self._pipelined_forward_backward(microbatches, loss_fn, temperature)
         for i, mb in enumerate(microbatches):
             self.set_gradient_sync(i == len(microbatches) - 1)
-            logits, shard = self._forward(mb, None if received is None else received[i])
+            logits, shard = self._forward(mb)
             loss, m = loss_fn(*whole_rows(logits, shard, temperature, self.cp_group))
             loss.backward()
             metrics.append(m)
-        return self._relay_back(metrics, grads=True)
+        return metrics
 
     # ------------------------------------------------------------ non-colocated: the two sides of the relay
-    def _relay_back(self, result, grads: bool = False):
-        """An LLM rank of a non-colocated layout: the received rows' gradients back to the encoder ranks (after
-        the backward), then `result` (metrics, logprobs, next tokens) to them; unchanged `result`."""
+    def _language_1f1b(self, microbatches: list[dict], loss_fn, temperature: float) -> list[dict]:
+        """An LLM rank's training step: each microbatch runs once its rows arrive (under pp: one schedule step of
+        the LLM's pipeline), its rows' gradient goes back at once (cross_schedule.py); then the metrics."""
+        metrics, n = [], len(microbatches)
+
+        def step(k: int, received: torch.Tensor) -> torch.Tensor:
+            leaf = received.requires_grad_(True)
+            # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
+            rows = sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None else leaf
+            if self.driver is not None:
+                metrics.extend(self._pipelined_forward_backward([microbatches[k]], loss_fn, temperature, [rows]))
+            else:
+                self.set_gradient_sync(k == n - 1)
+                logits, shard = self._forward(microbatches[k], rows)
+                loss, m = loss_fn(*whole_rows(logits, shard, temperature, self.cp_group))
+                loss.backward()
+                metrics.append(m)
+            return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+        self.schedule_trace = Trace(self.schedule_trace.sync_cuda)
+        language_1f1b(self.bridge, [self._slot_ranges(mb) for mb in microbatches], step, self.schedule_trace)
+        self.bridge.send_results(_portable(metrics))
+        return metrics
+
+    def _encoder_1f1b(self, microbatches: list[dict]) -> list[dict]:
+        """An encoder rank's training step: forward one microbatch ahead of the LLM, backward each as its gradient
+        comes back (cross_schedule.py), the FSDP reduction in the last backward; the LLM slots' metrics."""
+        parts = [p for p in self.module_parts[self.encoder_name] if isinstance(p, FSDPModule)]
+
+        def backward(k: int, rows: torch.Tensor, grad: torch.Tensor) -> None:
+            for part in parts:
+                part.set_requires_gradient_sync(k == len(microbatches) - 1)
+            torch.autograd.backward(rows, grad.to(rows.dtype))
+
+        self.schedule_trace = Trace(self.schedule_trace.sync_cuda)
+        encoder_1f1b(self.bridge, [self._slot_ranges(mb) for mb in microbatches],
+                     lambda k: self._encoded([microbatches[k]])[0], backward, self.schedule_trace)
+        results = self.bridge.recv_results()
+        return [m for slot in (results if self.bridge.slot == 0 else [_emptied(r) for r in results]) for m in slot]
+
+    def _relay_back(self, result):
+        """An LLM rank of a non-colocated layout, after an inference pass: `result` (logprobs, next tokens) to the
+        encoder ranks; unchanged `result`. (A training step sends its gradients and metrics in _language_1f1b.)"""
         if self.colocated:
             return result
-        received, self._received = self._received, []
-        if grads:
-            self.bridge.send_grads([r for r, _ in received],
-                                   [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in received])
+        self._received = []
         self.bridge.send_results(_portable(result))
         return result
 
@@ -389,13 +430,15 @@ class MimoHandle(Handle):
         results = self.bridge.recv_results()
         return results if self.bridge.slot == 0 else [_emptied(r) for r in results]
 
-    def _pipelined_forward_backward(self, microbatches: list[dict], loss_fn, temperature: float) -> list[dict]:
+    def _pipelined_forward_backward(self, microbatches: list[dict], loss_fn, temperature: float,
+                                    rows: list[torch.Tensor] | None = None) -> list[dict]:
         """The three phases (mimo/pipeline.py). Only the last stage computes losses (pre-divided by the global
-        token count every rank took from the data); the metrics are broadcast to every stage by the driver."""
+        token count every rank took from the data); the metrics are broadcast to every stage by the driver.
+        `rows`: received encoder rows (non-colocated: one microbatch at a time, phase 3 ends at the leaf)."""
         for part in self.module_parts.get(self.encoder_name, []):  # the encoder's one backward reduces its gradients
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(True)
-        batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches])
+        batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches], rows)
         with cp_attention(self.cp_group):
             metrics, grads = self.driver.forward_backward_with_input_grads(
                 batches, lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))

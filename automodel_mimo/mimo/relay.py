@@ -18,9 +18,8 @@ tp = cp = 0 and, under LLM pp, the first stage):
             stage) -> every rank of the encoder block (each tp rank runs the encoder's backward);
   results:  the LLM block's lead -> every rank of every encoder block of the coarse block, as one object
             (metrics, logprobs, next tokens), so encoder ranks return what the callers expect.
-Schedule (simple, no overlap): encoder forward on all microbatches' images, every row sent; the LLM receives
-all of them, runs its microbatches (or its pipeline schedule), sends every gradient back; the encoder runs one
-backward. Transfers are fp32, zero-size pieces are skipped (both sides know every size from the batch).
+Training steps run one microbatch at a time in a 1F1B order across the modules (mimo/cross_schedule.py, from
+the per-microbatch ops below); inference (logprobs, next tokens) sends every microbatch's rows at once. Transfers are fp32, zero-size pieces are skipped (both sides know every size from the batch).
 """
 
 from __future__ import annotations
@@ -100,28 +99,48 @@ class Relay:
         return self._recv(ranges, mine=0, source=lambda i, j: self._language_ranks(j)[0])
 
     def _send(self, ranges: list[Ranges], tensors: list[torch.Tensor], mine: int, to) -> None:
-        if not self._is_lead():
-            return
-        ops = []
-        for r, tensor in zip(ranges, tensors):
-            start = r[mine][self.slot].start
-            for i, j, lo, hi in pieces(r):
-                if (i, j)[mine] == self.slot:
-                    piece = tensor[lo - start:hi - start].detach().to(self.device, torch.float32).contiguous()
-                    ops += [dist.P2POp(dist.isend, piece, peer) for peer in to((j, i)[mine])]
-        _run(ops)
+        _run([op for r, tensor in zip(ranges, tensors) for op in self._send_ops(r, tensor, mine, to)])
 
     def _recv(self, ranges: list[Ranges], mine: int, source) -> list[torch.Tensor]:
         ops, out = [], []
         for r in ranges:
-            own = r[mine][self.slot]
-            buffer = self._buffer(len(own))
-            for i, j, lo, hi in pieces(r):
-                if (i, j)[mine] == self.slot:
-                    ops.append(dist.P2POp(dist.irecv, buffer[lo - own.start:hi - own.start], source(i, j)))
+            more, buffer = self._recv_ops(r, mine, source)
+            ops += more
             out.append(buffer)
         _run(ops)
         return out
+
+    # ---------------------------------------------------------------- one microbatch's ops (cross_schedule.py)
+    def row_send_ops(self, r: Ranges, rows: torch.Tensor) -> list[dist.P2POp]:
+        return self._send_ops(r, rows, 0, self._language_ranks)
+
+    def row_recv_ops(self, r: Ranges) -> tuple[list[dist.P2POp], torch.Tensor]:
+        return self._recv_ops(r, 1, lambda i, j: self._encoder_ranks(i)[0])
+
+    def grad_send_ops(self, r: Ranges, grad: torch.Tensor) -> list[dist.P2POp]:
+        return self._send_ops(r, grad, 1, self._encoder_ranks)
+
+    def grad_recv_ops(self, r: Ranges) -> tuple[list[dist.P2POp], torch.Tensor]:
+        return self._recv_ops(r, 0, lambda i, j: self._language_ranks(j)[0])
+
+    def _send_ops(self, r: Ranges, tensor: torch.Tensor, mine: int, to) -> list[dist.P2POp]:
+        """The lead's sends of one microbatch's pieces (`tensor` starts at its slot's range); none elsewhere."""
+        if not self._is_lead():
+            return []
+        ops, start = [], r[mine][self.slot].start
+        for i, j, lo, hi in pieces(r):
+            if (i, j)[mine] == self.slot:
+                piece = tensor[lo - start:hi - start].detach().to(self.device, torch.float32).contiguous()
+                ops += [dist.P2POp(dist.isend, piece, peer) for peer in to((j, i)[mine])]
+        return ops
+
+    def _recv_ops(self, r: Ranges, mine: int, source) -> tuple[list[dist.P2POp], torch.Tensor]:
+        """The receives of one microbatch's pieces into one [rows of this slot, hidden] fp32 buffer."""
+        own = r[mine][self.slot]
+        buffer = self._buffer(len(own))
+        ops = [dist.P2POp(dist.irecv, buffer[lo - own.start:hi - own.start], source(i, j))
+               for i, j, lo, hi in pieces(r) if (i, j)[mine] == self.slot]
+        return ops, buffer
 
     # ---------------------------------------------------------------- results to the encoder ranks
     def send_results(self, result) -> None:
