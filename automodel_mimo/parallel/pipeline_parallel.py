@@ -77,9 +77,8 @@ class PPLossAdapter:
         self.metrics: dict[int, dict] = {}  # by first row id: a repeated call cannot double count
 
     def __call__(self, output: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        mb = {k: v[row_ids] for k, v in self.batch.items()}
-        loss, metrics = self.loss_fn(output, mb)
-        self.metrics[int(row_ids[0])] = metrics
+        loss, metrics = self.loss_fn(output, _rows(self.batch, row_ids))
+        self.metrics[int(row_ids[0])] = metrics  # row ids live on the host: reading one is no device sync
         return loss
 
 
@@ -92,14 +91,22 @@ class LastStageCapture:
         self.rows: dict[int, torch.Tensor] = {}
 
     def __call__(self, output: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        mb = {k: v[row_ids] for k, v in self.batch.items()}
-        values = self.capture_fn(output, mb)
+        values = self.capture_fn(output, _rows(self.batch, row_ids))
         for i, row in enumerate(row_ids.tolist()):
             self.rows[row] = values[i]
         return output.new_zeros(())
 
     def stacked(self, n_rows: int) -> torch.Tensor:
         return torch.stack([self.rows[r] for r in range(n_rows)])
+
+
+def _rows(batch: dict, row_ids: torch.Tensor) -> dict:
+    """The rows `row_ids` (a host tensor) of every side-data tensor, wherever it lives."""
+    on = {}
+    for k, v in batch.items():
+        if v.device not in on:
+            on[v.device] = row_ids.to(v.device, non_blocking=True)
+    return {k: v[on[v.device]] for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- batches
@@ -179,7 +186,9 @@ class PipelineDriver:
 
     def _padded(self, chunk: dict) -> dict:
         chunk = pad_rows(chunk, self.rows_per_step, self.pad_id)
-        chunk[ROW_IDS] = torch.arange(self.rows_per_step, device=self.device)
+        # on the host: the loss adapter keys metrics by the first row id, and reading a device value would
+        # stall the schedule on a sync at every pipeline microbatch
+        chunk[ROW_IDS] = torch.arange(self.rows_per_step)
         return chunk
 
     def _equalized(self, chunks: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
