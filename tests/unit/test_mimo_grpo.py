@@ -41,6 +41,17 @@ PACKED_SIZE = 48
 METRICS = ("kl", "gen_kl_error", "pg_loss", "entropy")
 
 
+def moved_policy(model, micro: int) -> Policy:
+    """A Policy whose reference is the initial weights, then the weights x1.05: the KL and ratio terms are live."""
+    policy = Policy(model, train_config("sgd", 0.0, ROWS, micro))
+    policy.init_reference()
+    model.reshard()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    return policy
+
+
 def rollout_rows(seed: int = 3) -> list[dict]:
     """MIMO rows (images, placeholders, a response) as grpo.sample_rows makes them: the generator's logprobs
     on the response tokens, an advantage per row (rows 1 and 3 have no response token)."""
@@ -110,12 +121,7 @@ def _layout_steps(rows: list[dict]) -> dict:
             encoders, llm = build_modules(packed=packed or layout["language"].get("cp", 1) > 1)
             model = MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=ROWS,
                                grids=grids)
-            policy = Policy(model, train_config("sgd", 0.0, ROWS, micro))
-            policy.init_reference()
-            model.reshard()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1.05)
+            policy = moved_policy(model, micro)
             builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple,
                                         packed_size=PACKED_SIZE if packed else None, rows_multiple=model.rows_multiple())
             microbatches = builder.build(local_slice(rows, *model.data_block()), micro)

@@ -21,7 +21,7 @@ from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, build_modules,
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import full_grads, full_params, train_config
 from tests.unit.test_mimo_grpo import (
-    LOSSES, METRICS, ROWS, TEMPERATURE, _assert_step_close, _close, reference_grpo_steps, rollout_rows)
+    LOSSES, METRICS, ROWS, TEMPERATURE, _assert_step_close, _close, moved_policy, reference_grpo_steps, rollout_rows)
 
 CPU = torch.device("cpu")
 BUCKET_BYTES = 16 << 10  # many buckets per group
@@ -52,12 +52,7 @@ def _grpo_steps(rows: list[dict], layout: dict, micro: int, losses: list[str]) -
     for loss_name in losses:
         cfg = LOSSES[loss_name]
         model = _handle(layout, micro, grids)
-        policy = Policy(model, train_config("sgd", 0.0, ROWS, micro))
-        policy.init_reference()
-        model.reshard()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1.05)
+        policy = moved_policy(model, micro)
         metrics = grpo_forward_backward(policy, _microbatches(model, rows, micro), cfg, TEMPERATURE)
         grads = full_grads(model.named_parameters())
         metrics.update(policy.optimizer_step())
