@@ -96,7 +96,7 @@ def test_mimo_config_validation(tmp_path):
         ("mimo.layout.vision={dp: 2, pp: 2}",): "mimo.layout.vision.pp=2: encoders are not pipelined",
         ("mimo.layout.language={pp: 2, dp: 2}", "train.micro_batch_size=1"): "1 pipeline microbatches, fewer than "
                                                                           "mimo.layout.language.pp=2",
-        ("mimo.layout.language.ep=2",): "unknown dims",
+        ("mimo.layout.vision.ep=2",): "unknown dims",  # experts belong to the language model only
         ("mimo.layout={vision: {dp: 4}}",): "expected ['language', 'vision']",
         (fan_out, "train.micro_batch_size=1"): "multiple of the dp ratio 2",
         ("train.global_batch_size=7",): "global_batch_size=7 is not divisible by mimo.layout.language.dp=2",
