@@ -102,7 +102,9 @@ def _preflight(cfg) -> None:
     check_data_files(cfg)
     check_resume_required(cfg)
     p = cfg.parallel
-    facts = None if cfg.mimo.layout or cfg.model.tokenizer else quick_facts(cfg.model)
+    # a dpo.reference folder is compared with the model's full HF config (transformers' defaults included)
+    slow = cfg.mimo.layout or cfg.model.tokenizer or _reference_folder(cfg)
+    facts = None if slow else quick_facts(cfg.model)
     if facts is None:  # transformers reads the config (and the tokenizer)
         facts = _model_config(cfg)
     elif not cfg.model.pretrained:
@@ -129,7 +131,27 @@ def _model_config(cfg):
 
         check_mimo(cfg, tokenizer, hf_config)
         hf_config = getattr(hf_config, "text_config", hf_config)  # a LLaVA folder: its LLM
+    elif _reference_folder(cfg):
+        _check_lm_reference(cfg.dpo.reference, hf_config)
     return hf_config
+
+
+def _reference_folder(cfg) -> bool:
+    return cfg.algo == "dpo" and cfg.dpo.reference != "initial"
+
+
+def _check_lm_reference(path: str, hf_config) -> None:
+    """dpo.reference=<folder> of a causal LM: a loadable config whose model has the run's parameter shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from automodel_mimo.models.reference_shapes import check_reference_shapes
+
+    try:
+        reference = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserInputError(f"dpo.reference={path}: cannot load its config ({detail})") from None
+    check_reference_shapes("dpo.reference", path, reference, hf_config, AutoModelForCausalLM.from_config)
 
 
 def _check_vocab(vocab_size: int | None) -> None:

@@ -144,7 +144,7 @@ class MimoHandle(Handle):
         self.bridge = (Bridge(self.grids[self.encoder_name], self.grids[LANGUAGE]) if self.colocated else
                        Relay(self.grids[self.encoder_name].spec, self.grids[LANGUAGE].spec, language.config.hidden_size, device))
         self.device, self.placeholder_id, self.tokens_per_image, self.pad_id = device, placeholder_id, tokens_per_image, pad_id
-        self._config, self.driver, self._received = language.config, None, []
+        self._config, self.driver = language.config, None
         self.schedule_trace = Trace()  # non-colocated: the last training step's cross-module schedule, in order
         if not self.on_language:
             return
@@ -299,21 +299,13 @@ class MimoHandle(Handle):
     def _bridged_rows(self, microbatches: list[dict]) -> list[torch.Tensor]:
         """This rank's LLM rows' encoder rows of each microbatch (batch-major): one encoder pass over this rank's
         images of all of them (one FSDP forward and, later, one backward), then the bridge per microbatch.
-        Non-colocated: received from the encoder ranks, as leaves whose gradients go back after the backward."""
+        Non-colocated (inference only: a training step receives its rows in `_language_1f1b`): received from
+        the encoder ranks."""
         if not self.colocated:
-            return self._received_rows(microbatches)
+            assert not torch.is_grad_enabled(), "a non-colocated training step receives its rows in _language_1f1b"
+            return self.bridge.recv_rows([self._slot_ranges(mb) for mb in microbatches])
         shares = [self._encoder_images(mb["image_counts"].tolist()) for mb in microbatches]
         return [self.bridge(rows, slot_rows) for rows, (_, slot_rows) in zip(self._encoded(microbatches), shares)]
-
-    def _received_rows(self, microbatches: list[dict]) -> list[torch.Tensor]:
-        ranges = [self._slot_ranges(mb) for mb in microbatches]
-        out = []
-        for r, rows in zip(ranges, self.bridge.recv_rows(ranges)):
-            leaf = rows.requires_grad_(torch.is_grad_enabled())
-            self._received.append((r, leaf))
-            # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
-            out.append(sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None and leaf.requires_grad else leaf)
-        return out
 
     def _encoded(self, microbatches: list[dict]) -> list[torch.Tensor]:
         """This rank's encoder slot's rows of each microbatch, [rows, llm hidden] (one encoder pass)."""
@@ -410,23 +402,13 @@ class MimoHandle(Handle):
         encoder ranks; unchanged `result`. (A training step sends its gradients and metrics in _language_1f1b.)"""
         if self.colocated:
             return result
-        self._received = []
         self.bridge.send_results(_portable(result))
         return result
 
-    def _encoder_only(self, microbatches: list[dict], train: bool) -> list:
-        """An encoder rank of a non-colocated layout: encode this slot's images of every microbatch, send the rows,
-        (train) run one backward from the gradients that come back; the LLM slots' results, in slot order."""
-        ranges = [self._slot_ranges(mb) for mb in microbatches]
-        with torch.set_grad_enabled(train):
-            rows = self._encoded(microbatches)
-        self.bridge.send_rows(ranges, rows)
-        if train:
-            for part in self.module_parts[self.encoder_name]:  # one backward: it reduces the gradients
-                if isinstance(part, FSDPModule):
-                    part.set_requires_gradient_sync(True)
-            grads = self.bridge.recv_grads(ranges)
-            torch.autograd.backward(torch.cat(rows), torch.cat(grads).to(rows[0].dtype))
+    def _encoder_only(self, microbatches: list[dict]) -> list:
+        """An encoder rank of a non-colocated layout, in an inference pass: encode this slot's images of every
+        microbatch, send the rows; the LLM slots' results, in slot order."""
+        self.bridge.send_rows([self._slot_ranges(mb) for mb in microbatches], self._encoded(microbatches))
         results = self.bridge.recv_results()
         return results if self.bridge.slot == 0 else [_emptied(r) for r in results]
 
@@ -460,11 +442,10 @@ class MimoHandle(Handle):
         out = []
         microbatches = self._equalized(list(microbatches))
         if not self.on_language:
-            out = [torch.cat(parts).to(self.device) for parts in zip(*self._encoder_only(microbatches, train=False))]
+            out = [torch.cat(parts).to(self.device) for parts in zip(*self._encoder_only(microbatches))]
             self.reshard()
             self.train()
             return out[:n]
-        self._received = []
         for mb in microbatches:
             if self.driver is not None:
                 view = self.loss_view(mb)
@@ -489,8 +470,7 @@ class MimoHandle(Handle):
         mb = {**text, **{k: batch[k] for k in IMAGE_KEYS}}
         rows = self.generation_rows(batch["input_ids"].shape[0])
         if not self.on_language:
-            return torch.cat(self._encoder_only([mb], train=False)).to(self.device)
-        self._received = []
+            return torch.cat(self._encoder_only([mb])).to(self.device)
 
         def pick(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             last = self.logits_at(logits, positions)

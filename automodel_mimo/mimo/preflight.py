@@ -4,7 +4,8 @@ config/checks.py (validate_mimo) checks the config on its own (layout, batch div
 placeholder must be a token of the tokenizer, the encoder config must load, its rows per image must equal
 mimo.tokens_per_image, and the images must be preprocessed to the encoder's size. A model.pretrained must be a
 LLaVA folder with a special image token (the placeholder then); its vision config and feature selection replace
-mimo.encoder's.
+mimo.encoder's. A dpo.reference folder must be a LLaVA folder whose modules have the run's shapes
+(models/reference_shapes.py).
 Each failure is one UserInputError naming the key and the fix.
 """
 
@@ -57,6 +58,25 @@ def _check_llava_image_token(path: str, llava: PretrainedConfig, tokenizer: PreT
                              "tokenize into it; the LLaVA folder needs a special image token such as <image>")
 
 
+def built_llava_config(mimo, vision_config: PretrainedConfig, llm_config: PretrainedConfig) -> PretrainedConfig:
+    """The LLaVA config of a model built from mimo.encoder and model.config, as mimo/modules.py makes it."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(vision_config=vision_config.to_dict(), text_config=llm_config.to_dict(),
+                       vision_feature_layer=mimo.vision_feature_layer,
+                       vision_feature_select_strategy=mimo.vision_feature_select_strategy)
+
+
+def _check_reference(path: str, ours: PretrainedConfig) -> None:
+    """dpo.reference=<folder>: a LLaVA folder whose modules have the run's parameter shapes (`ours`: its config)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from automodel_mimo.mimo.llava import llava_config
+    from automodel_mimo.models.reference_shapes import check_reference_shapes
+
+    check_reference_shapes("dpo.reference", path, llava_config(path, "dpo.reference"), ours, LlavaForConditionalGeneration)
+
+
 def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: PretrainedConfig) -> None:
     m = cfg.mimo
     if m.placeholder_token != IMAGE:
@@ -85,9 +105,7 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
         raise UserInputError(f"data.image_size={cfg.data.image_size}, but the encoder takes {size}x{size} images; "
                              f"set data.image_size={size}")
     if cfg.algo == "dpo" and cfg.dpo.reference != "initial":  # the reference is read as the export is written
-        from automodel_mimo.mimo.llava import llava_config
-
-        llava_config(cfg.dpo.reference, "dpo.reference")
+        _check_reference(cfg.dpo.reference, llava if cfg.model.pretrained else built_llava_config(m, config, llm_config))
     vision_tp = m.layout[m.encoder_name].get("tp", 1)
     heads = getattr(config, "num_attention_heads", None)
     if vision_tp > 1 and heads is not None and heads % vision_tp:

@@ -19,7 +19,9 @@ tp = cp = 0 and, under LLM pp, the first stage):
   results:  the LLM block's lead -> every rank of every encoder block of the coarse block, as one object
             (metrics, logprobs, next tokens), so encoder ranks return what the callers expect.
 Training steps run one microbatch at a time in a 1F1B order across the modules (mimo/cross_schedule.py, from
-the per-microbatch ops below); inference (logprobs, next tokens) sends every microbatch's rows at once. Transfers are fp32, zero-size pieces are skipped (both sides know every size from the batch).
+the per-microbatch ops below); inference (logprobs, next tokens: no gradients) sends every microbatch's rows at
+once (send_rows / recv_rows). Transfers are fp32, zero-size pieces are skipped (both sides know every size from
+the batch).
 """
 
 from __future__ import annotations
@@ -81,35 +83,6 @@ class Relay:
     def _buffer(self, rows: int) -> torch.Tensor:
         return torch.zeros(rows, self.hidden, dtype=torch.float32, device=self.device)
 
-    # ---------------------------------------------------------------- rows forward, gradients back
-    def send_rows(self, ranges: list[Ranges], rows: list[torch.Tensor]) -> None:
-        """Encoder side: this slot's rows of each microbatch (starting at its range's start) to the LLM slots."""
-        self._send(ranges, rows, mine=0, to=self._language_ranks)
-
-    def recv_rows(self, ranges: list[Ranges]) -> list[torch.Tensor]:
-        """LLM side: this slot's rows of each microbatch, [rows, hidden] fp32."""
-        return self._recv(ranges, mine=1, source=lambda i, j: self._encoder_ranks(i)[0])
-
-    def send_grads(self, ranges: list[Ranges], grads: list[torch.Tensor]) -> None:
-        """LLM side (its lead sends): the gradient of each microbatch's received rows back to the encoder slots."""
-        self._send(ranges, grads, mine=1, to=self._encoder_ranks)
-
-    def recv_grads(self, ranges: list[Ranges]) -> list[torch.Tensor]:
-        """Encoder side: the gradient of this slot's rows of each microbatch."""
-        return self._recv(ranges, mine=0, source=lambda i, j: self._language_ranks(j)[0])
-
-    def _send(self, ranges: list[Ranges], tensors: list[torch.Tensor], mine: int, to) -> None:
-        _run([op for r, tensor in zip(ranges, tensors) for op in self._send_ops(r, tensor, mine, to)])
-
-    def _recv(self, ranges: list[Ranges], mine: int, source) -> list[torch.Tensor]:
-        ops, out = [], []
-        for r in ranges:
-            more, buffer = self._recv_ops(r, mine, source)
-            ops += more
-            out.append(buffer)
-        _run(ops)
-        return out
-
     # ---------------------------------------------------------------- one microbatch's ops (cross_schedule.py)
     def row_send_ops(self, r: Ranges, rows: torch.Tensor) -> list[dist.P2POp]:
         return self._send_ops(r, rows, 0, self._language_ranks)
@@ -122,6 +95,17 @@ class Relay:
 
     def grad_recv_ops(self, r: Ranges) -> tuple[list[dist.P2POp], torch.Tensor]:
         return self._recv_ops(r, 0, lambda i, j: self._language_ranks(j)[0])
+
+    # ---------------------------------------------------------------- every microbatch's rows at once (inference)
+    def send_rows(self, ranges: list[Ranges], rows: list[torch.Tensor]) -> None:
+        """Encoder side: this slot's rows of each microbatch (starting at its range's start) to the LLM slots."""
+        _run([op for r, tensor in zip(ranges, rows) for op in self.row_send_ops(r, tensor)])
+
+    def recv_rows(self, ranges: list[Ranges]) -> list[torch.Tensor]:
+        """LLM side: this slot's rows of each microbatch, [rows, hidden] fp32."""
+        posted = [self.row_recv_ops(r) for r in ranges]
+        _run([op for ops, _ in posted for op in ops])
+        return [buffer for _, buffer in posted]
 
     def _send_ops(self, r: Ranges, tensor: torch.Tensor, mine: int, to) -> list[dist.P2POp]:
         """The lead's sends of one microbatch's pieces (`tensor` starts at its slot's range); none elsewhere."""

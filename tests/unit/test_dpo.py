@@ -134,17 +134,23 @@ def test_packed_cp2_run_matches_the_padded_dp2_run(short_run, tmp_path):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
-def test_reference_from_an_hf_directory(tmp_path):
-    """dpo.reference=<dir>: another model's weights are the reference (rewards are non-zero at step 1)."""
+def _reference_folder(path, **sizes):
+    """A tiny Llama folder written by transformers (random weights), the TINY run's shapes unless `sizes` say."""
     from transformers import AutoModelForCausalLM
 
     from automodel_mimo.config import ModelConfig
     from automodel_mimo.models.build import build_hf_config
 
-    config = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    config = {**dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False), **sizes}
     hf_config = build_hf_config(ModelConfig(config=config), build_default_tokenizer())
-    AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp_path / "ref")
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+    return path
+
+
+def test_reference_from_an_hf_directory(tmp_path):
+    """dpo.reference=<dir>: another model's weights are the reference (rewards are non-zero at step 1)."""
+    _reference_folder(tmp_path / "ref")
     out = tmp_path / "run"
     r = run_cli("dpo", *TINY, f"output_dir={out}", f"dpo.reference={tmp_path / 'ref'}", "dpo.warmup_sft_steps=0",
                 "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",  # the reference's shape
@@ -152,3 +158,22 @@ def test_reference_from_an_hf_directory(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     first = [row for row in metrics(out) if "loss" in row][0]
     assert abs(first["chosen_reward"]) > 1e-2
+
+
+def test_a_reference_of_another_shape_is_one_line_before_any_rank_starts(tmp_path):
+    """dpo.reference=<dir> whose model has other parameter shapes (hidden size, layers, vocabulary): one line naming
+    dpo.reference and the fields, exit 2, no output written; with the run's shapes the same check passes."""
+    from automodel_mimo.cli import _preflight
+
+    heads = ["model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]  # the folder's
+    ref = _reference_folder(tmp_path / "ref", num_hidden_layers=3, vocab_size=1024)
+    r = run_cli("dpo", *TINY, *heads, f"output_dir={tmp_path / 'out'}", f"dpo.reference={ref}", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: dpo.reference={ref}: num_hidden_layers 3 != model's 2; vocab_size 1024 != "
+                               "model's "), r.stderr
+    assert not (tmp_path / "out").exists()
+    wide = _reference_folder(tmp_path / "wide", hidden_size=64)
+    r = run_cli("dpo", *TINY, *heads, f"output_dir={tmp_path / 'out'}", f"dpo.reference={wide}", timeout=120)
+    assert r.returncode == 2 and "hidden_size 64 != model's 32" in r.stderr, r.stderr
+    same = _reference_folder(tmp_path / "same")
+    _preflight(load_config("dpo", None, [*TINY, *heads, f"dpo.reference={same}"]))  # no error

@@ -186,3 +186,23 @@ def test_mimo_dpo_config_errors_are_one_line(tmp_path, overrides, expected):
     assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_of_another_shape_is_one_line_before_any_rank_starts(tmp_path):
+    """dpo.reference=<LLaVA folder> whose modules have other shapes than the run's (its LLM's hidden size, its
+    tower's width and depth): one line naming dpo.reference and the fields, exit 2, nothing written; a folder with
+    the run's shapes passes the same check."""
+    from automodel_mimo.cli import _preflight
+    from tests.unit.test_mimo_llava import _llava_folder
+
+    ref = _llava_folder(tmp_path / "ref")  # LLM hidden 64, tower hidden 48 x 3 layers (the default: 128, 64 x 2)
+    r = run_cli("dpo", *CONFIG, f"output_dir={tmp_path / 'out'}", f"dpo.reference={ref}", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: dpo.reference={ref}: text_config.hidden_size 64 != model's 128; "), r.stderr
+    for field in ("vision_config.hidden_size 48 != model's 64", "vision_config.num_hidden_layers 3 != model's 2"):
+        assert field in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    same = _llava_folder(tmp_path / "same", vocab_multiple=1)
+    _preflight(load_config("dpo", str(ROOT / "configs/mimo_dpo_tiny.yaml"), [
+        f"dpo.reference={same}", "model.config.hidden_size=64", "model.config.intermediate_size=128",
+        "mimo.encoder.hidden_size=48", "mimo.encoder.intermediate_size=96", "mimo.encoder.num_hidden_layers=3"]))

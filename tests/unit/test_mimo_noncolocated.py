@@ -6,7 +6,7 @@ text-only and image rows with non-uniform loss masks, on every rank (encoder ran
 from the LLM ranks). Layouts: vision dp2 on ranks 0-1 + language tp2 on ranks 2-3 (fan-in), vision dp1 + language
 pp2 on 3 ranks, vision dp2 + language cp2 packed (fan-in), vision dp1 + language dp2 on 3 ranks (fan-out), vision
 tp2 + language dp2 on 4 ranks (fan-out from a tensor-parallel encoder), language dp2 on ranks 0-1 + vision dp1 on
-rank 2 (the LLM first). Also: logprobs and greedy generation on every rank equal the single process's; a non-colocated checkpoint
+rank 2 (the LLM first), vision dp1 + language pp2 x dp2 on 5 ranks (fan-out into a pipelined LLM; slow). Also: logprobs and greedy generation on every rank equal the single process's; a non-colocated checkpoint
 resumes under a colocated layout and back; bad placements fail with one line before any group exists."""
 
 import pytest
@@ -34,6 +34,12 @@ THREE_RANKS = [
     ("vision-dp1+language-dp2-fan-out", {"vision": {"dp": 1}, "language": {"dp": 2, "offset": 1}}, 4, {}, False),
     # the LLM first: rank 0 (which logs) is an LLM rank, the encoder is the last rank
     ("language-dp2+vision-dp1-swapped", {"vision": {"dp": 1, "offset": 2}, "language": {"dp": 2}}, 4, {}, False),
+]
+# a pipelined LLM with dp: stage 0 on ranks 1-2, stage 1 on ranks 3-4; each LLM dp slot takes half of a
+# microbatch's rows (fan-out), each slot's lead (its first stage) receives its rows and sends their gradient back
+FIVE_RANKS = [
+    ("vision-dp1+language-pp2xdp2-fan-out", {"vision": {"dp": 1}, "language": {"pp": 2, "dp": 2, "offset": 1}}, 4, {},
+     False),
 ]
 
 
@@ -68,6 +74,12 @@ def reference():
 def test_noncolocated_oracle_four_ranks(reference):
     rows, ref = reference
     _check(run_ranks(_steps, 4, rows, FOUR_RANKS), FOUR_RANKS, ref)
+
+
+@pytest.mark.slow  # 5 ranks on 2 cores; tests/nightly/unit_slow.sh (the 3- and 4-rank oracles cover pp and fan-out in CI)
+def test_noncolocated_oracle_five_ranks_pipelined_llm_with_dp(reference):
+    rows, ref = reference
+    _check(run_ranks(_steps, 5, rows, FIVE_RANKS), FIVE_RANKS, ref)
 
 
 def _nan_step(rows: list[dict]) -> dict:
