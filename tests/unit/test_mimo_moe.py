@@ -45,8 +45,9 @@ LAYOUTS = [
     # one MoE layer per stage: the router metrics and the balance loss cross the stages (ep1: one rank per stage)
     ("vision dp2, language pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4),
 ]
-# 4 ranks: ep2 within each pipeline stage (dense dp2 per stage), fan-in from vision dp4; slow (~70 s)
-PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2, "ep": 2}}, 2)]
+# 4 ranks: ep2 within each pipeline stage (dense dp2, or cp2: sequence sums over cp), fan-in from vision dp4; slow
+PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2, "ep": 2}}, 2),
+                 ("vision dp4, language pp2 x cp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2, "ep": 2}}, 2)]
 
 
 def _pipeline(micro: int) -> dict:
