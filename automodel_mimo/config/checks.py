@@ -251,8 +251,8 @@ EXPERT_DIMS = ("ep", "etp")
 
 
 def _validate_mimo_experts(cfg: RunConfig, sizes: dict, colocated: bool) -> None:
-    """mimo.layout.language.ep: the language model's experts over its grid's expert view (as parallel.ep for an LM),
-    colocated and unpipelined so far."""
+    """mimo.layout.language.ep: the language model's experts over its grid's expert view (as parallel.ep for an LM;
+    under language pp, each stage's view), colocated so far."""
     from types import SimpleNamespace
 
     from automodel_mimo.models.facts import MOE_TYPES
@@ -269,8 +269,6 @@ def _validate_mimo_experts(cfg: RunConfig, sizes: dict, colocated: bool) -> None
              f"{', '.join(sorted(MOE_TYPES))}, with num_experts); set {key}.ep=1")
     _require(colocated, f"{key}.ep={p.ep}: expert parallelism under MIMO runs colocated layouts only so far (every module "
              f"spans all ranks, no offset); set {key}.ep=1 or drop the offsets")
-    _require(p.pp == 1, f"{key}.ep={p.ep} with {key}.pp={p.pp} is not supported under MIMO yet (the router metrics and "
-             f"balance loss are not carried through the MIMO pipeline); use pp=1 with ep")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:

@@ -172,6 +172,11 @@ class MimoHandle(Handle):
         """An MoE LLM's router metrics reduce over the LLM's grid."""
         return self.language_state
 
+    def step_metrics(self) -> dict:
+        """MoE router metrics, also summed (max for the imbalance) over the LLM's pipeline stages, which hold
+        different MoE layers (the LM path's `stage_group`; a MIMO handle's is None: the encoder is on every rank)."""
+        return {} if self.router is None else self.router.metrics(self.pp_group)
+
     @property
     def config(self):
         """The LLM's config (what generation and the export read)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from automodel_mimo.config import ModelConfig
 from automodel_mimo.data.batching import local_slice
@@ -41,7 +42,17 @@ LAYOUTS = [
     ("vision dp2, language dp2 ep2", {"vision": {"dp": 2}, "language": {"dp": 2, "ep": 2}}, 2),
     ("fan-out: vision tp2, language dp2 ep2", {"vision": {"tp": 2}, "language": {"dp": 2, "ep": 2}}, 2),
     ("fan-in: vision dp2, language cp2 ep2", {"vision": {"dp": 2}, "language": {"cp": 2, "ep": 2}}, 1),
+    # one MoE layer per stage: the router metrics and the balance loss cross the stages (ep1: one rank per stage)
+    ("vision dp2, language pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4),
 ]
+# 4 ranks: ep2 within each pipeline stage (dense dp2, or cp2: sequence sums over cp), fan-in from vision dp4; slow
+PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2, "ep": 2}}, 2),
+                 ("vision dp4, language pp2 x cp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2, "ep": 2}}, 2)]
+
+
+def _pipeline(micro: int) -> dict:
+    """The LLM's pipeline settings (mimo.layout.language.pp > 1): 1F1B, one row per pipeline microbatch."""
+    return {"schedule": "1f1b", "pp_microbatch_size": 1, "layers_per_stage": None, "seq_len": 64, "micro_batch_size": micro}
 
 
 def _modules(packed: bool = False):
@@ -74,26 +85,48 @@ def reference_step(rows: list[dict], optimizer: str, clip: float) -> dict:
     return {**step, "loss": float(nll), "moe_aux_loss": float(aux)}
 
 
-def _layout_steps(rows: list[dict]) -> dict:
+def _layout_steps(rows: list[dict], layouts: list) -> dict:
     results = {}
-    for name, layout, micro in LAYOUTS:
+    for name, layout, micro in layouts:
         grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH)
-        cp = layout["language"].get("cp", 1)
+        cp, pp = layout["language"].get("cp", 1), layout["language"].get("pp", 1)
         for optimizer, clip in OPTIMIZERS:
             encoders, llm = _modules(packed=cp > 1)
             model = MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH,
-                               grids=grids)
+                               grids=grids, pipeline=_pipeline(micro) if pp > 1 else None)
             policy = Policy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
-            builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple)
-            metrics = policy.sft_forward_backward(builder.build(local_slice(rows, *model.data_block()), micro))
+            builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple,
+                                        rows_multiple=model.rows_multiple())
+            microbatches = builder.build(local_slice(rows, *model.data_block()), micro)
+            metrics = policy.sft_forward_backward(microbatches)
             grads = to_hf_state(full_grads(model.named_parameters()))
             metrics.update(policy.optimizer_step())
             params = to_hf_state(full_params(model.named_parameters()))
             experts = next(p for n, p in model.named_parameters() if n.endswith("experts.down_projs"))
-            results[name, optimizer] = {**metrics, "local_experts": tuple(experts.to_local().shape),
-                                        **({"grads": grads, "params": params} if dist.get_rank() == 0 else {})}
+            experts = experts.to_local() if isinstance(experts, DTensor) else experts
+            keep = dist.get_rank() == 0 or pp > 1  # under pp each rank holds its stage's LLM part
+            results[name, optimizer] = {**metrics, "local_experts": tuple(experts.shape), "microbatches": len(microbatches),
+                                        **({"grads": grads, "params": params} if keep else {})}
             model.destroy()
     return results
+
+
+def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
+    """Every rank: loss, aux loss, grad norm, its expert shard; the gradients and post-step weights of every
+    module (under pp: each stage's LLM part from the rank holding it, with rank 0's encoder)."""
+    for name, layout, _ in layouts:
+        ep = layout["language"].get("ep", 1)
+        for optimizer, _ in OPTIMIZERS:
+            r, what = ref[optimizer], f"{name} {optimizer}"
+            for result in per_rank:
+                got = result[name, optimizer]
+                for key in ("loss", "moe_aux_loss", "grad_norm"):
+                    assert abs(got[key] - r[key]) <= TOL * r[key], (what, key, got[key], r[key])
+                assert got["skipped"] == 0 and got["local_experts"][0] == 4 // ep, (what, got["local_experts"])
+                assert got["microbatches"] >= 2, what  # gradient accumulation over microbatches
+            merged = {kind: {k: v for result in reversed(per_rank) for k, v in result[name, optimizer].get(kind, {}).items()}
+                      for kind in ("grads", "params")}
+            assert_step_close(merged, r, what)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +138,15 @@ def reference():
 def test_moe_language_model_under_ep2_matches_single_process(reference):
     rows, ref = reference
     assert ref["adamw"]["grad_norm"] > 0.5, "the clip must be active for the AdamW check to cover it"
-    per_rank = run_ranks(_layout_steps, 2, rows)
-    for name, _, _ in LAYOUTS:
-        for optimizer, _ in OPTIMIZERS:
-            r, what = ref[optimizer], f"{name} {optimizer}"
-            for result in per_rank:
-                got = result[name, optimizer]
-                for key in ("loss", "moe_aux_loss", "grad_norm"):
-                    assert abs(got[key] - r[key]) <= TOL * r[key], (what, key, got[key], r[key])
-                assert got["skipped"] == 0 and got["local_experts"][0] == 2, (what, got["local_experts"])  # 4 / ep2
-            assert_step_close(per_rank[0][name, optimizer], r, what)
+    _check(run_ranks(_layout_steps, 2, rows, LAYOUTS), LAYOUTS, ref)
+
+
+@pytest.mark.slow
+def test_moe_language_model_under_pp2_with_ep2_per_stage_matches_single_process(reference):
+    """Expert parallelism inside each pipeline stage: the stage's ep all-gather dispatch runs within the schedule,
+    the balance loss's gradient enters each stage's MoE layer in its backward, the metrics sum over the stages."""
+    rows, ref = reference
+    _check(run_ranks(_layout_steps, 4, rows, PP_EP_LAYOUTS), PP_EP_LAYOUTS, ref)
 
 
 MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=qwen3_moe", "model.config.num_experts=4",
@@ -127,9 +159,9 @@ MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=q
     ("mimo.layout.language.etp=2", "mimo.layout.language.etp=2: expert tensor parallelism is not supported"),
     ("mimo.layout.vision.ep=2", "mimo.layout.vision: unknown dims ['ep']"),
     ("mimo.layout.language.ep=2 model.config.model_type=llama", "mimo.layout.language.ep=2 needs a mixture-of-experts"),
-    ("mimo.layout.language.ep=2 mimo.layout.language.pp=2 launch.nproc=4 mimo.layout.vision.dp=4",
-     "mimo.layout.language.ep=2 with mimo.layout.language.pp=2 is not supported under MIMO yet"),
     ("mimo.layout.language.ep=2 model.pretrained=configs", "mimo.layout.language.ep=2 with model.pretrained"),
+    ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.pp=2",  # per stage: 1 rank
+     "mimo.layout.language.ep=2: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*1 = 1 ranks per pipeline stage"),
     ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.dp=2 mimo.layout.language.offset=2 "
      "launch.nproc=4 train.micro_batch_size=16", "runs colocated layouts only so far"),
 ])
@@ -156,3 +188,31 @@ def test_mimo_grpo_with_an_moe_llm_under_ep2_is_on_policy(tmp_path):
     for row in rows:
         assert row["gen_kl_error"] < 1e-5 and row["moe_aux_loss"] > 0, row
     assert rows[1]["kl"] > 0, rows  # the refit before step 2 carried moved weights
+
+
+MIMO_MOE_DPO = ["--config", "configs/mimo_dpo_tiny.yaml", *MIMO_MOE[2:-1], "model.config.router_aux_loss_coef=0.01",
+                "data.num_train=64", "data.num_eval=6", "train.global_batch_size=8", "train.micro_batch_size=4",
+                "train.max_steps=3", "train.warmup_steps=0", "eval.every_steps=3", "dpo.warmup_sft_steps=2",
+                "logging.progress=false", "logging.tensorboard=false", "checkpoint.export_hf=false"]
+
+
+@pytest.mark.slow  # ~90 s: two CLI runs (2 and 4 ranks); the step itself is the SFT oracle's above
+def test_mimo_dpo_with_an_moe_llm_under_pp2_x_ep2_matches_ep2(tmp_path):
+    """MIMO DPO with an MoE LLM (SFT warm-up, reference swap, DPO steps through the same handle): language dp2 ep2 on
+    2 ranks and language pp2 x dp2 with ep2 per stage on 4 ranks log the same losses, grad norms and router metrics."""
+    from tests.unit.cli_runner import metrics
+
+    layouts = {"ep2": ["mimo.layout.language.dp=2", "mimo.layout.language.ep=2"],
+               "pp2xep2": ["launch.nproc=4", "mimo.layout.vision.dp=4", "mimo.layout.language.pp=2",
+                           "mimo.layout.language.dp=2", "mimo.layout.language.ep=2", "parallel.pp_microbatch_size=2"]}
+    rows = {}
+    for name, overrides in layouts.items():
+        r = run_cli("dpo", *MIMO_MOE_DPO, *overrides, f"output_dir={tmp_path / name}", timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[name] = [row for row in metrics(tmp_path / name) if "loss" in row]
+    assert [row["step"] for row in rows["ep2"]] == [1, 2, 3] == [row["step"] for row in rows["pp2xep2"]]
+    assert abs(rows["ep2"][0]["loss"] - 0.6931472) < 1e-6  # the reference is the warmed-up policy: log 2
+    for a, b in zip(rows["ep2"], rows["pp2xep2"]):
+        assert a["moe_aux_loss"] > 0 and a["moe_idle_experts"] == b["moe_idle_experts"], (a, b)
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_load_imbalance"):
+            assert abs(a[key] - b[key]) <= TOL * abs(a[key]), (key, a, b)
