@@ -12,3 +12,8 @@ nightly_start() {
 hf_export_loads() {
   .venv/bin/python -c 'import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; AutoModelForCausalLM.from_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1]); print("[nightly] HF export loads:", sys.argv[1])' "$1"
 }
+
+# llava_export_loads DIR: the exported LLaVA folder (a MIMO run's hf/) loads with plain transformers.
+llava_export_loads() {
+  .venv/bin/python -c 'import sys; from transformers import LlavaForConditionalGeneration; LlavaForConditionalGeneration.from_pretrained(sys.argv[1]); print("[nightly] LLaVA export loads:", sys.argv[1])' "$1"
+}

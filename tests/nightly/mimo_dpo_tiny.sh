@@ -13,5 +13,5 @@ nightly_start mimo_dpo_tiny
 .venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "eval/preference_accuracy@last >= 0.9" "eval/reward_margin@last > 0" "eval/loss@last < 0.5"
 hf_export_loads "$OUT/hf/language"
-.venv/bin/python -c 'import sys; from transformers import LlavaForConditionalGeneration; LlavaForConditionalGeneration.from_pretrained(sys.argv[1]); print("[nightly] LLaVA export loads:", sys.argv[1])' "$OUT/hf"
+llava_export_loads "$OUT/hf"
 echo "[nightly] mimo_dpo_tiny passed"

@@ -18,6 +18,6 @@ wall=$((SECONDS - start))
 echo "[nightly] mimo_grpo_tiny wall time: ${wall}s (limit ${WALL_LIMIT_S}s)"
 .venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "eval/accuracy_gain@last >= 0.15" "gen_kl_error@max < 1e-5" "ratio_min@min > 0.999999" "ratio_max@max < 1.000001"
-.venv/bin/python -c 'import sys; from transformers import LlavaForConditionalGeneration; LlavaForConditionalGeneration.from_pretrained(sys.argv[1]); print("[nightly] LLaVA export loads:", sys.argv[1])' "$OUT/hf"
+llava_export_loads "$OUT/hf"
 if (( wall > WALL_LIMIT_S )); then echo "[nightly] mimo_grpo_tiny took ${wall}s > ${WALL_LIMIT_S}s"; exit 1; fi
 echo "[nightly] mimo_grpo_tiny passed"

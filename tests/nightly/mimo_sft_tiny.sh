@@ -12,5 +12,5 @@ nightly_start mimo_sft_tiny
 .venv/bin/python -m automodel_mimo.metrics.check "$OUT/metrics.jsonl" \
   "loss@last < 0.1" "eval/accuracy@last >= 0.9" "eval/accuracy_image_rows@last >= 0.85"
 hf_export_loads "$OUT/hf/language"
-.venv/bin/python -c 'import sys; from transformers import LlavaForConditionalGeneration; LlavaForConditionalGeneration.from_pretrained(sys.argv[1]); print("[nightly] LLaVA export loads:", sys.argv[1])' "$OUT/hf"
+llava_export_loads "$OUT/hf"
 echo "[nightly] mimo_sft_tiny passed"
