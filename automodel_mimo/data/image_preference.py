@@ -16,7 +16,7 @@ import datasets
 from automodel_mimo.data.images import IMAGE_LIST, _image_column
 from automodel_mimo.data.mimo_tokenize import run_placeholder_id, tokenize_mimo_messages
 from automodel_mimo.data.paths import SYNTHETIC_PREFIX
-from automodel_mimo.data.preference import TOKENIZED, _to_conversations
+from automodel_mimo.data.preference import TOKENIZED, _to_conversations, append_pair
 from automodel_mimo.data.sources import hold_out, load_raw, pick_splits
 from automodel_mimo.data.synthetic_images import SYNTHETIC_IMAGE_PREFERENCES
 from automodel_mimo.errors import UserInputError
@@ -40,18 +40,9 @@ def _tokenize(ds: datasets.Dataset, cfg, tokenizer, placeholder_id: int, split: 
     out = {name: [] for name in IMAGE_TOKENIZED}
     for i, row in enumerate(ds):
         n = len(row["images"])
-        for side in ("chosen", "rejected"):
-            try:
-                t = tokenize_mimo_messages(row[side], n, tokenizer, placeholder_id=placeholder_id,
-                                           tokens_per_image=cfg.mimo.tokens_per_image, max_seq_len=d.max_seq_len,
-                                           use_chat_template=d.chat_template, truncate=d.truncate)
-            except UserInputError as err:
-                raise UserInputError(f"{side} of row {i} of the {split} split: {err}") from err
-            out[f"{side}_input_ids"].append(t["input_ids"])
-            out[f"{side}_labels"].append(t["labels"])
-            if side == "chosen":
-                out["prompt_ids"].append(t["prompt_ids"])
-                out["reference"].append(t["reference"])
+        append_pair(out, row, f"row {i} of the {split} split", lambda messages, n=n: tokenize_mimo_messages(
+            messages, n, tokenizer, placeholder_id=placeholder_id, tokens_per_image=cfg.mimo.tokens_per_image,
+            max_seq_len=d.max_seq_len, use_chat_template=d.chat_template, truncate=d.truncate))
         out["images"].append(row["images"])
         out["num_images"].append(n)
     undecoded = datasets.Features({**IMAGE_TOKENIZED, "images": _UNDECODED})

@@ -109,18 +109,24 @@ def tokenize_pairs(ds: datasets.Dataset, tokenizer, *, max_seq_len: int, use_cha
     """Each pair as two rows' input_ids / labels (response tokens only), prefixed chosen_ and rejected_."""
     out = {name: [] for name in TOKENIZED}
     for i, row in enumerate(ds):
-        for side in ("chosen", "rejected"):
-            try:
-                t = tokenize_messages(row[side], tokenizer, max_seq_len=max_seq_len, use_chat_template=use_chat_template,
-                                      truncate=truncate)
-            except UserInputError as err:
-                raise UserInputError(f"{side} of row {i} of the {split_name} split: {err}") from err
-            out[f"{side}_input_ids"].append(t["input_ids"])
-            out[f"{side}_labels"].append(t["labels"])
-            if side == "chosen":
-                out["prompt_ids"].append(t["prompt_ids"])
-                out["reference"].append(t["reference"])
+        append_pair(out, row, f"row {i} of the {split_name} split", lambda messages: tokenize_messages(
+            messages, tokenizer, max_seq_len=max_seq_len, use_chat_template=use_chat_template, truncate=truncate))
     return datasets.Dataset.from_dict(out, features=TOKENIZED)
+
+
+def append_pair(out: dict, row: dict, where: str, tokenize) -> None:
+    """Both sides of one pair, `tokenize(messages)` each, into `out`'s chosen_/rejected_ columns (and the chosen
+    side's prompt_ids and reference); bad input names its side and `where`."""
+    for side in ("chosen", "rejected"):
+        try:
+            t = tokenize(row[side])
+        except UserInputError as err:
+            raise UserInputError(f"{side} of {where}: {err}") from err
+        out[f"{side}_input_ids"].append(t["input_ids"])
+        out[f"{side}_labels"].append(t["labels"])
+        if side == "chosen":
+            out["prompt_ids"].append(t["prompt_ids"])
+            out["reference"].append(t["reference"])
 
 
 def pair_rows(ds: datasets.Dataset, processor=None, sides: tuple[str, ...] = ("chosen", "rejected")) -> list[dict]:
