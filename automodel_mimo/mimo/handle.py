@@ -537,7 +537,9 @@ class MimoHandle(Handle):
                                cp, state.cp_rank)["inputs_embeds"]
 
         local = shard_batch(batch, cp, state.cp_rank)  # labels, loss mask, positions (no-op when cp == 1)
-        inputs = {k: local[k] for k in ("position_ids", SEGMENTS) if k in local}  # no mask: models/handle.py MODEL_INPUTS
+        # the padding mask stays here (unlike models/handle.py MODEL_INPUTS): without it the embedded MIMO default's
+        # CPU curve moved (0.987 -> 0.943 held-out at step 600, same seed; docs/benchmarks.md), not yet explained
+        inputs = {k: local[k] for k in ("attention_mask", "position_ids", SEGMENTS) if k in local}
         hook = llm.get_input_embeddings().register_forward_hook(splice_then_shard)
         try:
             with cp_attention(state.cp_group if cp > 1 else None):
