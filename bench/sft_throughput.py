@@ -3,17 +3,21 @@
   torchrun --nproc_per_node=1 bench/sft_throughput.py --model 1b [--variants ours,ours_compile,plain,plain_compile]
   torchrun --nproc_per_node=1 bench/sft_throughput.py --model 8b-128k --ac --rows 4
   torchrun --nproc_per_node=1 bench/sft_throughput.py --model tiny --steps 2    # CPU smoke
+  torchrun --nproc_per_node=2 bench/sft_throughput.py --model 1b --rows 16       # dp2: ours and plain, FSDP over 2
+  torchrun --nproc_per_node=2 bench/sft_throughput.py --model 1b --rows 16 --pp 2 --variants ours_compile  # pp2, 1F1B
 
 Every variant trains the same random-init Llama (bf16 compute, fp32 master weights, AdamW, clip 1.0) on the same
-full rows of --seq tokens, --micro rows per forward/backward, --rows per optimizer step:
+full rows of --seq tokens, --rows per optimizer step (global). Data parallel ranks (every rank unless --pp) take
+--rows / dp rows each, --micro rows per forward/backward; under --pp the pipeline runs one schedule step over the
+rows with --micro rows per pipeline microbatch (the plain loop is data parallel only):
 - ours / ours_compile: the project's Policy over its ModelHandle (models/build.py: nemo-automodel's parallelizer,
   FSDP2, train.compile off / on), `sft_train_step`, everything the CLI's step does (global token counts, loss
   view, grad norm, non-finite vote, clip, fused AdamW on CUDA);
 - plain / plain_compile: HF's model and loss, `fully_shard` per decoder layer and the root (same mixed-precision
   policy), fused AdamW, clip_grad_norm_; compile = `layer.compile()` per decoder layer before sharding.
 Reported per variant: median step time over --steps after --warmup, tokens/s, MFU, peak memory.
-MFU = (6 N tokens + 6 layers hidden sum(L^2)) / time / peak, N without the input embedding, peak 989 TFLOP/s
-(H200 dense bf16). --profile writes where one step's GPU time goes, by kernel family, per variant.
+MFU = (6 N tokens + 6 layers hidden sum(L^2)) / time / (peak x GPUs), N without the input embedding, peak 989
+TFLOP/s (H200 dense bf16). --profile writes where one step's GPU time goes, by kernel family, per variant.
 """
 
 from __future__ import annotations
@@ -86,9 +90,11 @@ def ours(args, cfg: dict, device, microbatches: list[dict], compile: bool):
     from automodel_mimo.models.build import build_handle
     from policies.policy import Policy
 
-    run = RunConfig(parallel=ParallelConfig(dp=1, activation_checkpointing=args.ac),
+    world = dist.get_world_size()
+    run = RunConfig(parallel=ParallelConfig(dp=world // args.pp, pp=args.pp, pp_microbatch_size=args.micro,
+                                            activation_checkpointing=args.ac),
                     model=ModelConfig(config=cfg, dtype=args.dtype),
-                    train=TrainConfig(max_steps=1000, global_batch_size=args.rows, micro_batch_size=args.micro,
+                    train=TrainConfig(max_steps=1000, global_batch_size=args.rows, micro_batch_size=microbatch_rows(args),
                                       lr=1e-5, warmup_steps=0, compile=compile))
     run.data.max_seq_len = args.seq
     state = build_parallel_state(run.parallel, device, run.model.dtype, compile=compile)
@@ -129,6 +135,11 @@ def plain(args, cfg: dict, device, microbatches: list[dict], compile: bool):
         return float(total)
 
     return step
+
+
+def microbatch_rows(args) -> int:
+    """Rows per forward/backward of one rank: --micro, or under pp one schedule step over this replica's rows."""
+    return args.rows // (dist.get_world_size() // args.pp) if args.pp > 1 else args.micro
 
 
 def timed(step, device, warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -218,7 +229,8 @@ def main() -> None:
     ap.add_argument("--variants", default="ours,ours_compile,plain,plain_compile")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per row")
     ap.add_argument("--rows", type=int, default=8, help="rows per optimizer step")
-    ap.add_argument("--micro", type=int, default=1, help="rows per forward/backward")
+    ap.add_argument("--micro", type=int, default=1, help="rows per forward/backward (under --pp: per pipeline microbatch)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages of the 'ours' variants (1F1B); dp = ranks / pp")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder layer")
@@ -239,13 +251,22 @@ def main() -> None:
     if device.type == "cpu" and args.model == "tiny":
         args.seq = min(args.seq, 128)
     cfg = MODELS[args.model]
-    rows = make_rows(cfg["vocab_size"], args.rows, args.seq)
-    microbatches = [collate(mb, 0, device) for mb in split_microbatches(rows, args.micro)]
+    world = dist.get_world_size()
+    dp = world // args.pp
+    if args.pp > 1 and world != args.pp:
+        raise SystemExit(f"--pp {args.pp} runs on {args.pp} ranks (pure pipeline), not {world}")
+    if args.rows % dp:
+        raise SystemExit(f"--rows {args.rows} does not split over {dp} data-parallel ranks")
+    local = make_rows(cfg["vocab_size"], args.rows, args.seq)
+    local = local[dist.get_rank() * args.rows // dp:(dist.get_rank() + 1) * args.rows // dp] if args.pp == 1 else local
+    microbatches = [collate(mb, 0, device) for mb in split_microbatches(local, microbatch_rows(args))]
     flops = model_flops(cfg, args.rows, args.seq)
     result = {"model": args.model, "config": cfg, "seq": args.seq, "rows": args.rows, "micro": args.micro,
-              "ac": args.ac, "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "ac": args.ac, "dtype": args.dtype, "ranks": world, "pp": args.pp, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "variants": {}}
     for name in args.variants.split(","):
+        if args.pp > 1 and name.startswith("plain"):
+            raise SystemExit(f"variant {name}: the plain loop is data parallel only; drop it under --pp")
         builder = {"ours": ours, "plain": plain}[name.removesuffix("_compile")]
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -256,7 +277,8 @@ def main() -> None:
             times, losses = timed(step, device, args.warmup, args.steps)
             t = statistics.median(times)
             row = {"step_s": round(t, 4), "tokens_per_s": round(args.rows * args.seq / t),
-                   "mfu": round(flops / t / PEAK_FLOPS, 4), "steps_s": [round(x, 4) for x in times],
+                   "tokens_per_s_per_gpu": round(args.rows * args.seq / t / world),
+                   "mfu": round(flops / t / PEAK_FLOPS / world, 4), "steps_s": [round(x, 4) for x in times],
                    "losses": [round(x, 5) for x in losses], "build_and_warmup_s": round(time.perf_counter() - t_build - sum(times), 1)}
             if device.type == "cuda":
                 free, total = torch.cuda.mem_get_info()
@@ -269,6 +291,9 @@ def main() -> None:
                     row["host_profile_ms"] = host_profile(step)
                 if args.gaps:
                     row["gaps_profile"] = gpu_gaps(step)
+                    gaps = row["gaps_profile"]  # per rank: pipeline stages idle differently
+                    print(json.dumps({"rank": dist.get_rank(), name: {k: v for k, v in gaps.items() if k != "largest"},
+                                      "largest": gaps["largest"][:3]}), flush=True)
         except torch.OutOfMemoryError as e:
             row = {"error": f"OOM: {str(e).splitlines()[0]}"}
         result["variants"][name] = row
