@@ -2,11 +2,14 @@
 
 A vision-heavy MIMO model, random init from configs (no downloads): a ~300M SigLIP-like tower at 1024
 patches per image (448 / 14) + MLP projector, and a ~1B Llama; bf16 compute, fp32 master weights, AdamW.
-Every layout trains the same global batch (rows of `--images-per-row` images and a short text each) on the
-same ranks; for each layout in turn: build, warm up, time the median of a few steps, free the memory. A
-layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is reported as infeasible, with the reason.
-Prints one JSON object: samples/s per layout and the speedup of the best heterogeneous layout over the best
-feasible homogeneous one.
+Every layout trains the same global batch (rows of `--images-per-row` images and `--text-tokens` text tokens
+each) on the same ranks; for each layout in turn: build, warm up, time the median of a few steps, free the
+memory. A layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is reported as infeasible, with the
+reason. Prints per layout its step time, samples/s and the first and last step's loss (same init, same rows:
+the losses agree across layouts up to bf16 noise; `first_loss_spread` in the summary), then one JSON object:
+samples/s per layout and the speedup of the best heterogeneous layout over the best feasible homogeneous one.
+Layouts per world size (LAYOUTS, NONCOLOCATED): 4 ranks, or 2 (language pp2 pipelines the LLM, 1F1B, in
+pipeline microbatches of `--pp-microbatch-rows` rows).
 
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL): 32 rows x 1 image
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8  # fewer rows than GPUs
@@ -17,6 +20,15 @@ feasible homogeneous one.
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --noncolocated   # encoder and LLM on disjoint
       # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one,
       # and per non-colocated layout the share of the step its encoder / LLM ranks wait for each other
+
+2 GPUs: vision dp2 + language pp2 or tp2 against both dp2 and both tp2; the encoder on one GPU + the LLM on the
+other against vision dp2 + language pp2 and both dp2; vision-heavy (1024 image + 128 text tokens per row) and
+text-heavy (1024 + 2048):
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 2 --steps 4                     # vision-heavy
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 2 --steps 4 --noncolocated
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048  # text-heavy
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048 --noncolocated
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --tiny [--noncolocated]   # CPU smoke test (gloo)
 """
 
 from __future__ import annotations
