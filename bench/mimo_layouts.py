@@ -2,11 +2,14 @@
 
 A vision-heavy MIMO model, random init from configs (no downloads): a ~300M SigLIP-like tower at 1024
 patches per image (448 / 14) + MLP projector, and a ~1B Llama; bf16 compute, fp32 master weights, AdamW.
-Every layout trains the same global batch (rows of `--images-per-row` images and a short text each) on the
-same ranks; for each layout in turn: build, warm up, time the median of a few steps, free the memory. A
-layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is reported as infeasible, with the reason.
-Prints one JSON object: samples/s per layout and the speedup of the best heterogeneous layout over the best
-feasible homogeneous one.
+Every layout trains the same global batch (rows of `--images-per-row` images and `--text-tokens` text tokens
+each) on the same ranks; for each layout in turn: build, warm up, time the median of a few steps, free the
+memory. A layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is reported as infeasible, with the
+reason. Prints per layout its step time, samples/s and the first and last step's loss (same init, same rows:
+the losses agree across layouts up to bf16 noise; `first_loss_spread` in the summary), then one JSON object:
+samples/s per layout and the speedup of the best heterogeneous layout over the best feasible homogeneous one.
+Layouts per world size (LAYOUTS, NONCOLOCATED): 4 ranks, or 2 (language pp2 pipelines the LLM, 1F1B, in
+pipeline microbatches of `--pp-microbatch-rows` rows).
 
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL): 32 rows x 1 image
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8  # fewer rows than GPUs
@@ -17,6 +20,15 @@ feasible homogeneous one.
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --noncolocated   # encoder and LLM on disjoint
       # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one,
       # and per non-colocated layout the share of the step its encoder / LLM ranks wait for each other
+
+2 GPUs: vision dp2 + language pp2 or tp2 against both dp2 and both tp2; the encoder on one GPU + the LLM on the
+other against vision dp2 + language pp2 and both dp2; vision-heavy (1024 image + 128 text tokens per row) and
+text-heavy (1024 + 2048):
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 2 --steps 4                     # vision-heavy
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 2 --steps 4 --noncolocated
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048  # text-heavy
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048 --noncolocated
+  torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --tiny [--noncolocated]   # CPU smoke test (gloo)
 """
 
 from __future__ import annotations
@@ -41,21 +53,33 @@ from automodel_mimo.mimo.modules import build_vision_module
 from automodel_mimo.run.quiet import quiet_third_party
 from policies.policy import Policy
 
-# name -> (heterogeneous?, layout); every module spans the 4 ranks
+# world size -> name -> (heterogeneous?, layout); every module spans all ranks
 LAYOUTS = {
-    "hetero_vision_dp4_language_tp2dp2": (True, {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}),
-    "hetero_vision_dp4_language_tp4": (True, {"vision": {"dp": 4}, "language": {"tp": 4}}),
-    "homo_dp4": (False, {"vision": {"dp": 4}, "language": {"dp": 4}}),
-    "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
-    "homo_tp4": (False, {"vision": {"tp": 4}, "language": {"tp": 4}}),
+    4: {
+        "hetero_vision_dp4_language_tp2dp2": (True, {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}),
+        "hetero_vision_dp4_language_tp4": (True, {"vision": {"dp": 4}, "language": {"tp": 4}}),
+        "homo_dp4": (False, {"vision": {"dp": 4}, "language": {"dp": 4}}),
+        "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
+        "homo_tp4": (False, {"vision": {"tp": 4}, "language": {"tp": 4}}),
+    },
+    2: {  # language pp2: 1F1B stages (mimo/pipeline.py), pipeline microbatches of --pp-microbatch-rows rows
+        "hetero_vision_dp2_language_pp2": (True, {"vision": {"dp": 2}, "language": {"pp": 2}}),
+        "hetero_vision_dp2_language_tp2": (True, {"vision": {"dp": 2}, "language": {"tp": 2}}),
+        "homo_dp2": (False, {"vision": {"dp": 2}, "language": {"dp": 2}}),
+        "homo_tp2": (False, {"vision": {"tp": 2}, "language": {"tp": 2}}),
+    },
 }
 # --noncolocated: the encoder (+ projector) and the LLM on disjoint ranks, rows and gradients point-to-point
 NONCOLOCATED = {
-    "noncoloc_vision_dp2_language_tp2": {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}},
-    "noncoloc_vision_dp2_language_dp2": {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}},
-    "noncoloc_vision_dp3_language_dp1": {"vision": {"dp": 3}, "language": {"offset": 3}},
+    4: {
+        "noncoloc_vision_dp2_language_tp2": {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}},
+        "noncoloc_vision_dp2_language_dp2": {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}},
+        "noncoloc_vision_dp3_language_dp1": {"vision": {"dp": 3}, "language": {"offset": 3}},
+    },
+    2: {"noncoloc_vision_dp1_language_dp1": {"vision": {"dp": 1}, "language": {"offset": 1}}},
 }
-NONCOLOCATED_BASELINES = ("hetero_vision_dp4_language_tp2dp2", "homo_tp2dp2")
+NONCOLOCATED_BASELINES = {4: ("hetero_vision_dp4_language_tp2dp2", "homo_tp2dp2"),
+                          2: ("hetero_vision_dp2_language_pp2", "homo_dp2")}
 FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=448, patch_size=14),
         "llm": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -63,6 +87,7 @@ FULL = {"vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_laye
         "text_tokens": 128, "global_batch": 32, "llm_rows_per_microbatch": 4, "dtype": "bfloat16"}
 LLM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
               num_key_value_heads=8, vocab_size=32000)
+MAX_POSITIONS = 32768  # the LLM's max_position_embeddings: covers text-heavy rows (1024 + 2048 tokens)
 TINY = {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        image_size=16, patch_size=4),
         "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -75,14 +100,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU/gloo (a smoke test of the benchmark)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (the median is reported)")
-    p.add_argument("--layouts", help="comma-separated subset of " + ", ".join([*LAYOUTS, *NONCOLOCATED])
-                   + " (default: the colocated ones; with --noncolocated the non-colocated ones and "
-                   + ", ".join(NONCOLOCATED_BASELINES) + ")")
+    names = {n: ", ".join([*LAYOUTS[n], *NONCOLOCATED[n]]) for n in LAYOUTS}
+    p.add_argument("--layouts", help="comma-separated subset of the world size's layouts ("
+                   + "; ".join(f"{n} ranks: {v}" for n, v in names.items())
+                   + "); default: its colocated ones; with --noncolocated its non-colocated ones and its baselines ("
+                   + "; ".join(f"{n} ranks: {', '.join(v)}" for n, v in NONCOLOCATED_BASELINES.items()) + ")")
     p.add_argument("--noncolocated", action="store_true",
                    help="time non-colocated layouts (encoder and LLM on disjoint ranks) against colocated baselines")
     p.add_argument("--llm", choices=["1b", "8b"], default="1b", help="LLM of the GPU config (~1.2B or 8B Llama)")
     p.add_argument("--rows", type=int, help="global batch in rows (default: 32; --tiny 16)")
     p.add_argument("--images-per-row", type=int, default=1)
+    p.add_argument("--text-tokens", type=int,
+                   help="text tokens per row after its images (default 128; --tiny 16); text-heavy: 2048")
+    p.add_argument("--pp-microbatch-rows", type=int, default=1,
+                   help="rows of one pipeline microbatch of a language pp layout (its 1F1B schedule)")
     p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
     p.add_argument("--encoder-only", action="store_true",
                    help="time the vision module alone (forward + backward) per layout instead of training steps")
@@ -91,7 +122,7 @@ def parse_args() -> argparse.Namespace:
 
 def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The vision module and the LLM on CPU, identical on every rank; each layout parallelizes a deep copy."""
-    llm = AutoModelForCausalLM.from_config(LlamaConfig(**spec["llm"], max_position_embeddings=32768,
+    llm = AutoModelForCausalLM.from_config(LlamaConfig(**spec["llm"], max_position_embeddings=MAX_POSITIONS,
                                                        tie_word_embeddings=False, pad_token_id=0),
                                            dtype=torch.float32, attn_implementation="sdpa")
     llm.config.use_cache = False
@@ -182,21 +213,43 @@ def idle_fractions(model: MimoHandle, idle: float) -> dict:
     return {"encoder_idle_fraction": round(mean[False], 3), "llm_idle_fraction": round(mean[True], 3)}
 
 
+def llm_microbatch_rows(layout: dict, spec: dict) -> tuple[int, int]:
+    """(LLM rows of one microbatch, rows of one coarse-block microbatch). A coarse-block microbatch of m rows
+    gives the LLM m rows (fan-in/equal) or m/scale (fan-out): keep the LLM's rows per microbatch the same
+    across layouts (capped by the rows one LLM replica gets). From the layout alone: a pipelined LLM needs
+    the coarse microbatch size when it is built."""
+    llm_dp, vision_dp = layout["language"].get("dp", 1), layout["vision"].get("dp", 1)
+    llm_rows = min(spec["llm_rows_per_microbatch"], spec["global_batch"] // llm_dp)
+    return llm_rows, llm_rows * max(1, llm_dp // vision_dp)
+
+
+def pipeline_settings(layout: dict, spec: dict, llm_rows: int, micro: int, args) -> dict | None:
+    """The pipeline dict MimoHandle needs for a language pp layout (what mimo/build.py takes from parallel.*);
+    raises UserInputError where the LLM's rows per microbatch do not fill every stage."""
+    pp = layout["language"].get("pp", 1)
+    if pp == 1:
+        return None
+    rows = args.pp_microbatch_rows
+    if llm_rows % rows or llm_rows // rows < pp:
+        raise UserInputError(f"{llm_rows} LLM rows per microbatch do not split into >= {pp} pipeline microbatches of "
+                             f"{rows} rows (--pp-microbatch-rows, --llm-rows-per-microbatch)")
+    return {"schedule": "1f1b", "pp_microbatch_size": rows, "layers_per_stage": None,
+            "seq_len": spec["images_per_row"] * spec["tokens_per_image"] + spec["text_tokens"], "micro_batch_size": micro}
+
+
 def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args) -> dict:
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
     placeholder = spec["llm"]["vocab_size"] - 1
-    tokens_per_image = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
+    tokens_per_image = spec["tokens_per_image"]
+    llm_rows, micro = llm_microbatch_rows(layout, spec)
     try:  # every rank validates the same layout against the same batch: all raise or none
         model = MimoHandle({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
-                          dtype=spec["dtype"], global_batch_size=spec["global_batch"])
+                          dtype=spec["dtype"], global_batch_size=spec["global_batch"],
+                          pipeline=pipeline_settings(layout, spec, llm_rows, micro, args))
     except UserInputError as e:
         return {"infeasible": str(e)}
     index, count = model.data_block()
-    # a coarse-block microbatch of m rows gives the LLM m rows (fan-in/equal) or m/scale (fan-out): keep the
-    # LLM's rows per microbatch the same across layouts (capped by the rows one LLM replica gets)
-    multiple = model.rows_multiple()
-    llm_rows = min(spec["llm_rows_per_microbatch"], spec["global_batch"] // model.grids["language"].size("dp"))
-    micro = llm_rows * multiple
+    assert micro == llm_rows * model.rows_multiple(), (layout, micro, model.rows_multiple())
     policy = Policy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
                                            micro_batch_size=micro, lr=1e-5))
     batch = [{k: v.to(device) for k, v in mb.items()}
@@ -211,12 +264,15 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
             t0 = time.perf_counter()
             metrics = policy.sft_train_step(batch)
             sync(device)
+            if step == 0:
+                first_loss = metrics["loss"]
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 waits.append(model.schedule_trace.seconds("wait"))
         step_s = statistics.median(times)
         out = {"step_s": round(step_s, 4), "samples_per_s": round(spec["global_batch"] / step_s, 3),
-               "loss": round(metrics["loss"], 4), "microbatches_per_rank": len(batch), "microbatch_rows": micro}
+               "first_loss": round(first_loss, 7), "loss": round(metrics["loss"], 7),
+               "microbatches_per_rank": len(batch), "microbatch_rows": micro}
         if not model.colocated:
             out.update(idle_fractions(model, sum(waits) / sum(times)))
     if device.type == "cuda":
@@ -234,35 +290,50 @@ def main() -> None:
     args = parse_args()
     if args.noncolocated and args.encoder_only:
         raise SystemExit("--encoder-only times the encoder on every rank; non-colocated layouts hold it on some only")
-    args.layouts = args.layouts or ",".join([*NONCOLOCATED, *NONCOLOCATED_BASELINES] if args.noncolocated else LAYOUTS)
     quiet_third_party()
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the vision output is a view: harmless here
     spec = dict(TINY if args.tiny else {**FULL, "llm": LLM_8B} if args.llm == "8b" else FULL)
     spec["images_per_row"] = args.images_per_row
+    spec["text_tokens"] = args.text_tokens or spec["text_tokens"]
+    spec["tokens_per_image"] = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
     spec["global_batch"] = args.rows or spec["global_batch"]
     spec["llm_rows_per_microbatch"] = args.llm_rows_per_microbatch or spec["llm_rows_per_microbatch"]
     device = init_distributed("gloo" if args.tiny else "auto")
-    if dist.get_world_size() != 4:
-        raise SystemExit(f"bench/mimo_layouts.py runs on 4 ranks (torchrun --nproc_per_node=4), not {dist.get_world_size()}")
+    world = dist.get_world_size()
+    if world not in LAYOUTS:
+        raise SystemExit(f"bench/mimo_layouts.py runs on {' or '.join(map(str, LAYOUTS))} ranks "
+                         f"(torchrun --nproc_per_node=N), not {world}")
+    layouts, noncolocated = LAYOUTS[world], NONCOLOCATED[world]
+    args.layouts = args.layouts or ",".join([*noncolocated, *NONCOLOCATED_BASELINES[world]] if args.noncolocated
+                                            else layouts)
+    unknown = [n for n in args.layouts.split(",") if n not in layouts and n not in noncolocated]
+    if unknown:
+        raise SystemExit(f"--layouts {','.join(unknown)}: not a {world}-rank layout ({', '.join([*layouts, *noncolocated])})")
+    seq_len = spec["images_per_row"] * spec["tokens_per_image"] + spec["text_tokens"]
+    if seq_len > MAX_POSITIONS:
+        raise SystemExit(f"rows of {seq_len} tokens exceed the LLM's max_position_embeddings={MAX_POSITIONS}")
     torch.manual_seed(0)
     base = base_modules(spec)
     params = {"vision": sum(p.numel() for p in base[0].parameters()), "llm": sum(p.numel() for p in base[1].parameters())}
     began = time.perf_counter()
     results = {}
     for name in args.layouts.split(","):
-        layout = NONCOLOCATED[name] if name in NONCOLOCATED else LAYOUTS[name][1]
+        layout = noncolocated[name] if name in noncolocated else layouts[name][1]
         results[name] = {**run_layout(layout, base, spec, device, args), "layout": layout}
         if dist.get_rank() == 0:
             print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
     feasible = {n: r for n, r in results.items() if "infeasible" not in r}
-    kinds = {n: "noncolocated" if n in NONCOLOCATED else LAYOUTS[n][0] for n in feasible}
+    kinds = {n: "noncolocated" if n in noncolocated else layouts[n][0] for n in feasible}
     best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if kinds[n] == kind)
             for kind in set(kinds.values())} if not args.encoder_only else {}
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
-               "tokens_per_image": (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
+               "tokens_per_image": spec["tokens_per_image"], "text_tokens": spec["text_tokens"], "seq_len": seq_len,
                "global_batch": spec["global_batch"], "images_per_row": spec["images_per_row"], "results": results,
                "wall_s": round(time.perf_counter() - began, 1)}
+    if not args.encoder_only and feasible:  # same init, same rows: every layout's first loss should agree
+        firsts = [r["first_loss"] for r in feasible.values()]
+        summary["first_loss_spread"] = max(firsts) - min(firsts)
     colocated = [best[k] for k in (True, False) if k in best]
     if "noncolocated" in best and colocated:
         summary.update(best_noncolocated=best["noncolocated"][1], best_colocated=max(colocated)[1],
