@@ -25,7 +25,7 @@ Backends (what runs, CUDA and CPU alike; nothing of Transformer Engine, DeepEP o
 - weighted SwiGLU: nemo's torch.compile'd function on CUDA (triton), the same math eagerly on CPU.
 
 Model (--model 3b): hidden 2048, 16 layers, 64 experts top-8 of width 768, 32 heads / 4 KV heads of 128, vocab 32000,
-untied: 5.27 B parameters, 1.03 B active per token (0.97 B without the input embedding; `params` in the JSON counts
+untied: 5.27 B parameters, 1.04 B active per token (0.97 B without the input embedding; `params` in the JSON counts
 the built model). MFU = (6 N_active tokens + 6 layers heads*head_dim rows seq^2) / time / (2 x 989 TFLOP/s),
 N_active without the input embedding.
 
@@ -184,7 +184,7 @@ def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops
     world = dist.get_world_size()
     row = {"ep": ep, "step_s": round(t, 4), "tokens_per_s": round(tokens / t), "tokens_per_s_per_gpu": round(tokens / t / world),
            "mfu": round(flops_of(params["active_no_embedding"]) / t / (PEAK_FLOPS * world), 4),
-           "steps_s": [round(x, 4) for x in times], "losses": [round(x, 5) for x in losses], "router": router,
+           "steps_s": [round(x, 4) for x in times], "losses": [round(x, 5) for x in losses], "router": list(router),
            "params": params, "expert_weights": expert_layout(policy), "build_s": round(build_s, 1)}
     if device.type == "cuda":
         row["memory_per_gpu"] = peak_memory_per_gpu()
@@ -218,6 +218,8 @@ def main() -> None:
     quiet_third_party()
     device = init_distributed("auto")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.rows % (world * args.micro):
+        ap.error(f"--rows={args.rows} must be a multiple of ranks x --micro = {world} x {args.micro}")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if device.type == "cpu":
         args.seq = min(args.seq, 128)
