@@ -29,12 +29,22 @@ untied: 5.27 B parameters, 1.04 B active per token (0.97 B without the input emb
 the built model). MFU = (6 N_active tokens + 6 layers heads*head_dim rows seq^2) / time / (2 x 989 TFLOP/s),
 N_active without the input embedding.
 
-Memory (dp2 and ep2 shard the same 5.27 B parameters over 2 GPUs): fp32 weights + grads + 2 AdamW states =
+Memory (both layouts hold the same 5.27 B parameters over 2 GPUs): fp32 weights + grads + 2 AdamW states =
 16 B x 5.27 B / 2 = 42 GB per GPU. Activations, no checkpointing, 2 rows x 4096 = 8192 tokens per forward: per token
 and layer ~34 KB for attention (bf16 norm/q/k/v/out) + ~102 KB for experts (8 routed copies of the 2048-wide input,
 the 1536-wide gate/up output and the 768-wide activation, bf16) + ~16 KB fp32 combine: ~150 KB x 8192 x 16 = 20 GB;
-logits 8192 x 32000 fp32 ~1 GB; ep2 also keeps the gathered tokens of both ranks (+~3 GB). ~65-70 GB of 141 GB:
---micro 2 fits both layouts without activation checkpointing.
+logits 8192 x 32000 fp32 ~1 GB; ep2 also keeps the gathered tokens of both ranks (+~3 GB). Gradients reduce on the
+last microbatch only (2 per rank here), so FSDP holds unsharded fp32 gradients of what it shards until then: dp2
++21 GB (every parameter), ep2 +~1 GB (the dense part; its experts are not FSDP-sharded, edp=1). dp2 ~85 GB, ep2
+~65 GB of 141 GB: --micro 2 fits both without activation checkpointing.
+
+Where the time should go (per rank and step, 2 microbatches): dp2 all-gathers every layer's bf16 weights in forward
+and again in backward (its dense parallelizer reshards after forward; nemo's MoE parallelizer under ep2 does not,
+`layer_reshard_after_forward` in the JSON) = 4 x 5.3 GB received, plus one fp32 reduce-scatter (~10.5 GB sent),
+mostly overlapped with compute by FSDP's prefetch. ep2 moves tokens, not weights: per MoE layer and microbatch an
+all-gather of the hidden states (34 MB), an fp32 all-reduce of every gathered token's partial output (134 MB) and
+their backward twins, ~12 GB per step on the critical path (nemo's "torch" dispatcher all-reduces dense outputs
+instead of an all-to-all of routed tokens).
 """
 
 from __future__ import annotations
@@ -146,11 +156,14 @@ def build_policy(args, cfg: dict, ep: int, device: torch.device, params: dict):
 
 
 def expert_layout(policy) -> dict:
-    """How layer 0's experts run and are held: torch._grouped_mm or the loop, DTensor placements over which mesh
-    axes, and this rank's shard of gate_and_up_projs."""
+    """How layer 0's experts run and are held: torch._grouped_mm or the loop, whether FSDP frees a decoder layer's
+    gathered weights after forward (nemo's MoE parallelizer keeps them, its dense one frees them), the DTensor
+    placements of gate_and_up_projs over which mesh axes, and this rank's shard."""
     experts = next(m for m in policy.handle.parts[0].modules() if hasattr(m, "gate_and_up_projs"))
     w = experts.gate_and_up_projs
-    return {"grouped_mm": experts.use_torch_mm, "mesh": dict(zip(w.device_mesh.mesh_dim_names, w.device_mesh.shape)),
+    layer = next(m for m in policy.handle.parts[0].modules() if type(m).__name__.endswith("DecoderLayer"))
+    group = layer._get_fsdp_state()._fsdp_param_group  # FSDP2: no post-forward mesh = kept gathered until backward
+    return {"grouped_mm": experts.use_torch_mm, "layer_reshard_after_forward": group.post_forward_mesh_info is not None, "mesh": dict(zip(w.device_mesh.mesh_dim_names, w.device_mesh.shape)),
             "placements": str(w.placements), "global": list(w.shape), "local": list(w.to_local().shape)}
 
 
