@@ -177,6 +177,8 @@ def peak_memory_per_gpu() -> list[dict]:
 
 def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops_of) -> dict:
     params: dict = {}
+    # what an earlier layout left allocated (should be ~0: its policy is released before the next build)
+    before = round(torch.cuda.memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     t_build = time.perf_counter()
     policy = build_policy(args, cfg, ep, device, params)
     if device.type == "cuda":
@@ -201,6 +203,7 @@ def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops
            "params": params, "expert_weights": expert_layout(policy), "build_s": round(build_s, 1)}
     if device.type == "cuda":
         row["memory_per_gpu"] = peak_memory_per_gpu()
+        row["allocated_before_build_gib"] = before
         if args.profile:  # every rank runs the step (collectives); rank 0's kernels are reported
             row["profile"] = kernel_profile(step, device, families=KERNEL_FAMILIES)
     policy = None
