@@ -157,25 +157,25 @@ def timed(step, device, warmup: int, steps: int) -> tuple[list[float], list[floa
     return times, losses
 
 
-def kernel_profile(step, device) -> dict:
-    """GPU time of one step by kernel family (ms), and the 15 costliest kernels."""
+def kernel_profile(step, device, families=KERNEL_FAMILIES) -> dict:
+    """GPU time of one step by kernel family (ms; `families`: first match wins), and the 15 costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    families: dict[str, float] = {}
+    by_family: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0.0)
         if us <= 0:
             continue
         name = e.key.lower()
-        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other elementwise")
-        families[family] = families.get(family, 0.0) + us / 1e3
+        family = next((f for f, keys in families if any(k in name for k in keys)), "other elementwise")
+        by_family[family] = by_family.get(family, 0.0) + us / 1e3
         kernels.append((us / 1e3, e.key[:100]))
     kernels.sort(reverse=True)
-    return {"by_family_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+    return {"by_family_ms": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": [[round(ms, 2), k] for ms, k in kernels[:15]]}
 
 
