@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 PEAK_FLOPS = 989e12
 MODELS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=8, vocab_size=32000),
@@ -92,6 +92,7 @@ def ours(args, cfg: dict, device, microbatches: list[dict], compile: bool):
 
     world = dist.get_world_size()
     run = RunConfig(parallel=ParallelConfig(dp=world // args.pp, pp=args.pp, pp_microbatch_size=args.micro,
+                                            pp_schedule=args.pp_schedule,
                                             activation_checkpointing=args.ac),
                     model=ModelConfig(config=cfg, dtype=args.dtype),
                     train=TrainConfig(max_steps=1000, global_batch_size=args.rows, micro_batch_size=microbatch_rows(args),
@@ -230,7 +231,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096, help="tokens per row")
     ap.add_argument("--rows", type=int, default=8, help="rows per optimizer step")
     ap.add_argument("--micro", type=int, default=1, help="rows per forward/backward (under --pp: per pipeline microbatch)")
-    ap.add_argument("--pp", type=int, default=1, help="pipeline stages of the 'ours' variants (1F1B); dp = ranks / pp")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages of the 'ours' variants; dp = ranks / pp")
+    ap.add_argument("--pp-schedule", default="1f1b", help="parallel.pp_schedule under --pp (1f1b | interleaved1f1b)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder layer")
@@ -287,6 +289,8 @@ def main() -> None:
                            gpu_total_gib=round(total / 2**30, 2))
                 if args.profile:
                     row["profile"] = kernel_profile(step, device)
+                    if args.pp > 1:  # each stage's own GPU time
+                        print(json.dumps({"rank": dist.get_rank(), name: row["profile"]["by_family_ms"]}), flush=True)
                 if args.host_profile:
                     row["host_profile_ms"] = host_profile(step)
                 if args.gaps:
