@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from automodel_mimo.distributed.grid_spec import GridSpec, check_view, validate_layout
 from automodel_mimo.distributed.mesh import DTYPES, ParallelState
+from automodel_mimo.distributed.subset_mesh import make_flattened_dims_sliceable
 
 
 # ---------------------------------------------------------------- grids with process groups
@@ -87,8 +88,10 @@ def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float
         # A whole-world grid takes nemo's plain init_device_mesh path (the LM's): its explicit-ranks path
         # registers flattened dims that torch 2.11 refuses to slice ("only allows slicing out a contiguous
         # flattened dim", seen on 4 x H200); torch 2.13 accepts both.
-        ctx = MeshContext.build(strategy, sizes, world_size=spec.size,
-                                ranks=None if ranks == list(range(world)) else ranks)
+        whole_world = ranks == list(range(world))
+        ctx = MeshContext.build(strategy, sizes, world_size=spec.size, ranks=None if whole_world else ranks)
+        if not whole_world and spec.holds(dist.get_rank()):
+            make_flattened_dims_sliceable(ctx.device_mesh)
         grids[spec.name] = Grid(spec, ctx, device)
     return grids
 
