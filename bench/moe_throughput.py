@@ -16,10 +16,10 @@ router metrics (moe_aux_loss, moe_load_imbalance, moe_idle_experts). Both layout
 rows, so their first-step losses agree to bf16 noise (`first_loss_rel_diff`).
 
 Backends (what runs, CUDA and CPU alike; nothing of Transformer Engine, DeepEP or the grouped_gemm package):
-- experts: nemo `GroupedExperts` with `--experts torch_mm` (default): torch._grouped_mm over tokens sorted by
-  expert (CUTLASS grouped GEMM on H100/H200); `--experts torch`: nemo's per-expert loop (a host sync per expert).
-  The project's build path hard-codes "torch" (models/moe.py: backend()); this script swaps that function for one
-  with the chosen `experts` before building, nothing else changes. The JSON says which ran (`experts`).
+- experts: nemo `GroupedExperts` with `--experts torch_mm` (default, the project's backend: models/moe.py
+  backend()): torch._grouped_mm over tokens sorted by expert (CUTLASS grouped GEMM on H100/H200); `--experts
+  torch`: nemo's per-expert loop (a host sync per expert; the project's backend before 2026-12-01), swapped in
+  before building, nothing else changes. The JSON says which ran (`experts`).
 - dispatcher: nemo's "torch" one (all-gather of the ep group's tokens, local experts, all-reduce, narrow).
 - attention: transformers' SDPA (causal, no mask: flash kernel on CUDA).
 - weighted SwiGLU: nemo's torch.compile'd function on CUDA (triton), the same math eagerly on CPU.
@@ -115,7 +115,7 @@ def measured_params(model: torch.nn.Module, cfg: dict) -> dict:
 
 
 def use_experts_backend(name: str) -> None:
-    """The project builds nemo's GroupedExperts with experts="torch" (models/moe.py: backend()); pick `name`."""
+    """The project builds nemo's GroupedExperts with experts="torch_mm" (models/moe.py: backend()); pick `name`."""
     from automodel_mimo.models import moe
 
     project = moe.backend

@@ -5,8 +5,9 @@ context-parallel attention work unchanged) whose `Qwen3MoeSparseMoeBlock`s are r
 `Gate` and `GroupedExperts`), initialized from the HF block's weights. nemo's MoE parallelizer then shards the
 experts over the expert view's `ep` axis (`apply_ep`) and FSDP2 wraps them over `ep_shard` (docs/moe.md).
 
-CPU: nemo's default expert backend off CUDA is its per-expert loop ("torch") and its dispatcher the all-gather
-one ("torch"): no grouped GEMM, DeepEP or triton kernel is involved (`backend()`). Its weighted SwiGLU is a
+Backends (`backend()`): the experts run as one grouped GEMM over tokens sorted by expert ("torch_mm":
+torch._grouped_mm, CUDA and CPU alike; nemo's per-expert loop syncs the host once per expert, 3.9x slower per step
+on 2 x H200), the dispatcher is the all-gather one ("torch"): no DeepEP or Transformer Engine. Its weighted SwiGLU is a
 `torch.compile`d function, which on CPU compiles C++ in every process (~15 s, again for new token counts); without
 CUDA the experts use the same math eagerly (`weighted_swiglu`).
 
@@ -38,7 +39,7 @@ def is_moe(config: PretrainedConfig) -> bool:
 def backend():
     from nemo_automodel.components.models.common import BackendConfig
 
-    return BackendConfig(attn="sdpa", linear="torch", rms_norm="torch", rope_fusion=False, experts="torch",
+    return BackendConfig(attn="sdpa", linear="torch", rms_norm="torch", rope_fusion=False, experts="torch_mm",
                          dispatcher="torch", enable_hf_state_dict_adapter=False)
 
 
