@@ -273,6 +273,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_accumulated_memory_stats()
         try:
             t_build = time.perf_counter()
             step = builder(args, cfg, device, microbatches, compile=name.endswith("_compile"))
@@ -284,6 +285,8 @@ def main() -> None:
                    "losses": [round(x, 5) for x in losses], "build_and_warmup_s": round(time.perf_counter() - t_build - sum(times), 1)}
             if device.type == "cuda":
                 free, total = torch.cuda.mem_get_info()
+                stats = torch.cuda.memory_stats()  # the allocator's own count of driver calls since the variant began
+                row["allocator"] = {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
                 row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                            gpu_total_gib=round(total / 2**30, 2))
