@@ -52,6 +52,16 @@ PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "l
 # non-colocated: the encoder on rank 0, the LLM's expert view spans ranks 1-2 only (rank 0 builds its groups, holds none)
 NONCOLOCATED_LAYOUTS = [("vision dp1 on rank 0, language dp2 ep2 on ranks 1-2",
                          {"vision": {"dp": 1}, "language": {"dp": 2, "ep": 2, "offset": 1}}, 4)]
+# 4 ranks (slow): a fan-in into an LLM with cp (sequence sums over cp), and the LLM first (rank 0 holds experts)
+NONCOLOCATED_FOUR_RANKS = [
+    ("vision dp2 on ranks 0-1, language cp2 ep2 on ranks 2-3", {"vision": {"dp": 2}, "language": {"cp": 2, "ep": 2, "offset": 2}}, 2),
+    ("language dp2 ep2 on ranks 0-1, vision dp2 on ranks 2-3", {"vision": {"dp": 2, "offset": 2}, "language": {"dp": 2, "ep": 2}}, 2),
+    # one MoE layer per stage (ep1): the router metrics sum over the stages, then cross the relay
+    ("vision dp2 on ranks 0-1, language pp2 on ranks 2-3", {"vision": {"dp": 2}, "language": {"pp": 2, "offset": 2}}, 4),
+]
+# 5 ranks (slow): ep2 within each stage of a pipelined LLM fed by a fan-out
+NONCOLOCATED_FIVE_RANKS = [("vision dp1 on rank 0, language pp2 x dp2 ep2 on ranks 1-4",
+                            {"vision": {"dp": 1}, "language": {"pp": 2, "dp": 2, "ep": 2, "offset": 1}}, 4)]
 
 
 def _pipeline(micro: int) -> dict:
@@ -164,6 +174,20 @@ def test_moe_language_model_under_ep2_non_colocated_matches_single_process(refer
     per_rank = run_ranks(_layout_steps, 3, rows, NONCOLOCATED_LAYOUTS)
     assert [r[NONCOLOCATED_LAYOUTS[0][0], "sgd"]["modules"] for r in per_rank] == [["vision"], ["language"], ["language"]]
     _check(per_rank, NONCOLOCATED_LAYOUTS, ref)
+
+
+@pytest.mark.slow
+def test_moe_language_model_under_ep2_non_colocated_four_ranks_matches_single_process(reference):
+    rows, ref = reference
+    per_rank = run_ranks(_layout_steps, 4, rows, NONCOLOCATED_FOUR_RANKS)
+    assert [r[NONCOLOCATED_FOUR_RANKS[1][0], "sgd"]["modules"] for r in per_rank] == [["language"]] * 2 + [["vision"]] * 2
+    _check(per_rank, NONCOLOCATED_FOUR_RANKS, ref)
+
+
+@pytest.mark.slow
+def test_moe_language_model_under_pp2_x_ep2_non_colocated_matches_single_process(reference):
+    rows, ref = reference
+    _check(run_ranks(_layout_steps, 5, rows, NONCOLOCATED_FIVE_RANKS), NONCOLOCATED_FIVE_RANKS, ref)
 
 
 MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=qwen3_moe", "model.config.num_experts=4",
