@@ -1,7 +1,8 @@
 """MIMO with a mixture-of-experts language model (docs/moe.md): vision tower + projector at their own layout and a
-tiny Qwen3-MoE LLM with its experts split over `mimo.layout.language.ep`, one SFT step on 2 gloo ranks, equals an
-independent single-process step of the vision module + transformers' own Qwen3-MoE (its router and experts, a
-hand-written sequence-wise balance loss): loss, aux loss, grad norm, every gradient, post-step weights (fp32)."""
+tiny Qwen3-MoE LLM with its experts split over `mimo.layout.language.ep`, one SFT step on 2 gloo ranks (non-colocated:
+3; 4 or 5 in slow tests), equals an independent single-process step of the vision module + transformers' own Qwen3-MoE
+(its router and experts, a hand-written sequence-wise balance loss): loss, aux loss, grad norm, every gradient,
+post-step weights (fp32)."""
 
 from __future__ import annotations
 
