@@ -250,9 +250,9 @@ MIMO_DIMS = ("dp", "tp", "cp", "pp")
 EXPERT_DIMS = ("ep", "etp")
 
 
-def _validate_mimo_experts(cfg: RunConfig, sizes: dict, colocated: bool) -> None:
+def _validate_mimo_experts(cfg: RunConfig, sizes: dict) -> None:
     """mimo.layout.language.ep: the language model's experts over its grid's expert view (as parallel.ep for an LM;
-    under language pp, each stage's view), colocated so far."""
+    under language pp, each stage's view), colocated or not (a non-colocated LLM's view spans its own ranks)."""
     from types import SimpleNamespace
 
     from automodel_mimo.models.facts import MOE_TYPES
@@ -267,14 +267,12 @@ def _validate_mimo_experts(cfg: RunConfig, sizes: dict, colocated: bool) -> None
     _require(cfg.model.config.get("model_type") in MOE_TYPES,
              f"{key}.ep={p.ep} needs a mixture-of-experts language model (model.config.model_type: "
              f"{', '.join(sorted(MOE_TYPES))}, with num_experts); set {key}.ep=1")
-    _require(colocated, f"{key}.ep={p.ep}: expert parallelism under MIMO runs colocated layouts only so far (every module "
-             f"spans all ranks, no offset); set {key}.ep=1 or drop the offsets")
 
 
 def validate_mimo(cfg: RunConfig, world: int) -> None:
     """The MIMO section and its layout (grids.validate_layout: colocated or disjoint rank ranges covering the world,
     encoder pp=1, dp nesting, batch divisibility; LLM pp schedule steps)."""
-    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, is_colocated, validate_layout
+    from automodel_mimo.distributed.grid_spec import LANGUAGE, GridSpec, validate_layout
 
     m, p, t = cfg.mimo, cfg.parallel, cfg.train
     _require(cfg.algo in ("sft", "dpo", "grpo"), f"mimo.layout is set, but MIMO supports sft, dpo and grpo (got {cfg.algo})")
@@ -311,7 +309,7 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              "between the modules: each microbatch's rows are split over that many dp slots of the language model")
     lm_pp = specs[1].dim_size("pp")
     fan_out = lm_dp // enc_dp if lm_dp > enc_dp else 1
-    _validate_mimo_experts(cfg, m.layout[LANGUAGE], is_colocated(specs, world))
+    _validate_mimo_experts(cfg, m.layout[LANGUAGE])
     if cfg.algo == "dpo":
         _validate_mimo_dpo(cfg, fan_out, lm_cp, lm_pp)
     if cfg.algo == "grpo":

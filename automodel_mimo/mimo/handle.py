@@ -60,7 +60,7 @@ from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, 
 from automodel_mimo.mimo.relay import Relay
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import Handle, count_over, stage_full_state
-from automodel_mimo.models.moe import SEGMENTS, hf_named, to_hf_state
+from automodel_mimo.models.moe import SEGMENTS, hf_named, is_moe, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
@@ -101,7 +101,9 @@ def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: 
     grids = build_grids(specs, device, dtype, global_batch_size)
     ep = int(layout[LANGUAGE].get("ep", 1))
     if ep > 1:  # an MoE LLM's experts over the expert view of its grid, as an LM's (docs/moe.md)
-        grids[LANGUAGE].mesh_context.moe_mesh = grid_expert_view(grids[LANGUAGE], ep)
+        view = grid_expert_view(grids[LANGUAGE], ep)  # collective: every rank, the LLM's members or not
+        if grids[LANGUAGE].member:  # non-colocated: an encoder-only rank holds no view
+            grids[LANGUAGE].mesh_context.moe_mesh = view
     return grids
 
 
@@ -174,8 +176,15 @@ class MimoHandle(Handle):
 
     def step_metrics(self) -> dict:
         """MoE router metrics, also summed (max for the imbalance) over the LLM's pipeline stages, which hold
-        different MoE layers (the LM path's `stage_group`; a MIMO handle's is None: the encoder is on every rank)."""
-        return {} if self.router is None else self.router.metrics(self.pp_group)
+        different MoE layers (the LM path's `stage_group`; a MIMO handle's is None: the encoder is on every rank).
+        Non-colocated: the LLM ranks' global values, relayed to the encoder ranks (which hold no router)."""
+        metrics = {} if self.router is None else self.router.metrics(self.pp_group)
+        if self.colocated or not is_moe(self._config):
+            return metrics
+        if self.on_language:
+            self.bridge.send_results(metrics)
+            return metrics
+        return self.bridge.recv_results()[0]  # every LLM slot sends the same global values
 
     @property
     def config(self):
