@@ -380,8 +380,12 @@ class MimoHandle(Handle):
             leaf = received.requires_grad_(True)
             # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
             rows = sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None else leaf
-            if self.driver is not None:
-                metrics.extend(self._pipelined_forward_backward([microbatches[k]], loss_fn, temperature, [rows]))
+            if self.driver is not None:  # one schedule step per microbatch: the LLM's FSDP reduces after the last
+                self.driver.reduce_after_last_step = k == n - 1
+                try:
+                    metrics.extend(self._pipelined_forward_backward([microbatches[k]], loss_fn, temperature, [rows]))
+                finally:
+                    self.driver.reduce_after_last_step = True
             else:
                 self.set_gradient_sync(k == n - 1)
                 logits, shard = self._forward(microbatches[k], rows)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from automodel_mimo.data.batching import pad_rows, split_rows
 from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
@@ -64,6 +65,31 @@ def cpu_pipeline_warmup():
         yield
     finally:
         functional._warmup_pipeline_stage_neighbors = original
+
+
+# ---------------------------------------------------------------- gradient reduction once per optimizer step
+
+
+@contextmanager
+def gradient_sync(stages, enabled: bool):
+    """A schedule step ends with `perform_reduce_grad`, which turns FSDP's gradient sync on and reduce-scatters
+    every stage's gradients. Over several schedule steps per optimizer step (gradient accumulation) only the last
+    needs it: for the others the sync stays off (FSDP then keeps accumulating unsharded gradients and reduces them
+    once, as the non-pipelined path does: models/handle.py `set_gradient_sync`), so data-parallel gradient traffic
+    is paid once per optimizer step, not once per schedule step."""
+    fsdp = [s.submod for s in stages or () if isinstance(s.submod, FSDPModule)]
+    if enabled or not fsdp:
+        yield
+        return
+    for module in fsdp:
+        original = module.set_requires_gradient_sync
+        module.set_requires_gradient_sync = lambda _on, *, recurse=True, _set=original: _set(False, recurse=recurse)
+    try:
+        yield
+    finally:
+        for module in fsdp:
+            del module.set_requires_gradient_sync  # the class's method again
+            module.set_requires_gradient_sync(True)
 
 
 # ---------------------------------------------------------------- loss adapter and capturer
@@ -146,6 +172,9 @@ class PipelineDriver:
         self.pipeline, self.rows_per_step, self.pad_id = pipeline, rows_per_step, pad_id
         self.dp_group, self.pp_group, self.device = dp_group, pp_group, device
         self.first_stage_inputs = first_stage_inputs
+        # False: the caller runs more schedule steps before the optimizer (MIMO non-colocated: one per microbatch)
+        # and sets it back to True for the last call
+        self.reduce_after_last_step = True
         ranks = dist.get_process_group_ranks(pp_group)
         self.first_stage_rank, self.last_stage_rank = ranks[0], ranks[-1]
         self._mode: str | None = None
@@ -212,11 +241,13 @@ class PipelineDriver:
     def _train(self, microbatches: list[dict], loss_fn: LossFn, with_input_grads: bool) -> tuple[list[dict], list[dict]]:
         steps = [(i, chunk, real) for i, mb in enumerate(microbatches) for chunk, real in self._chunks(mb)]
         per_step, grads = [], [dict() for _ in microbatches]
-        for i, chunk, real in self._equalized_steps(steps):
+        steps = self._equalized_steps(steps)
+        for n, (i, chunk, real) in enumerate(steps):
             self._prepare("train", chunk["input_ids"].shape[1])
             leaves = {k: chunk[k].detach().requires_grad_(True) for k in self.first_stage_inputs if with_input_grads}
             adapter = PPLossAdapter(loss_fn, self._side_data(chunk))
-            self._run({**chunk, **leaves}, adapter, train=True)
+            with gradient_sync(self.info.stages, n == len(steps) - 1 and self.reduce_after_last_step):
+                self._run({**chunk, **leaves}, adapter, train=True)
             per_step.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
             for k, leaf in leaves.items():  # a dummy step (i is None) has no rows to return
                 if i is not None:  # no gradient: not the first stage, or the input did not reach the loss
