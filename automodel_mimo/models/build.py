@@ -79,9 +79,24 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
     compile_parallelized_model(model, state.mesh_context)  # per decoder layer, in place (names unchanged)
+    _plain_embedding_output(model, state)
     if state.mesh_context.strategy_config.enable_compile and state.device.type == "cuda":
         compile_logprobs()
     return model.to(state.device)
+
+
+def _plain_embedding_output(model: nn.Module, state: ParallelState) -> None:
+    """Under TP the embedding's output is an AsyncCollectiveTensor (DTensor's to_local of a pending all-reduce). A
+    compiled decoder layer given one drops the gradient to it (torch 2.13: the embedding's gradient was 0 in the
+    compiled tp2 oracle, every other gradient exact; torch 2.11 kept it), so under compile the output is waited for
+    eagerly, with a differentiable copy, before the first compiled layer sees it."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    if not (state.mesh_context.strategy_config.enable_compile and state.tp_size > 1):
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(lambda _m, _i, out: out.clone() if isinstance(out, AsyncCollectiveTensor) else out)
 
 
 def _compile_safe_checkpointing(model: nn.Module, state: ParallelState):
