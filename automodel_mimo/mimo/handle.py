@@ -381,11 +381,8 @@ class MimoHandle(Handle):
             # under cp each rank's gradient covers its sequence chunks: summed over cp before it is sent back
             rows = sum_grad_over_cp(leaf, self.cp_group) if self.cp_group is not None else leaf
             if self.driver is not None:  # one schedule step per microbatch: the LLM's FSDP reduces after the last
-                self.driver.reduce_after_last_step = k == n - 1
-                try:
-                    metrics.extend(self._pipelined_forward_backward([microbatches[k]], loss_fn, temperature, [rows]))
-                finally:
-                    self.driver.reduce_after_last_step = True
+                metrics.extend(self._pipelined_forward_backward([microbatches[k]], loss_fn, temperature, [rows],
+                                                                reduce=k == n - 1))
             else:
                 self.set_gradient_sync(k == n - 1)
                 logits, shard = self._forward(microbatches[k], rows)
@@ -431,17 +428,19 @@ class MimoHandle(Handle):
         return results if self.bridge.slot == 0 else [_emptied(r) for r in results]
 
     def _pipelined_forward_backward(self, microbatches: list[dict], loss_fn, temperature: float,
-                                    rows: list[torch.Tensor] | None = None) -> list[dict]:
+                                    rows: list[torch.Tensor] | None = None, reduce: bool = True) -> list[dict]:
         """The three phases (mimo/pipeline.py). Only the last stage computes losses (pre-divided by the global
         token count every rank took from the data); the metrics are broadcast to every stage by the driver.
-        `rows`: received encoder rows (non-colocated: one microbatch at a time, phase 3 ends at the leaf)."""
+        `rows`: received encoder rows (non-colocated: one microbatch at a time, phase 3 ends at the leaf);
+        `reduce=False`: the LLM's FSDP does not reduce yet (more microbatches follow before the optimizer)."""
         for part in self.module_parts.get(self.encoder_name, []):  # the encoder's one backward reduces its gradients
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(True)
         batches, attached = self._stage_batches(microbatches, [self.loss_view(mb) for mb in microbatches], rows)
         with cp_attention(self.cp_group):
             metrics, grads = self.driver.forward_backward_with_input_grads(
-                batches, lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)))
+                batches, lambda logits, shard: loss_fn(*whole_rows(logits, shard, temperature, self.cp_group)),
+                reduce=reduce)
         if any(a.requires_grad for a in attached):
             torch.autograd.backward(attached, [g[IMAGE_EMBEDS] for g in grads])
         return metrics

@@ -172,9 +172,6 @@ class PipelineDriver:
         self.pipeline, self.rows_per_step, self.pad_id = pipeline, rows_per_step, pad_id
         self.dp_group, self.pp_group, self.device = dp_group, pp_group, device
         self.first_stage_inputs = first_stage_inputs
-        # False: the caller runs more schedule steps before the optimizer (MIMO non-colocated: one per microbatch)
-        # and sets it back to True for the last call
-        self.reduce_after_last_step = True
         ranks = dist.get_process_group_ranks(pp_group)
         self.first_stage_rank, self.last_stage_rank = ranks[0], ranks[-1]
         self._mode: str | None = None
@@ -233,12 +230,16 @@ class PipelineDriver:
         """One schedule step per `rows_per_step` rows of each microbatch. Metrics come from the last stage."""
         return self._train(microbatches, loss_fn, with_input_grads=False)[0]
 
-    def forward_backward_with_input_grads(self, microbatches: list[dict], loss_fn: LossFn) -> tuple[list[dict], list[dict]]:
+    def forward_backward_with_input_grads(self, microbatches: list[dict], loss_fn: LossFn,
+                                          reduce: bool = True) -> tuple[list[dict], list[dict]]:
         """`forward_backward`, and for each microbatch the gradients of its `first_stage_inputs` (whole
-        microbatch, its shape), identical on every stage: the first stage's, broadcast over the pp group."""
-        return self._train(microbatches, loss_fn, with_input_grads=True)
+        microbatch, its shape), identical on every stage: the first stage's, broadcast over the pp group.
+        `reduce=False`: more calls follow before the optimizer step (MIMO non-colocated: one per microbatch), so
+        FSDP keeps accumulating; the step's last call reduces."""
+        return self._train(microbatches, loss_fn, with_input_grads=True, reduce=reduce)
 
-    def _train(self, microbatches: list[dict], loss_fn: LossFn, with_input_grads: bool) -> tuple[list[dict], list[dict]]:
+    def _train(self, microbatches: list[dict], loss_fn: LossFn, with_input_grads: bool,
+               reduce: bool = True) -> tuple[list[dict], list[dict]]:
         steps = [(i, chunk, real) for i, mb in enumerate(microbatches) for chunk, real in self._chunks(mb)]
         per_step, grads = [], [dict() for _ in microbatches]
         steps = self._equalized_steps(steps)
@@ -246,7 +247,7 @@ class PipelineDriver:
             self._prepare("train", chunk["input_ids"].shape[1])
             leaves = {k: chunk[k].detach().requires_grad_(True) for k in self.first_stage_inputs if with_input_grads}
             adapter = PPLossAdapter(loss_fn, self._side_data(chunk))
-            with gradient_sync(self.info.stages, n == len(steps) - 1 and self.reduce_after_last_step):
+            with gradient_sync(self.info.stages, n == len(steps) - 1 and reduce):
                 self._run({**chunk, **leaves}, adapter, train=True)
             per_step.append(sum_metrics(list(adapter.metrics.values())) if self.info.has_last_stage else None)
             for k, leaf in leaves.items():  # a dummy step (i is None) has no rows to return
