@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="GPU time of one step by kernel family")
     ap.add_argument("--host-profile", action="store_true", help="host-side ops of one step (CPU time)")
     ap.add_argument("--gaps", action="store_true", help="where the GPU idles in one step, with the host ops then")
+    ap.add_argument("--memory-trace", metavar="DIR", help="the allocator's trace of one step per variant: a summary "
+                    "by call site in the results, the trace gzip-pickled to DIR/<variant>.pickle.gz")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -296,6 +298,11 @@ def main() -> None:
                         print(json.dumps({"rank": dist.get_rank(), name: row["profile"]["by_family_ms"]}), flush=True)
                 if args.host_profile:
                     row["host_profile_ms"] = host_profile(step)
+                if args.memory_trace:
+                    from memory_trace import memory_trace
+
+                    Path(args.memory_trace).mkdir(parents=True, exist_ok=True)
+                    row["memory_trace"] = memory_trace(step, f"{args.memory_trace}/{name}.pickle.gz")
                 if args.gaps:
                     row["gaps_profile"] = gpu_gaps(step)
                     gaps = row["gaps_profile"]  # per rank: pipeline stages idle differently
