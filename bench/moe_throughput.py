@@ -72,7 +72,9 @@ MODELS = {
                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 COMMON = dict(norm_topk_prob=True, router_aux_loss_coef=0.001, tie_word_embeddings=False)
-LAYOUTS = {"ep2": 2, "dp2": 1}  # name -> parallel.ep, both on 2 ranks (dp2 for the dense part)
+# name -> parallel.ep, both on 2 ranks (dp2 for the dense part); "dp1": one rank, no ep. A "_compile" suffix turns
+# train.compile on (torch.compile per decoder layer, MoE block included), e.g. --layouts dp1,dp1_compile on one GPU
+LAYOUTS = {"ep2": 2, "dp2": 1, "dp1": 1}
 KERNEL_FAMILIES = (  # first match wins: grouped GEMMs before plain ones, NCCL before copies
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("expert grouped gemm", ("grouped", "groupproblem", "ptrarray")),
@@ -136,7 +138,7 @@ def new_model(cfg: dict, seq: int, device: torch.device):
         return build_moe_model(model)
 
 
-def build_policy(args, cfg: dict, ep: int, device: torch.device, params: dict):
+def build_policy(args, cfg: dict, ep: int, device: torch.device, params: dict, compile: bool = False):
     from automodel_mimo.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from automodel_mimo.config.checks import validate_experts
     from automodel_mimo.distributed.mesh import build_parallel_state
@@ -147,9 +149,9 @@ def build_policy(args, cfg: dict, ep: int, device: torch.device, params: dict):
     validate_experts(parallel)
     run = RunConfig(parallel=parallel, model=ModelConfig(config={"model_type": "qwen3_moe", **cfg}, dtype=args.dtype),
                     train=TrainConfig(max_steps=1000, global_batch_size=args.rows, micro_batch_size=args.micro,
-                                      lr=1e-5, warmup_steps=0))
+                                      lr=1e-5, warmup_steps=0, compile=compile))
     run.data.max_seq_len = args.seq
-    state = build_parallel_state(run.parallel, device, run.model.dtype)
+    state = build_parallel_state(run.parallel, device, run.model.dtype, compile=compile)
     model = new_model(cfg, args.seq, device)
     params.update(measured_params(model, cfg))
     return Policy(build_handle(run, model, state, pad_id=0), run.train)
@@ -162,9 +164,14 @@ def expert_layout(policy) -> dict:
     experts = next(m for m in policy.handle.parts[0].modules() if hasattr(m, "gate_and_up_projs"))
     w = experts.gate_and_up_projs
     layer = next(m for m in policy.handle.parts[0].modules() if type(m).__name__.endswith("DecoderLayer"))
-    group = layer._get_fsdp_state()._fsdp_param_group  # FSDP2: no post-forward mesh = kept gathered until backward
-    return {"grouped_mm": experts.use_torch_mm, "layer_reshard_after_forward": group.post_forward_mesh_info is not None, "mesh": dict(zip(w.device_mesh.mesh_dim_names, w.device_mesh.shape)),
-            "placements": str(w.placements), "global": list(w.shape), "local": list(w.to_local().shape)}
+    layout = {"grouped_mm": experts.use_torch_mm, "global": list(w.shape)}
+    if hasattr(layer, "_get_fsdp_state"):  # one rank: nemo leaves layers unsharded (plain tensors)
+        group = layer._get_fsdp_state()._fsdp_param_group  # FSDP2: no post-forward mesh = kept gathered until backward
+        layout["layer_reshard_after_forward"] = group.post_forward_mesh_info is not None
+    if hasattr(w, "device_mesh"):
+        layout.update(mesh=dict(zip(w.device_mesh.mesh_dim_names, w.device_mesh.shape)), placements=str(w.placements),
+                      local=list(w.to_local().shape))
+    return layout
 
 
 def peak_memory_per_gpu() -> list[dict]:
@@ -175,12 +182,12 @@ def peak_memory_per_gpu() -> list[dict]:
     return every
 
 
-def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops_of) -> dict:
+def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops_of, compile: bool = False) -> dict:
     params: dict = {}
     # what an earlier layout left allocated (should be ~0: its policy is released before the next build)
     before = round(torch.cuda.memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     t_build = time.perf_counter()
-    policy = build_policy(args, cfg, ep, device, params)
+    policy = build_policy(args, cfg, ep, device, params, compile)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -250,8 +257,10 @@ def main() -> None:
               "layouts": {}}
     for name in args.layouts.split(","):
         try:
-            row = run_layout(args, cfg, LAYOUTS[name], device, microbatches,
-                             lambda n: model_flops(cfg, n, args.rows, args.seq))
+            if name.removesuffix("_compile") not in LAYOUTS:
+                ap.error(f"--layouts: unknown layout {name!r} (known: {sorted(LAYOUTS)}, each optionally _compile)")
+            row = run_layout(args, cfg, LAYOUTS[name.removesuffix("_compile")], device, microbatches,
+                             lambda n: model_flops(cfg, n, args.rows, args.seq), compile=name.endswith("_compile"))
         except torch.OutOfMemoryError as e:
             row = {"error": f"OOM: {str(e).splitlines()[0]}"}
         result["layouts"][name] = row
