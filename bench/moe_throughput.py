@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's automodel_mimo and bench.*
 
-from bench.sft_throughput import PEAK_FLOPS, kernel_profile, make_rows, timed  # noqa: E402
+from bench.sft_throughput import PEAK_FLOPS, gpu_gaps, host_profile, kernel_profile, make_rows, timed  # noqa: E402
 
 MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
@@ -213,6 +213,8 @@ def run_layout(args, cfg: dict, ep: int, device, microbatches: list[dict], flops
         row["allocated_before_build_gib"] = before
         if args.profile:  # every rank runs the step (collectives); rank 0's kernels are reported
             row["profile"] = kernel_profile(step, device, families=KERNEL_FAMILIES)
+        if args.gaps:  # where the GPU idles, with the host ops then, and the host's busiest ops
+            row["gaps_profile"], row["host_profile_ms"] = gpu_gaps(step), host_profile(step)
     policy = None
     gc.collect()
     return row
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--profile", action="store_true", help="CUDA: GPU time of one step by kernel family")
+    ap.add_argument("--gaps", action="store_true", help="CUDA: where the GPU idles in one step, and the host's top ops")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -267,7 +270,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if rank == 0:
-            print(json.dumps({name: {k: v for k, v in row.items() if k != "profile"}}), flush=True)
+            print(json.dumps({name: {k: v for k, v in row.items() if "profile" not in k}}), flush=True)
     firsts = [r["losses"][0] for r in result["layouts"].values() if "losses" in r]
     if len(firsts) == 2:
         result["first_loss_rel_diff"] = abs(firsts[0] - firsts[1]) / abs(firsts[1])
@@ -276,6 +279,10 @@ def main() -> None:
         for name, row in result["layouts"].items():
             if "profile" in row:
                 print(json.dumps({f"{name}_profile_ms": row["profile"]["by_family_ms"]}), flush=True)
+            if "gaps_profile" in row:
+                gaps = row["gaps_profile"]
+                print(json.dumps({f"{name}_gaps": {k: v for k, v in gaps.items() if k != "largest"},
+                                  "largest": gaps["largest"][:4], "host_top": row["host_profile_ms"][:12]}), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

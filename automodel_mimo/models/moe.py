@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from automodel_mimo.models.facts import MOE_TYPES
+from automodel_mimo.models.moe_local_dispatch import use_local_dispatch
 from automodel_mimo.parallel.context_parallel import sum_over_cp
 
 SEGMENTS = "moe_segments"  # [B, S] sequence index of each token within its row, -1 for padding
@@ -71,8 +72,10 @@ def _balanced_moe_class():
             self.reset_stats()
 
         def reset_stats(self) -> None:
-            self.aux_sum = torch.zeros((), dtype=torch.float64)
-            self.load = torch.zeros(self.n_routed_experts, dtype=torch.float64)
+            # on the model's device: the step's sums stay there until RouterBalance.metrics reads them once
+            device = self.gate.weight.device
+            self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self.load = torch.zeros(self.n_routed_experts, dtype=torch.float64, device=device)
 
         def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cp_mesh=None) -> torch.Tensor:
             shape = x.shape
@@ -93,11 +96,14 @@ def _balanced_moe_class():
             rows, width = segments.shape
             cp = 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
             slots = width * cp  # more than any row's sequence count, identical on every cp rank
-            key = (torch.arange(rows, device=x.device)[:, None] * slots + segments.clamp(min=0)).reshape(-1)[valid]
-            routed = F.one_hot(indices[valid], n_experts).sum(1).float()  # [T, E]
-            counts = torch.zeros(rows * slots, 1 + n_experts, device=x.device).index_add_(
-                0, key, torch.cat([torch.ones_like(routed[:, :1]), routed], 1))
-            psum = torch.zeros(rows * slots, n_experts, device=x.device).index_add(0, key, probs[valid])
+            # padding tokens go to a spare slot past every sequence, dropped after the sums (no boolean indexing:
+            # its output size would have to be read on the host)
+            key = (torch.arange(rows, device=x.device)[:, None] * slots + segments.clamp(min=0)).reshape(-1)
+            key = torch.where(valid, key, rows * slots)
+            routed = F.one_hot(indices, n_experts).sum(1).float() * valid[:, None]  # [T, E], 0 for padding
+            counts = torch.zeros(rows * slots + 1, 1 + n_experts, device=x.device).index_add_(
+                0, key, torch.cat([torch.ones_like(routed[:, :1]), routed], 1))[:-1]
+            psum = torch.zeros(rows * slots + 1, n_experts, device=x.device).index_add(0, key, probs)[:-1]
             if cp > 1:
                 dist.all_reduce(counts, group=self.cp_group)
                 psum = sum_over_cp(psum, self.cp_group)
@@ -105,8 +111,8 @@ def _balanced_moe_class():
             f = counts[:, 1:] * n_experts / (k * tokens)
             aux = (f * psum / tokens).sum() * self.aux_scale
             if torch._C._current_graph_task_id() == -1:  # not an activation-checkpointing recompute (in backward)
-                self.aux_sum += aux.detach().double().cpu()
-                self.load += routed.sum(0).double().cpu()
+                self.aux_sum += aux.detach().double()
+                self.load += routed.sum(0).double()
             return AddAuxGrad.apply(y, aux) if self.aux_scale else y
 
     return BalancedMoE
@@ -146,6 +152,7 @@ def build_moe_model(hf_model: nn.Module) -> nn.Module:
             moe.experts.down_projs.copy_(block.experts.down_proj.transpose(1, 2))
         if not torch.cuda.is_available():
             moe.experts.expert_activation_grouped = weighted_swiglu
+        use_local_dispatch(moe.experts)
         layer.mlp = moe
     # the inner model's forward receives every model kwarg (also as a pipeline stage, whose patched forward
     # calls decoder layers without them): hand the token -> sequence map to its MoE layers from there
