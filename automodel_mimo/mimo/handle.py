@@ -549,8 +549,9 @@ class MimoHandle(Handle):
                                cp, state.cp_rank)["inputs_embeds"]
 
         local = shard_batch(batch, cp, state.cp_rank)  # labels, loss mask, positions (no-op when cp == 1)
-        # the padding mask stays here (unlike models/handle.py MODEL_INPUTS): without it the embedded MIMO default's
-        # CPU curve moved (0.987 -> 0.943 held-out at step 600, same seed; docs/benchmarks.md), not yet explained
+        # the padding mask stays here (unlike models/handle.py MODEL_INPUTS): without it SDPA's backward rounds
+        # differently (<= 4e-7 relative, bench/padding_mask_rounding.py) and the embedded MIMO default's documented
+        # CPU curve moved (0.987 -> 0.943 held-out at step 600, same seed; docs/benchmarks.md)
         inputs = {k: local[k] for k in ("attention_mask", "position_ids", SEGMENTS) if k in local}
         hook = llm.get_input_embeddings().register_forward_hook(splice_then_shard)
         try:
