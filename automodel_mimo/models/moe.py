@@ -204,6 +204,15 @@ def to_hf_state(state: dict) -> dict:
     return dict(hf_named(name, value) for name, value in state.items())
 
 
+def from_hf_state(state: dict) -> dict:
+    """`to_hf_state`'s inverse: an HF folder's tensors (e.g. a DPO reference) under the model's own names and layout."""
+    out = {}
+    for name, value in state.items():
+        ours = next((o for o, theirs in HF_EXPERTS.items() if name.endswith(theirs)), None)
+        out[name[: -len(HF_EXPERTS[ours])] + ours if ours else name] = value.transpose(1, 2) if ours else value
+    return out
+
+
 # ---------------------------------------------------------------- sequences of a whole-row microbatch
 
 

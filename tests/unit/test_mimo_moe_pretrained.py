@@ -68,6 +68,22 @@ def image_rows(image_token: int, seed: int = 3) -> list[dict]:
     return rows
 
 
+def _reference_from_folder(model, path: str, microbatches: list[dict], initial: list[torch.Tensor]) -> float:
+    """dpo.reference=<the folder> of a moved policy: its reference logprobs are the folder's (experts included)."""
+    from policies.policy import Policy
+    from tests.unit.oracle import train_config
+
+    policy = Policy(model, train_config("sgd", 0.0, 4, 2))
+    model.reshard()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    policy.init_reference(model.hf_state(path, "dpo.reference"))
+    reference = policy.reference_logprobs(microbatches)
+    assert min(rel_err(m, i) for m, i in zip(policy.logprobs(microbatches), initial)) > TOL  # the policy moved
+    return max(rel_err(r, i) for r, i in zip(reference, initial))
+
+
 def _trainer_logprobs(path: str, rows: list[dict]) -> dict:
     """Per layout: this rank's rows' label logprobs from the MIMO handle (model.pretrained's loader), and its experts."""
     from automodel_mimo.data.batching import local_slice
@@ -88,11 +104,14 @@ def _trainer_logprobs(path: str, rows: list[dict]) -> dict:
         builder = MicrobatchBuilder(0, CPU, cp=model.cp_size, pad_multiple=model.pad_multiple,
                                     rows_multiple=model.rows_multiple())
         local = local_slice(rows, block, blocks)
-        logprobs = [row for lp in model.logprobs(builder.build(local, micro)) for row in lp]  # whole rows, padded
+        microbatches = builder.build(local, micro)
+        initial = model.logprobs(microbatches)
+        logprobs = [row for lp in initial for row in lp]  # whole rows, padded
+        reference_error = _reference_from_folder(model, path, microbatches, initial)
         experts = {tuple(p.to_local().shape) for n, p in model.named_parameters()
                    if n.endswith("experts.gate_and_up_projs") and isinstance(p, DTensor)}
         out[name] = {"rows": list(range(block * len(local), (block + 1) * len(local))), "logprobs": logprobs,
-                     "moe_layers": n_moe, "local_experts": experts}
+                     "moe_layers": n_moe, "local_experts": experts, "reference_error": reference_error}
         model.destroy()
     return out
 
@@ -116,6 +135,7 @@ def test_llava_folder_with_an_moe_llm_gives_transformers_logprobs_under_ep2(fold
             got = result[name]
             assert got["moe_layers"] == 2, (name, got["moe_layers"])  # the folder's sparse blocks: nemo's MoE
             assert got["local_experts"] == {(EXPERTS // 2, 32, 32)}, (name, got["local_experts"])
+            assert got["reference_error"] < TOL, (name, rank, got["reference_error"])
             for i, row in zip(got["rows"], got["logprobs"]):
                 length = len(rows[i]["input_ids"])
                 err = rel_err(row[:length], ref[i, :length])

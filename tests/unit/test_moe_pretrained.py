@@ -73,16 +73,27 @@ def _load_step_export(folder, ep: int) -> dict:
     before = _logits(handle, inputs)
     policy = Policy(handle, cfg.train)
     local = local_slice(rows, *handle.data_block())
-    policy.sft_forward_backward(MicrobatchBuilder.for_run(cfg, handle, pad_id=0).build(local, ROWS // 2))
+    microbatches = MicrobatchBuilder.for_run(cfg, handle, pad_id=0).build(local, ROWS // 2)
+    initial = policy.logprobs(microbatches)
+    policy.sft_forward_backward(microbatches)
     policy.optimizer_step()
     after = _logits(handle, inputs)
     full = handle.full_state_dict()
     export = folder.parent / f"{folder.name}_export_ep{ep}"
     if torch.distributed.get_rank() == 0:
         handle.write_hf(full, tokenizer, export)
+    # the folder as a DPO reference (dpo.reference=<folder>) of a moved policy: its experts too (nemo's names, layout)
+    handle.reshard()
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.mul_(1.05)
+    policy.init_reference(handle.hf_state(str(folder), "dpo.reference"))
+    reference, moved = policy.reference_logprobs(microbatches), policy.logprobs(microbatches)
     experts = {(tuple(p.to_local().shape), tuple(str(getattr(d, "value", d)) for d in p.device_mesh.mesh_dim_names))
                for n, p in handle.named_parameters() if n.endswith("experts.gate_and_up_projs")}
-    return {"before": before, "after": after, "export": Path(export), "local_experts": experts}
+    return {"before": before, "after": after, "export": Path(export), "local_experts": experts,
+            "reference_error": max(rel_err(r, i) for r, i in zip(reference, initial)),
+            "policy_moved": min(rel_err(m, i) for m, i in zip(moved, initial))}
 
 
 @pytest.mark.parametrize("ep", [1, 2])
@@ -105,3 +116,4 @@ def test_pretrained_qwen3_moe_folder_trains_and_exports(folder, ep):
         assert result["local_experts"] == {((4, 32, 32), ("ep",) if ep == 2 else ("dp_shard",))}, result["local_experts"]
         assert rel_err(result["before"][real], ref_before) < TOL, (rank, rel_err(result["before"][real], ref_before))
         assert rel_err(result["after"][real], ref_after) < TOL, (rank, rel_err(result["after"][real], ref_after))
+        assert result["reference_error"] < TOL < result["policy_moved"], result
