@@ -214,3 +214,32 @@ def test_noncolocated_mimo_grpo_with_an_moe_llm_under_ep2_matches_single_process
             assert _close(got[key], ref[key]), (rank, key, got[key], ref[key])
         assert abs(got["ratio_min"] - 1) < 1e-6 and abs(got["ratio_max"] - 1) < 1e-6 and got["skipped"] == 0
     assert_step_close(_merged(per_rank), ref, "grpo")
+
+
+# ---------------------------------------------------------------- the GRPO loop from the CLI, with rewards
+
+GRPO_NONCOLOCATED = [
+    "--config", "configs/mimo_grpo_tiny.yaml", "model.config.model_type=qwen3_moe", "model.config.num_experts=4",
+    "model.config.num_experts_per_tok=2", "model.config.moe_intermediate_size=16", "mimo.layout.language.tp=1",
+    "launch.nproc=3", "mimo.layout.vision.dp=1", "mimo.layout.language.dp=2", "mimo.layout.language.ep=2",
+    "mimo.layout.language.offset=1", "train.max_steps=3", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+    "train.global_batch_size=16", "train.micro_batch_size=8", "data.num_train=4000", "data.num_eval=20",
+    # warmed up until a quarter of the held-out answers are exact (step ~125): rewards are not all 0
+    "grpo.warmup_sft_steps=400", "grpo.warmup_sft_target_accuracy=0.25", "eval.every_steps=0", "logging.progress=false"]
+
+
+@pytest.mark.slow  # ~70 s: the SFT warm-up until exact answers appear
+def test_noncolocated_mimo_grpo_cli_with_an_moe_llm_has_rewards_and_stays_on_policy(tmp_path):
+    """The GRPO loop, the hf generator on the encoder rank, the MoE LLM's experts over ep2 on the other two: some
+    rewards are non-zero (the PG term has a gradient), and every step is on-policy after the refits."""
+    from tests.unit.cli_runner import metrics, run_cli
+
+    r = run_cli("grpo", *GRPO_NONCOLOCATED, f"output_dir={tmp_path}", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [row for row in metrics(tmp_path) if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert any(row["reward"] > 0 for row in rows), [row["reward"] for row in rows]
+    for row in rows:
+        assert row["gen_kl_error"] < 1e-5 and abs(row["ratio_min"] - 1) < 1e-6 and abs(row["ratio_max"] - 1) < 1e-6, row
+        assert row["moe_aux_loss"] > 0 and row["skipped"] == 0, row
+    assert rows[-1]["kl"] > 0, rows  # the refits carried moved weights
