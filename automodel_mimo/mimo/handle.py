@@ -664,7 +664,8 @@ class MimoHandle(Handle):
         """A LLaVA folder's full tensors under `<module>.<name>` (mimo/llava.py names), e.g. a DPO reference."""
         from automodel_mimo.mimo.llava import llava_state
 
-        return from_hf_state(llava_state(folder, self.encoder_name, field))  # an MoE LLM: nemo's expert names
+        state = llava_state(folder, self.encoder_name, field)
+        return from_hf_state(state) if is_moe(self.config) else state  # an MoE LLM: nemo's expert names and layout
 
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
         """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,

@@ -206,10 +206,12 @@ def to_hf_state(state: dict) -> dict:
 
 def from_hf_state(state: dict) -> dict:
     """`to_hf_state`'s inverse: an HF folder's tensors (e.g. a DPO reference) under the model's own names and layout."""
-    out = {}
+    out = dict(state)
     for name, value in state.items():
-        ours = next((o for o, theirs in HF_EXPERTS.items() if name.endswith(theirs)), None)
-        out[name[: -len(HF_EXPERTS[ours])] + ours if ours else name] = value.transpose(1, 2) if ours else value
+        for ours, theirs in HF_EXPERTS.items():
+            if name.endswith(theirs):
+                del out[name]
+                out[name[: -len(theirs)] + ours] = value.transpose(1, 2)
     return out
 
 

@@ -164,14 +164,21 @@ def test_one_sft_step_from_the_cli_on_a_llava_folder_with_an_moe_llm(folder, tmp
         assert not torch.equal(trained[name], start[name]), name  # the step moved the loaded experts and router
 
 
-def test_ep_with_a_dense_llava_folder_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_ep_that_a_llava_folders_llm_cannot_take_is_one_clear_line(folder, tmp_path, kind):
+    """A dense LLM has no experts to split; 3 ranks of ep do not divide the MoE folder's 8 experts."""
     from tests.unit.test_mimo_llava import _llava_folder
 
-    dense = _llava_folder(tmp_path / "llava")
-    r = run_cli("sft", "--config", "configs/mimo_sft_tiny.yaml", f"model.pretrained={dense}", "mimo.layout.language.tp=1",
-                "mimo.layout.language.dp=2", "mimo.layout.language.ep=2", "train.micro_batch_size=32",
-                f"output_dir={tmp_path / 'run'}", timeout=120)
+    if kind == "dense":
+        source, layout = _llava_folder(tmp_path / "llava"), ["mimo.layout.language.dp=2", "mimo.layout.language.ep=2",
+                                                             "train.micro_batch_size=32"]
+        expected = "mimo.layout.language.ep=2 needs a mixture-of-experts language model; this one is a llama"
+    else:
+        source, layout = folder, ["launch.nproc=3", "mimo.layout.vision.dp=3", "mimo.layout.language.dp=3",
+                                  "mimo.layout.language.ep=3", "train.global_batch_size=48", "train.micro_batch_size=16"]
+        expected = "mimo.layout.language.ep=3 must divide the model's num_experts=8"
+    r = run_cli("sft", "--config", "configs/mimo_sft_tiny.yaml", f"model.pretrained={source}", "mimo.layout.language.tp=1",
+                *layout, f"output_dir={tmp_path / 'run'}", timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    expected = "mimo.layout.language.ep=2 needs a mixture-of-experts language model; this one is a llama"
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("note:")]
     assert expected in r.stderr and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
