@@ -262,9 +262,7 @@ def _validate_mimo_experts(cfg: RunConfig, sizes: dict) -> None:
     validate_experts(p, key)
     if p.ep == 1:
         return
-    _require(not cfg.model.pretrained, f"{key}.ep={p.ep} with model.pretrained: a LLaVA folder's language model is "
-             f"loaded as transformers builds it, without the MoE layers ep splits (not supported yet); set {key}.ep=1")
-    _require(cfg.model.config.get("model_type") in MOE_TYPES,
+    _require(bool(cfg.model.pretrained) or cfg.model.config.get("model_type") in MOE_TYPES,  # a folder: preflight
              f"{key}.ep={p.ep} needs a mixture-of-experts language model (model.config.model_type: "
              f"{', '.join(sorted(MOE_TYPES))}, with num_experts); set {key}.ep=1")
 

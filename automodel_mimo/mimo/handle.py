@@ -60,7 +60,7 @@ from automodel_mimo.mimo.pipeline import IMAGE_EMBEDS, build_language_pipeline, 
 from automodel_mimo.mimo.relay import Relay
 from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import Handle, count_over, stage_full_state
-from automodel_mimo.models.moe import SEGMENTS, hf_named, is_moe, to_hf_state
+from automodel_mimo.models.moe import SEGMENTS, from_hf_state, hf_named, is_moe, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
 from automodel_mimo.parallel.context_parallel import as_single_segments, cp_attention, cp_indices, shard_batch
@@ -664,7 +664,8 @@ class MimoHandle(Handle):
         """A LLaVA folder's full tensors under `<module>.<name>` (mimo/llava.py names), e.g. a DPO reference."""
         from automodel_mimo.mimo.llava import llava_state
 
-        return llava_state(folder, self.encoder_name, field)
+        state = llava_state(folder, self.encoder_name, field)
+        return from_hf_state(state) if is_moe(self.config) else state  # an MoE LLM: nemo's expert names and layout
 
     def write_hf(self, state: dict, tokenizer, folder: Path) -> None:
         """Rank 0: `<folder>` is one transformers LLaVA folder (LlavaForConditionalGeneration + tokenizer,

@@ -21,6 +21,7 @@ from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.handle import prefixed
 from automodel_mimo.mimo.modules import VisionModule
+from automodel_mimo.models.moe import build_moe_model, is_moe
 
 # (MIMO prefix without the encoder's name, LLaVA prefix): LlavaForConditionalGeneration's module names
 NAMES = ((".encoder.", "model.vision_tower."), (".projector.", "model.multi_modal_projector."),
@@ -91,6 +92,8 @@ def load_llava(path: str, attn_implementation: str = "sdpa") -> tuple[VisionModu
     llm.load_state_dict(prefixed(from_llava(llava.state_dict(), "vision"), LANGUAGE + "."), strict=True)
     llm.tie_weights()
     llm.config.use_cache = False
+    if is_moe(llm.config):  # nemo's MoE layers holding the folder's experts, as build_model's (docs/moe.md)
+        llm = build_moe_model(llm)
     return vision, llm
 
 

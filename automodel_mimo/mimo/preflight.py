@@ -16,7 +16,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from automodel_mimo.config import RunConfig
 from automodel_mimo.distributed.grid_spec import LANGUAGE
 from automodel_mimo.errors import UserInputError
-from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility
+from automodel_mimo.models.moe import is_moe
 from automodel_mimo.models.tokenizer import IMAGE
 
 # Encoder rows per image for the towers we know: SigLIP yields its patches, CLIP adds a class token.
@@ -77,6 +78,19 @@ def _check_reference(path: str, ours: PretrainedConfig) -> None:
     check_reference_shapes("dpo.reference", path, llava_config(path, "dpo.reference"), ours, LlavaForConditionalGeneration)
 
 
+def _check_language_experts(llm_config: PretrainedConfig, ep: int) -> None:
+    """mimo.layout.language.ep splits an MoE LLM's routed experts (a LLaVA folder's text model included)."""
+    key = f"mimo.layout.{LANGUAGE}.ep"
+    if ep > 1 and not is_moe(llm_config):
+        raise UserInputError(f"{key}={ep} needs a mixture-of-experts language model; this one is a "
+                             f"{llm_config.model_type} without routed experts (e.g. qwen3_moe with num_experts): "
+                             f"set {key}=1")
+    try:
+        check_expert_split(llm_config, ep)
+    except UserInputError as e:
+        raise UserInputError(str(e).replace("parallel.ep", key)) from None
+
+
 def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: PretrainedConfig) -> None:
     m = cfg.mimo
     if m.placeholder_token != IMAGE:
@@ -116,6 +130,7 @@ def check_mimo(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, llm_config: P
         raise UserInputError(f"mimo.layout.{LANGUAGE}.tp={lm_tp} must divide the LLM's vocab_size={vocab}; pad the "
                              "vocabulary (and the embeddings) to a multiple of it, or choose another tp")
     p = cfg.parallel
+    _check_language_experts(llm_config, m.layout[LANGUAGE].get("ep", 1))
     try:
         check_tp_divisibility(llm_config, lm_tp)
         check_pipeline_split(llm_config.num_hidden_layers, m.layout[LANGUAGE].get("pp", 1), p.pp_schedule,

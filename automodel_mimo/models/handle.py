@@ -40,7 +40,7 @@ from automodel_mimo.distributed.equal_steps import equal_step_count, weightless
 from automodel_mimo.distributed.grad_norm import global_grad_norm
 from automodel_mimo.distributed.mesh import ParallelState
 from automodel_mimo.models.loss_view import in_slots, row_logprobs, slot_shape, whole_rows
-from automodel_mimo.models.moe import SEGMENTS, RouterBalance, hf_named, to_hf_state
+from automodel_mimo.models.moe import SEGMENTS, RouterBalance, from_hf_state, hf_named, is_moe, to_hf_state
 from automodel_mimo.models.names import canonical_name
 from automodel_mimo.models.packed_attention import varlen_kwargs
 from automodel_mimo.parallel.context_parallel import cp_attention, shard_batch
@@ -281,7 +281,9 @@ class ModelHandle(Handle):
     def hf_state(self, folder: str, field: str) -> dict:
         """The full tensors of the HF folder `folder` (named by config `field`) under this handle's state keys
         (`load_full_state_dict`'s), e.g. a DPO reference: the causal LM's own."""
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+        state = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+        # an MoE model: nemo's expert names and layout (a non-strict load would skip transformers' expert tensors)
+        return from_hf_state(state) if is_moe(self.config) else state
 
     def write_hf(self, state: dict, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
         """Rank 0: the causal LM with `state` (full tensors) and the tokenizer, as a transformers folder."""

@@ -211,6 +211,17 @@ def to_hf_state(state: dict) -> dict:
     return dict(hf_named(name, value) for name, value in state.items())
 
 
+def from_hf_state(state: dict) -> dict:
+    """`to_hf_state`'s inverse: an HF folder's tensors (e.g. a DPO reference) under the model's own names and layout."""
+    out = dict(state)
+    for name, value in state.items():
+        for ours, theirs in HF_EXPERTS.items():
+            if name.endswith(theirs):
+                del out[name]
+                out[name[: -len(theirs)] + ours] = value.transpose(1, 2)
+    return out
+
+
 # ---------------------------------------------------------------- sequences of a whole-row microbatch
 
 
