@@ -136,8 +136,9 @@ def validate_experts(p, key: str = "parallel") -> None:
     _require(dense % (p.etp * p.ep) == 0,
              f"{key}.ep={p.ep}: the expert view etp*ep*edp must equal tp*cp*dp = {p.tp}*{p.cp}*{p.dp} = {dense} "
              f"ranks per pipeline stage, so ep must divide {dense}; pick an ep that divides it")
-    _require(p.tp == 1, f"{key}.ep={p.ep} with {key}.tp={p.tp} is not supported: nemo's MoE keeps tokens "
-             f"replicated over tp and its EP all-gather then counts each token tp times (docs/moe.md); use tp=1 with ep")
+    _require(not getattr(p, "sequence_parallel", False),
+             f"{key}.ep={p.ep} with {key}.sequence_parallel=true is not supported (nemo's MoE parallelizer keeps the "
+             f"router's and attention's activations replicated over tp); set {key}.sequence_parallel=false")
 
 
 def validate_schedule_step(p, rows: int, pp: int, pp_key: str, rows_key: str = "train.micro_batch_size") -> None:
@@ -262,6 +263,8 @@ def _validate_mimo_experts(cfg: RunConfig, sizes: dict) -> None:
     validate_experts(p, key)
     if p.ep == 1:
         return
+    _require(p.tp == 1, f"{key}.ep={p.ep} with {key}.tp={p.tp} is not supported under MIMO yet (an LM's parallel.ep "
+             f"with parallel.tp is: docs/moe.md); use {key}.tp=1 with ep")
     _require(not cfg.model.pretrained, f"{key}.ep={p.ep} with model.pretrained: a LLaVA folder's language model is "
              f"loaded as transformers builds it, without the MoE layers ep splits (not supported yet); set {key}.ep=1")
     _require(cfg.model.config.get("model_type") in MOE_TYPES,

@@ -122,6 +122,7 @@ LAYOUTS = {
     "ep2-edp2": ({"dp": 4, "ep": 2}, False, 1),
     "ep2-pp2": ({"dp": 2, "ep": 2, "pp": 2, "pp_microbatch_size": 1}, False, 2),
     "ep2-cp2-packed": ({"dp": 1, "cp": 2, "ep": 2}, True, 1),
+    "ep2-tp2": ({"dp": 1, "tp": 2, "ep": 2}, False, 2),  # the expert view's ep group = the tp group
 }
 
 
