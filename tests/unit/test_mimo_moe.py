@@ -202,6 +202,8 @@ MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=q
     ("mimo.layout.vision.ep=2", "mimo.layout.vision: unknown dims ['ep']"),
     ("mimo.layout.language.ep=2 model.config.model_type=llama", "mimo.layout.language.ep=2 needs a mixture-of-experts"),
     ("mimo.layout.language.ep=2 model.pretrained=configs", "mimo.layout.language.ep=2 with model.pretrained"),
+    ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.tp=2",
+     "mimo.layout.language.ep=2 with mimo.layout.language.tp=2 is not supported under MIMO yet"),
     ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.pp=2",  # per stage: 1 rank
      "mimo.layout.language.ep=2: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*1 = 1 ranks per pipeline stage"),
 ])

@@ -123,11 +123,15 @@ LAYOUTS = {
     "ep2-pp2": ({"dp": 2, "ep": 2, "pp": 2, "pp_microbatch_size": 1}, False, 2),
     "ep2-cp2-packed": ({"dp": 1, "cp": 2, "ep": 2}, True, 1),
     "ep2-tp2": ({"dp": 1, "tp": 2, "ep": 2}, False, 2),  # the expert view's ep group = the tp group
+    "ep2-tp2-packed": ({"dp": 1, "tp": 2, "ep": 2}, True, 1),
+    "ep2-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 2}, False, 1),  # ep groups = tp groups, experts FSDP'd over edp2
+    "ep4-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 4}, False, 1),  # one expert per rank: ep spans tp and dp
+    "ep4-tp2-cp2-packed": ({"dp": 1, "tp": 2, "cp": 2, "ep": 4}, True, 1),
 }
 
 
-# the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2 and ep2 x cp2 packed run in CI
-SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2"}
+# the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2, ep2 x cp2 packed and ep2 x tp2 run in CI
+SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2", "ep2-tp2-packed", "ep2-tp2-dp2", "ep4-tp2-dp2", "ep4-tp2-cp2-packed"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
@@ -288,7 +292,7 @@ def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
     ("parallel.ep=3", "parallel.ep=3: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*2 = 2 ranks per pipeline "
      "stage, so ep must divide 2"),
     ("parallel.etp=2", "parallel.etp=2: expert tensor parallelism is not supported"),
-    ("parallel.tp=2 launch.nproc=4", "parallel.ep=2 with parallel.tp=2 is not supported"),
+    ("parallel.tp=2 parallel.sequence_parallel=true", "parallel.ep=2 with parallel.sequence_parallel=true is not supported"),
     ("model.config.num_experts=3", "parallel.ep=2 must divide the model's num_experts=3"),
     ("model.config.model_type=llama model.config.num_experts=0", "parallel.ep=2 needs a mixture-of-experts model"),
 ])
