@@ -288,6 +288,32 @@ def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
         assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
 
 
+@pytest.mark.slow  # ~2 CLI runs of 2 ranks and one of 1 rank
+def test_tp2_ep2_run_matches_ep2_and_resumes_under_ep1(ep2_run, tmp_path):
+    """From the CLI, tp2 x ep2 (2 ranks, dp1) logs the dp2 ep2 run's steps (loss, grad norm, router metrics: same
+    batches, same initial weights); its step-2 checkpoint (attention tp-sharded, experts ep-sharded) resumes under
+    ep1 on one rank, steps 3-4 as the uninterrupted run."""
+    run = tmp_path / "tp2_ep2"
+    r = run_cli("sft", *MOE_RUN, "parallel.tp=2", f"output_dir={run}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[sft] 2 ranks, dp=1 tp=2 cp=1 pp=1 ep=2," in r.stdout, r.stdout
+    got = {m["step"]: m for m in metrics(run) if "loss" in m}
+    ref = {m["step"]: m for m in metrics(ep2_run) if "loss" in m}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_load_imbalance"):
+            assert abs(got[step][key] - ref[step][key]) <= 1e-5 * ref[step][key], (step, key, got[step][key], ref[step][key])
+    out = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    r = run_cli("sft", *MOE_RUN, "launch.nproc=1", "parallel.ep=1", f"output_dir={out}", "checkpoint.resume=true",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = train_losses(out)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - got[step]["loss"]) <= 1e-5 * got[step]["loss"], (step, resumed[step], got[step]["loss"])
+
+
 @pytest.mark.parametrize("override,expected", [
     ("parallel.ep=3", "parallel.ep=3: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*2 = 2 ranks per pipeline "
      "stage, so ep must divide 2"),
