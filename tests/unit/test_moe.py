@@ -367,9 +367,9 @@ def test_vllm_manifest_check_speaks_transformers_fused_expert_names(tmp_path):
                                                           for n, p in model.named_parameters()}
 
 
-def _grpo_ep2_is_on_policy(backend: str, out) -> None:
-    r = run_cli("grpo", *GRPO_MOE, f"generation.backend={backend}", f"output_dir={out}", env={"OMP_NUM_THREADS": "1"},
-                timeout=900)
+def _grpo_ep2_is_on_policy(backend: str, out, *overrides: str) -> str:
+    r = run_cli("grpo", *GRPO_MOE, f"generation.backend={backend}", f"output_dir={out}", *overrides,
+                env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in metrics(out) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2]
@@ -378,10 +378,17 @@ def _grpo_ep2_is_on_policy(backend: str, out) -> None:
         assert row["moe_aux_loss"] > 0, row
     assert abs(rows[0]["ratio_min"] - 1) < 1e-6 and abs(rows[0]["ratio_max"] - 1) < 1e-6, rows[0]
     assert rows[0]["grad_norm"] > 0 and rows[1]["kl"] > 0, rows  # a real update went into the refit
+    return r.stdout
 
 
 def test_grpo_ep2_is_on_policy_with_the_hf_generator(tmp_path):
     _grpo_ep2_is_on_policy("hf", tmp_path)
+
+
+@pytest.mark.slow
+def test_grpo_tp2_x_ep2_is_on_policy_with_the_hf_generator(tmp_path):
+    """The refit gathers tp-sharded attention and ep-sharded experts into the generator's names (dp1, 2 ranks)."""
+    assert "2 ranks, dp=1 tp=2 cp=1 pp=1 ep=2," in _grpo_ep2_is_on_policy("hf", tmp_path, "parallel.tp=2")
 
 
 @pytest.mark.slow
