@@ -200,6 +200,17 @@ def parallelize_moe(model: nn.Module, ctx) -> nn.Module:
     return model
 
 
+def with_dense_tp_plan(model: nn.Module, ctx):
+    """The mesh context for nemo's dense parallelizer (ep 1): an MoE model under tp gets `dense_tp_plan` (nemo's
+    fallback plan names modules an MoE model lacks, which its MoE check refuses). Its experts stay whole on every
+    tp rank and see all of the rank's (replicated) tokens, so their gradients are complete on each."""
+    import dataclasses
+
+    if not is_moe(model.config) or ctx.device_mesh["tp"].size() == 1 or ctx.strategy_config.tp_plan is not None:
+        return ctx
+    return dataclasses.replace(ctx, strategy_config=dataclasses.replace(ctx.strategy_config, tp_plan=dense_tp_plan(model)))
+
+
 DENSE_TWIN = {"qwen3_moe": "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM"}  # same attention and MLP names
 
 

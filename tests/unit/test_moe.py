@@ -127,11 +127,12 @@ LAYOUTS = {
     "ep2-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 2}, False, 1),  # ep groups = tp groups, experts FSDP'd over edp2
     "ep4-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 4}, False, 1),  # one expert per rank: ep spans tp and dp
     "ep4-tp2-cp2-packed": ({"dp": 1, "tp": 2, "cp": 2, "ep": 4}, True, 1),
+    "tp2-ep1": ({"dp": 1, "tp": 2}, False, 2),  # nemo's dense parallelizer, experts whole on both tp ranks
 }
 
 
 # the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2, ep2 x cp2 packed and ep2 x tp2 run in CI
-SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2", "ep2-tp2-packed", "ep2-tp2-dp2", "ep4-tp2-dp2", "ep4-tp2-cp2-packed"}
+SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2", "ep2-tp2-packed", "ep2-tp2-dp2", "ep4-tp2-dp2", "ep4-tp2-cp2-packed", "tp2-ep1"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
@@ -141,6 +142,8 @@ def test_one_step_matches_single_process(reference, name):
     world = parallel.get("dp", 1) * parallel.get("cp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
     per_rank = run_ranks(_layout_step, world, parallel, packing, micro, rows)
     ep, edp = parallel.get("ep", 1), world // parallel.get("pp", 1) // parallel.get("ep", 1)
+    if ep == 1:  # no expert view: the experts are FSDP-sharded over the data ranks only
+        edp = parallel.get("dp", 1) * parallel.get("cp", 1)
     for result in per_rank:  # each ep rank holds its share of the experts; FSDP splits that over edp (dim 1)
         assert result["local_experts"] == {(4 // ep, 16 // edp, 32)}, result["local_experts"]
     for opt, _ in OPTIMIZERS:
