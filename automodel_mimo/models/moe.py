@@ -185,10 +185,12 @@ def parallelize_moe(model: nn.Module, ctx) -> nn.Module:
     from nemo_automodel.components.distributed.config import MoEParallelizerConfig
     from nemo_automodel.components.moe.parallelizer import parallelize_model as parallelize_moe_model
 
+    from automodel_mimo.models.tp_plan import tp_plan
+
     moe, strategy = MoEParallelizerConfig(), ctx.strategy_config
     reshard = strategy.reshard_after_forward if strategy.reshard_after_forward is not None else moe.reshard_after_forward
     tp = ctx.device_mesh["tp"]
-    plan = strategy.tp_plan or (dense_tp_plan(model) if tp.size() > 1 else None)
+    plan = strategy.tp_plan or (tp_plan(model, tp.size()) if tp.size() > 1 else None)
     parallelize_moe_model(
         model, world_mesh=ctx.device_mesh, moe_mesh=ctx.moe_mesh, activation_checkpointing=ctx.activation_checkpointing,
         ignore_router_for_ac=moe.ignore_router_for_ac, reshard_after_forward=reshard, lm_head_precision=moe.lm_head_precision,
@@ -198,47 +200,6 @@ def parallelize_moe(model: nn.Module, ctx) -> nn.Module:
         for layer in moe_layers([model]):
             layer.tp_group = tp.get_group()
     return model
-
-
-def with_dense_tp_plan(model: nn.Module, ctx):
-    """The mesh context for nemo's dense parallelizer (ep 1): an MoE model under tp gets `dense_tp_plan` (nemo's
-    fallback plan names modules an MoE model lacks, which its MoE check refuses). Its experts stay whole on every
-    tp rank and see all of the rank's (replicated) tokens, so their gradients are complete on each."""
-    import dataclasses
-
-    if not is_moe(model.config) or ctx.device_mesh["tp"].size() == 1 or ctx.strategy_config.tp_plan is not None:
-        return ctx
-    return dataclasses.replace(ctx, strategy_config=dataclasses.replace(ctx.strategy_config, tp_plan=dense_tp_plan(model)))
-
-
-DENSE_TWIN = {"qwen3_moe": "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM"}  # same attention and MLP names
-
-
-def dense_tp_plan(model: nn.Module) -> dict:
-    """The TP plan the dense path gives the dense twin of this model (nemo's registered plan: attention heads,
-    vocab-parallel embedding and lm_head, dense MLPs; q/k norms with their gradient summed over tp), kept to the
-    modules this model (or pipeline stage) has, never the router or the experts (ep owns those)."""
-    from fnmatch import fnmatchcase
-
-    from nemo_automodel.components.distributed.optimized_tp_plans import PARALLELIZE_FUNCTIONS
-    from nemo_automodel.components.moe.tp_plan_validation import _is_unsafe_moe_tp_module_path as moe_owned
-
-    plan = PARALLELIZE_FUNCTIONS[DENSE_TWIN[model.config.model_type]](model, False)
-    names = [name for name, _ in model.named_modules() if not moe_owned(name)]
-    return {key: _summed_in_backward(style) for key, style in plan.items()
-            if not moe_owned(key) and any(fnmatchcase(name, key) for name in names)}
-
-
-def _summed_in_backward(style):
-    """nemo's `ReplicatedWithGradAllReduce` (Qwen3's q/k norms: each tp rank normalizes its own heads) only marks
-    the weight for a gradient sum that nemo's recipe runs at the optimizer boundary, which this repository's step
-    does not (measured: those gradients were off by 36-100% under tp2, every other one exact). torch's
-    `SequenceParallel` over the heads dim instead makes the weight a replicated DTensor fed a head-sharded input,
-    so its gradient is summed over tp in backward."""
-    from nemo_automodel.components.distributed.parallel_styles import ReplicatedWithGradAllReduce
-    from torch.distributed.tensor.parallel import SequenceParallel
-
-    return SequenceParallel(sequence_dim=2, use_local_output=True) if isinstance(style, ReplicatedWithGradAllReduce) else style
 
 
 def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
