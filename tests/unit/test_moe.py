@@ -332,11 +332,13 @@ def test_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"]], ids=["ep2", "tp2-ep2"])
+def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path, layout):
     """Recomputed MoE layers give the same losses and gradients, and count their router metrics once (the
-    recompute runs in backward; before that was excluded, moe_aux_loss read twice its value)."""
+    recompute runs in backward; before that was excluded, moe_aux_loss read twice its value). Under tp2 x ep2 the
+    recompute repeats the tp slicing and gathering around the ep dispatch."""
     out = tmp_path / "ac"
-    r = run_cli("sft", *MOE_RUN, f"output_dir={out}", "parallel.activation_checkpointing=true", timeout=600)
+    r = run_cli("sft", *MOE_RUN, *layout, f"output_dir={out}", "parallel.activation_checkpointing=true", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = {row["step"]: row for row in metrics(out) if "loss" in row}
     ref = {row["step"]: row for row in metrics(ep2_run) if "loss" in row}
