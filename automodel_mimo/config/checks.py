@@ -263,8 +263,6 @@ def _validate_mimo_experts(cfg: RunConfig, sizes: dict) -> None:
     validate_experts(p, key)
     if p.ep == 1:
         return
-    _require(p.tp == 1, f"{key}.ep={p.ep} with {key}.tp={p.tp} is not supported under MIMO yet (an LM's parallel.ep "
-             f"with parallel.tp is: docs/moe.md); use {key}.tp=1 with ep")
     _require(not cfg.model.pretrained, f"{key}.ep={p.ep} with model.pretrained: a LLaVA folder's language model is "
              f"loaded as transformers builds it, without the MoE layers ep splits (not supported yet); set {key}.ep=1")
     _require(cfg.model.config.get("model_type") in MOE_TYPES,

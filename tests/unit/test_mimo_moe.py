@@ -50,6 +50,9 @@ LAYOUTS = [
 PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2, "ep": 2}}, 2),
                  ("vision dp4, language pp2 x cp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2, "ep": 2}}, 2)]
 
+# language tp2 x ep2 (2 ranks, slow): each token into the ep dispatch once (docs/moe.md, "ep x tp"), fan-in from vision dp2
+TP_EP_LAYOUTS = [("fan-in: vision dp2, language tp2 ep2", {"vision": {"dp": 2}, "language": {"tp": 2, "ep": 2}}, 1)]
+
 # non-colocated: the encoder on rank 0, the LLM's expert view spans ranks 1-2 only (rank 0 builds its groups, holds none)
 NONCOLOCATED_LAYOUTS = [("vision dp1 on rank 0, language dp2 ep2 on ranks 1-2",
                          {"vision": {"dp": 1}, "language": {"dp": 2, "ep": 2, "offset": 1}}, 4)]
@@ -161,6 +164,12 @@ def test_moe_language_model_under_ep2_matches_single_process(reference):
 
 
 @pytest.mark.slow
+def test_moe_language_model_under_tp2_x_ep2_matches_single_process(reference):
+    rows, ref = reference
+    _check(run_ranks(_layout_steps, 2, rows, TP_EP_LAYOUTS), TP_EP_LAYOUTS, ref)
+
+
+@pytest.mark.slow
 def test_moe_language_model_under_pp2_with_ep2_per_stage_matches_single_process(reference):
     """Expert parallelism inside each pipeline stage: the stage's ep all-gather dispatch runs within the schedule,
     the balance loss's gradient enters each stage's MoE layer in its backward, the metrics sum over the stages."""
@@ -202,8 +211,6 @@ MIMO_MOE = ["--config", "configs/mimo_sft_tiny.yaml", "model.config.model_type=q
     ("mimo.layout.vision.ep=2", "mimo.layout.vision: unknown dims ['ep']"),
     ("mimo.layout.language.ep=2 model.config.model_type=llama", "mimo.layout.language.ep=2 needs a mixture-of-experts"),
     ("mimo.layout.language.ep=2 model.pretrained=configs", "mimo.layout.language.ep=2 with model.pretrained"),
-    ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.tp=2",
-     "mimo.layout.language.ep=2 with mimo.layout.language.tp=2 is not supported under MIMO yet"),
     ("mimo.layout.language.ep=2 mimo.layout.language.cp=1 mimo.layout.language.pp=2",  # per stage: 1 rank
      "mimo.layout.language.ep=2: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*1 = 1 ranks per pipeline stage"),
 ])
