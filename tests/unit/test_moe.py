@@ -322,6 +322,8 @@ def test_tp2_ep2_run_matches_ep2_and_resumes_under_ep1(ep2_run, tmp_path):
      "stage, so ep must divide 2"),
     ("parallel.etp=2", "parallel.etp=2: expert tensor parallelism is not supported"),
     ("parallel.tp=2 parallel.sequence_parallel=true", "parallel.ep=2 with parallel.sequence_parallel=true is not supported"),
+    ("parallel.ep=1 parallel.tp=2 parallel.sequence_parallel=true",
+     "parallel.sequence_parallel=true with a mixture-of-experts model (model.config.model_type=qwen3_moe) is not supported"),
     ("model.config.num_experts=3", "parallel.ep=2 must divide the model's num_experts=3"),
     ("model.config.model_type=llama model.config.num_experts=0", "parallel.ep=2 needs a mixture-of-experts model"),
 ])
