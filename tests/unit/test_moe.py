@@ -278,8 +278,9 @@ def test_ep2_export_is_transformers_qwen3_moe(ep2_run):
         assert torch.allclose(exported(ids).logits, ours(ids).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], pytest.param(["parallel.ep=1"], marks=pytest.mark.slow)],
-                         ids=["ep1-one-rank", "ep1-dp2"])
+@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], pytest.param(["parallel.ep=1"], marks=pytest.mark.slow),
+                                    pytest.param(["parallel.tp=2"], marks=pytest.mark.slow)],
+                         ids=["ep1-one-rank", "ep1-dp2", "tp2-ep2"])
 def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
     out = tmp_path / "resumed"
     shutil.copytree(ep2_run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
