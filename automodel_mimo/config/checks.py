@@ -70,6 +70,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
              f"parallel.dp*tp*cp*pp = {p.dp}*{p.tp}*{p.cp}*{p.pp} = {p.dp * non_dp} but launch.nproc = {world}; "
              "make the product equal the number of ranks")
     validate_experts(p)
+    _validate_moe_sequence_parallel(cfg)
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1")
     _require(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
              f"train.stop_at_step={t.stop_at_step}: must be between 1 and train.max_steps={t.max_steps} (or null)")
@@ -124,6 +125,16 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_grpo(cfg)
 
 
+def _validate_moe_sequence_parallel(cfg: RunConfig) -> None:
+    """An MoE layer takes replicated tokens (docs/moe.md); sequence parallelism hands it sequence-sharded DTensors."""
+    from automodel_mimo.models.facts import MOE_TYPES
+
+    model_type = cfg.model.config.get("model_type")
+    _require(not (cfg.parallel.sequence_parallel and cfg.parallel.tp > 1 and model_type in MOE_TYPES),
+             f"parallel.sequence_parallel=true with a mixture-of-experts model (model.config.model_type={model_type}) is "
+             "not supported: its MoE layers take tokens replicated over tp; set parallel.sequence_parallel=false")
+
+
 def validate_experts(p, key: str = "parallel") -> None:
     """The expert view factors the same ranks of a pipeline stage: etp x ep x edp == tp x cp x dp. `key`: where
     the sizes are set (`parallel`, or `mimo.layout.language` for a MIMO language model)."""
@@ -136,8 +147,9 @@ def validate_experts(p, key: str = "parallel") -> None:
     _require(dense % (p.etp * p.ep) == 0,
              f"{key}.ep={p.ep}: the expert view etp*ep*edp must equal tp*cp*dp = {p.tp}*{p.cp}*{p.dp} = {dense} "
              f"ranks per pipeline stage, so ep must divide {dense}; pick an ep that divides it")
-    _require(p.tp == 1, f"{key}.ep={p.ep} with {key}.tp={p.tp} is not supported: nemo's MoE keeps tokens "
-             f"replicated over tp and its EP all-gather then counts each token tp times (docs/moe.md); use tp=1 with ep")
+    _require(not getattr(p, "sequence_parallel", False),
+             f"{key}.ep={p.ep} with {key}.sequence_parallel=true is not supported (nemo's MoE parallelizer keeps the "
+             f"router's and attention's activations replicated over tp); set {key}.sequence_parallel=false")
 
 
 def validate_schedule_step(p, rows: int, pp: int, pp_key: str, rows_key: str = "train.micro_batch_size") -> None:

@@ -35,3 +35,47 @@ class _AllGather(torch.autograd.Function):
 def all_gather_with_grad(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenation of every rank's `tensor` along `dim`; backward sums each rank's share back to it."""
     return _AllGather.apply(tensor, dim, group)
+
+
+class _KeepMyRows(torch.autograd.Function):
+    """Forward: this rank's 1/world of the rows of a tensor every rank of `group` holds identically. Backward: the
+    rows' gradients of every rank, concatenated (each rank's part of the replicated input got its gradient there)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.chunk(dist.get_world_size(group), 0)[dist.get_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_rows(grad, ctx.group), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: every rank's rows, concatenated (the result is identical on every rank of `group`). Backward: this
+    rank's rows of the gradient, which every rank computed identically from the replicated result."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _gather_rows(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(dist.get_world_size(ctx.group), 0)[dist.get_rank(ctx.group)].contiguous(), None
+
+
+def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, 0)
+
+
+def keep_my_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """This rank's equal share of the rows of a tensor replicated over `group` (rows divisible by its size)."""
+    return _KeepMyRows.apply(tensor, group)
+
+
+def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's rows of `group` in rank order, replicated; the inverse of `keep_my_rows`."""
+    return _GatherRows.apply(tensor, group)

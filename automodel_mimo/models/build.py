@@ -20,6 +20,7 @@ from automodel_mimo.models import packed_attention
 from automodel_mimo.models.handle import ModelHandle, PipelineModelHandle
 from automodel_mimo.models.facts import check_expert_split, check_pipeline_split, check_tp_divisibility
 from automodel_mimo.models.moe import build_moe_model, is_moe, parallelize_moe
+from automodel_mimo.models.tp_plan import with_tp_plan
 from automodel_mimo.parallel.pipeline_parallel import PipelineDriver, build_pipeline
 
 
@@ -75,7 +76,7 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     if state.mesh_context.ep_size > 1:
         model = parallelize_moe(model, state.mesh_context)
     else:
-        model = parallelize_model(model, _compile_safe_checkpointing(model, state))
+        model = parallelize_model(model, with_tp_plan(model, _compile_safe_checkpointing(model, state)))
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
     compile_parallelized_model(model, state.mesh_context)  # per decoder layer, in place (names unchanged)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from automodel_mimo.distributed.autograd_collectives import gather_rows, keep_my_rows
 from automodel_mimo.models.facts import MOE_TYPES
 from automodel_mimo.models.moe_local_dispatch import use_local_dispatch
 from automodel_mimo.parallel.context_parallel import sum_over_cp
@@ -64,11 +65,13 @@ def _balanced_moe_class():
         """nemo's MoE (router + experts) that also adds the sequence-wise balance loss and counts expert load.
 
         `segments` (set per forward by the inner model's pre-hook), `cp_group` and `aux_scale` (coeff /
-        global sequence count, set by the handle before a step) come from outside; `stats` collects
-        this step's aux loss and per-expert token counts (this rank's share)."""
+        global sequence count, set by the handle before a step) and `tp_group` (set when parallelized with tp and
+        ep) come from outside; `stats` collects this step's aux loss and per-expert token counts (this rank's
+        share)."""
 
         def setup(self, aux_coeff: float) -> None:
             self.aux_coeff, self.segments, self.cp_group, self.aux_scale = aux_coeff, None, None, 0.0
+            self.tp_group = None
             self.reset_stats()
 
         def reset_stats(self) -> None:
@@ -85,10 +88,26 @@ def _balanced_moe_class():
                 segments = torch.zeros(shape[:-1], dtype=torch.long, device=x.device)
             valid = segments.reshape(-1) >= 0
             weights, indices, _ = self.gate(x, valid, None)
-            y = self.experts(x, valid, weights, indices)
+            y = self._routed(x, valid, weights, indices)
             if self.training:
                 y = self._with_balance_loss(y, x, indices, segments, valid)
             return y.view(shape)
+
+        def _routed(self, x, valid, weights, indices):
+            """The experts' output for every token. Under tp every tp rank holds the same tokens (and ran the
+            router on all of them): each sends its 1/tp of them into the ep dispatch, so every token reaches its
+            experts once, and the outputs are gathered back over tp. Backward: each rank's token slice gets its
+            gradient there and the slices are gathered over tp, so the replicated input, routing weights and
+            router get the whole gradient on every tp rank, as any replicated activation under TP does."""
+            group = self.tp_group
+            if group is None:
+                return self.experts(x, valid, weights, indices)
+            n, tp = x.shape[0], dist.get_world_size(group)
+            pad = -n % tp  # padding tokens: not valid, routed nowhere
+            x, valid, weights, indices = (_pad_rows(t, pad) for t in (x, valid, weights, indices))
+            mine = valid.chunk(tp)[dist.get_rank(group)], indices.chunk(tp)[dist.get_rank(group)]
+            y = self.experts(keep_my_rows(x, group), mine[0], keep_my_rows(weights, group), mine[1])
+            return gather_rows(y, group)[:n]
 
         def _with_balance_loss(self, y, x, indices, segments, valid):
             probs = F.linear(x, self.gate.weight.to(x.dtype)).float().softmax(-1)  # the Gate's own scores
@@ -116,6 +135,10 @@ def _balanced_moe_class():
             return AddAuxGrad.apply(y, aux) if self.aux_scale else y
 
     return BalancedMoE
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros((rows, *tensor.shape[1:]))]) if rows else tensor
 
 
 class AddAuxGrad(torch.autograd.Function):
@@ -169,13 +192,20 @@ def parallelize_moe(model: nn.Module, ctx) -> nn.Module:
     from nemo_automodel.components.distributed.config import MoEParallelizerConfig
     from nemo_automodel.components.moe.parallelizer import parallelize_model as parallelize_moe_model
 
+    from automodel_mimo.models.tp_plan import tp_plan
+
     moe, strategy = MoEParallelizerConfig(), ctx.strategy_config
     reshard = strategy.reshard_after_forward if strategy.reshard_after_forward is not None else moe.reshard_after_forward
+    tp = ctx.device_mesh["tp"]
+    plan = strategy.tp_plan or (tp_plan(model, tp.size()) if tp.size() > 1 else None)
     parallelize_moe_model(
         model, world_mesh=ctx.device_mesh, moe_mesh=ctx.moe_mesh, activation_checkpointing=ctx.activation_checkpointing,
         ignore_router_for_ac=moe.ignore_router_for_ac, reshard_after_forward=reshard, lm_head_precision=moe.lm_head_precision,
-        wrap_outer_model=moe.wrap_outer_model, mp_policy=strategy.mp_policy, tp_shard_plan=strategy.tp_plan,
+        wrap_outer_model=moe.wrap_outer_model, mp_policy=strategy.mp_policy, tp_shard_plan=plan,
         sequence_parallel=strategy.sequence_parallel, **{**ctx.parallelize_axis_kwargs(), "cp_axis_name": None})
+    if tp.size() > 1:  # each token into the ep dispatch once (BalancedMoE._routed)
+        for layer in moe_layers([model]):
+            layer.tp_group = tp.get_group()
     return model
 
 

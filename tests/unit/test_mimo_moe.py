@@ -50,6 +50,9 @@ LAYOUTS = [
 PP_EP_LAYOUTS = [("vision dp4, language pp2 x dp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2, "ep": 2}}, 2),
                  ("vision dp4, language pp2 x cp2 ep2", {"vision": {"dp": 4}, "language": {"pp": 2, "cp": 2, "ep": 2}}, 2)]
 
+# language tp2 x ep2 (2 ranks, slow): each token into the ep dispatch once (docs/moe.md, "ep x tp"), fan-in from vision dp2
+TP_EP_LAYOUTS = [("fan-in: vision dp2, language tp2 ep2", {"vision": {"dp": 2}, "language": {"tp": 2, "ep": 2}}, 1)]
+
 # non-colocated: the encoder on rank 0, the LLM's expert view spans ranks 1-2 only (rank 0 builds its groups, holds none)
 NONCOLOCATED_LAYOUTS = [("vision dp1 on rank 0, language dp2 ep2 on ranks 1-2",
                          {"vision": {"dp": 1}, "language": {"dp": 2, "ep": 2, "offset": 1}}, 4)]
@@ -158,6 +161,12 @@ def test_moe_language_model_under_ep2_matches_single_process(reference):
     rows, ref = reference
     assert ref["adamw"]["grad_norm"] > 0.5, "the clip must be active for the AdamW check to cover it"
     _check(run_ranks(_layout_steps, 2, rows, LAYOUTS), LAYOUTS, ref)
+
+
+@pytest.mark.slow
+def test_moe_language_model_under_tp2_x_ep2_matches_single_process(reference):
+    rows, ref = reference
+    _check(run_ranks(_layout_steps, 2, rows, TP_EP_LAYOUTS), TP_EP_LAYOUTS, ref)
 
 
 @pytest.mark.slow

@@ -122,11 +122,17 @@ LAYOUTS = {
     "ep2-edp2": ({"dp": 4, "ep": 2}, False, 1),
     "ep2-pp2": ({"dp": 2, "ep": 2, "pp": 2, "pp_microbatch_size": 1}, False, 2),
     "ep2-cp2-packed": ({"dp": 1, "cp": 2, "ep": 2}, True, 1),
+    "ep2-tp2": ({"dp": 1, "tp": 2, "ep": 2}, False, 2),  # the expert view's ep group = the tp group
+    "ep2-tp2-packed": ({"dp": 1, "tp": 2, "ep": 2}, True, 1),
+    "ep2-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 2}, False, 1),  # ep groups = tp groups, experts FSDP'd over edp2
+    "ep4-tp2-dp2": ({"dp": 2, "tp": 2, "ep": 4}, False, 1),  # one expert per rank: ep spans tp and dp
+    "ep4-tp2-cp2-packed": ({"dp": 1, "tp": 2, "cp": 2, "ep": 4}, True, 1),
+    "tp2-ep1": ({"dp": 1, "tp": 2}, False, 2),  # nemo's dense parallelizer, experts whole on both tp ranks
 }
 
 
-# the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2 and ep2 x cp2 packed run in CI
-SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2"}
+# the 4-rank layouts are slow (tests/nightly/unit_slow.sh); ep2, ep2 x cp2 packed and ep2 x tp2 run in CI
+SLOW_LAYOUTS = {"ep2-edp2", "ep2-pp2", "ep2-tp2-packed", "ep2-tp2-dp2", "ep4-tp2-dp2", "ep4-tp2-cp2-packed", "tp2-ep1"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
@@ -136,6 +142,8 @@ def test_one_step_matches_single_process(reference, name):
     world = parallel.get("dp", 1) * parallel.get("cp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
     per_rank = run_ranks(_layout_step, world, parallel, packing, micro, rows)
     ep, edp = parallel.get("ep", 1), world // parallel.get("pp", 1) // parallel.get("ep", 1)
+    if ep == 1:  # no expert view: the experts are FSDP-sharded over the data ranks only
+        edp = parallel.get("dp", 1) * parallel.get("cp", 1)
     for result in per_rank:  # each ep rank holds its share of the experts; FSDP splits that over edp (dim 1)
         assert result["local_experts"] == {(4 // ep, 16 // edp, 32)}, result["local_experts"]
     for opt, _ in OPTIMIZERS:
@@ -270,8 +278,9 @@ def test_ep2_export_is_transformers_qwen3_moe(ep2_run):
         assert torch.allclose(exported(ids).logits, ours(ids).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], pytest.param(["parallel.ep=1"], marks=pytest.mark.slow)],
-                         ids=["ep1-one-rank", "ep1-dp2"])
+@pytest.mark.parametrize("layout", [["launch.nproc=1", "parallel.ep=1"], pytest.param(["parallel.ep=1"], marks=pytest.mark.slow),
+                                    pytest.param(["parallel.tp=2"], marks=pytest.mark.slow)],
+                         ids=["ep1-one-rank", "ep1-dp2", "tp2-ep2"])
 def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
     out = tmp_path / "resumed"
     shutil.copytree(ep2_run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
@@ -283,11 +292,39 @@ def test_ep2_checkpoint_resumes_under_ep1(ep2_run, tmp_path, layout):
         assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
 
 
+@pytest.mark.slow  # ~2 CLI runs of 2 ranks and one of 1 rank
+def test_tp2_ep2_run_matches_ep2_and_resumes_under_ep1(ep2_run, tmp_path):
+    """From the CLI, tp2 x ep2 (2 ranks, dp1) logs the dp2 ep2 run's steps (loss, grad norm, router metrics: same
+    batches, same initial weights); its step-2 checkpoint (attention tp-sharded, experts ep-sharded) resumes under
+    ep1 on one rank, steps 3-4 as the uninterrupted run."""
+    run = tmp_path / "tp2_ep2"
+    r = run_cli("sft", *MOE_RUN, "parallel.tp=2", f"output_dir={run}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[sft] 2 ranks, dp=1 tp=2 cp=1 pp=1 ep=2," in r.stdout, r.stdout
+    got = {m["step"]: m for m in metrics(run) if "loss" in m}
+    ref = {m["step"]: m for m in metrics(ep2_run) if "loss" in m}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        for key in ("loss", "grad_norm", "moe_aux_loss", "moe_load_imbalance"):
+            assert abs(got[step][key] - ref[step][key]) <= 1e-5 * ref[step][key], (step, key, got[step][key], ref[step][key])
+    out = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    r = run_cli("sft", *MOE_RUN, "launch.nproc=1", "parallel.ep=1", f"output_dir={out}", "checkpoint.resume=true",
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = train_losses(out)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - got[step]["loss"]) <= 1e-5 * got[step]["loss"], (step, resumed[step], got[step]["loss"])
+
+
 @pytest.mark.parametrize("override,expected", [
     ("parallel.ep=3", "parallel.ep=3: the expert view etp*ep*edp must equal tp*cp*dp = 1*1*2 = 2 ranks per pipeline "
      "stage, so ep must divide 2"),
     ("parallel.etp=2", "parallel.etp=2: expert tensor parallelism is not supported"),
-    ("parallel.tp=2 launch.nproc=4", "parallel.ep=2 with parallel.tp=2 is not supported"),
+    ("parallel.tp=2 parallel.sequence_parallel=true", "parallel.ep=2 with parallel.sequence_parallel=true is not supported"),
+    ("parallel.ep=1 parallel.tp=2 parallel.sequence_parallel=true",
+     "parallel.sequence_parallel=true with a mixture-of-experts model (model.config.model_type=qwen3_moe) is not supported"),
     ("model.config.num_experts=3", "parallel.ep=2 must divide the model's num_experts=3"),
     ("model.config.model_type=llama model.config.num_experts=0", "parallel.ep=2 needs a mixture-of-experts model"),
 ])
@@ -298,11 +335,13 @@ def test_expert_layout_errors_are_one_clear_line(tmp_path, override, expected):
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"]], ids=["ep2", "tp2-ep2"])
+def test_activation_checkpointing_logs_the_same_steps(ep2_run, tmp_path, layout):
     """Recomputed MoE layers give the same losses and gradients, and count their router metrics once (the
-    recompute runs in backward; before that was excluded, moe_aux_loss read twice its value)."""
+    recompute runs in backward; before that was excluded, moe_aux_loss read twice its value). Under tp2 x ep2 the
+    recompute repeats the tp slicing and gathering around the ep dispatch."""
     out = tmp_path / "ac"
-    r = run_cli("sft", *MOE_RUN, f"output_dir={out}", "parallel.activation_checkpointing=true", timeout=600)
+    r = run_cli("sft", *MOE_RUN, *layout, f"output_dir={out}", "parallel.activation_checkpointing=true", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = {row["step"]: row for row in metrics(out) if "loss" in row}
     ref = {row["step"]: row for row in metrics(ep2_run) if "loss" in row}
@@ -336,9 +375,9 @@ def test_vllm_manifest_check_speaks_transformers_fused_expert_names(tmp_path):
                                                           for n, p in model.named_parameters()}
 
 
-def _grpo_ep2_is_on_policy(backend: str, out) -> None:
-    r = run_cli("grpo", *GRPO_MOE, f"generation.backend={backend}", f"output_dir={out}", env={"OMP_NUM_THREADS": "1"},
-                timeout=900)
+def _grpo_ep2_is_on_policy(backend: str, out, *overrides: str) -> str:
+    r = run_cli("grpo", *GRPO_MOE, f"generation.backend={backend}", f"output_dir={out}", *overrides,
+                env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in metrics(out) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2]
@@ -347,10 +386,17 @@ def _grpo_ep2_is_on_policy(backend: str, out) -> None:
         assert row["moe_aux_loss"] > 0, row
     assert abs(rows[0]["ratio_min"] - 1) < 1e-6 and abs(rows[0]["ratio_max"] - 1) < 1e-6, rows[0]
     assert rows[0]["grad_norm"] > 0 and rows[1]["kl"] > 0, rows  # a real update went into the refit
+    return r.stdout
 
 
 def test_grpo_ep2_is_on_policy_with_the_hf_generator(tmp_path):
     _grpo_ep2_is_on_policy("hf", tmp_path)
+
+
+@pytest.mark.slow
+def test_grpo_tp2_x_ep2_is_on_policy_with_the_hf_generator(tmp_path):
+    """The refit gathers tp-sharded attention and ep-sharded experts into the generator's names (dp1, 2 ranks)."""
+    assert "2 ranks, dp=1 tp=2 cp=1 pp=1 ep=2," in _grpo_ep2_is_on_policy("hf", tmp_path, "parallel.tp=2")
 
 
 @pytest.mark.slow
