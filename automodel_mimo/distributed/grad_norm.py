@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _grads_by_mesh(params: Iterable[torch.nn.Parameter]) -> dict[object, list[torch.Tensor]]:
@@ -22,6 +22,17 @@ def _grads_by_mesh(params: Iterable[torch.nn.Parameter]) -> dict[object, list[to
         if p.grad is not None:
             groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
     return groups
+
+
+def reduce_partial_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Reduce any gradient still pending a sum (a DTensor with a Partial placement) to Replicate. A replicated
+    weight fed a tp-sharded input (models/tp_plan.py: Qwen3's q/k norms under `SequenceParallel`) gets a gradient
+    summed over tp in backward on torch 2.13, but a Partial one on torch 2.11 (measured: the tp2 x ep2 MoE oracle's
+    gradients exact, its AdamW post-step q/k norms 2e-3 off). The optimizer must see the sum on either version."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in g.placements])
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], device: torch.device,

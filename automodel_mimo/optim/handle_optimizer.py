@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from automodel_mimo.config import TrainConfig
-from automodel_mimo.distributed.grad_norm import clip_grads
+from automodel_mimo.distributed.grad_norm import clip_grads, reduce_partial_grads
 from automodel_mimo.distributed.nonfinite import nonfinite_vote, skip_step
 from automodel_mimo.optim.part_optimizers import PartOptimizers
 
@@ -27,6 +27,7 @@ class HandleOptimizer(PartOptimizers):
         """Norm (before clipping), skip-or-clip-and-step, zero the gradients; the step's metrics (on_host=False:
         grad_norm and, with a fused optimizer, skipped as device tensors, for one read later)."""
         params = self.handle.parameters()
+        reduce_partial_grads(params)  # torch 2.11 leaves some tp-replicated weights' gradients pending a sum
         grad_norm = self.handle.grad_norm()
         if self.grad_clip > 0:  # queued before the skip vote's host sync; a skipped step's gradients are dropped
             clip_grads(params, self.grad_clip, grad_norm)
