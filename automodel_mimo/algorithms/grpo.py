@@ -210,7 +210,6 @@ def check_prompt_images(cfg: RunConfig, data: datasets.DatasetDict) -> None:
                                  f"{counts[row]} image(s)")
 
 
-
 def warm_up(cfg: RunConfig, run: Run) -> None:
     """Up to grpo.warmup_sft_steps SFT steps on the task's answers, until grpo.warmup_sft_target_accuracy held-out
     accuracy when set: the starting policy, deliberately under-trained in the embedded default so that GRPO has
@@ -292,7 +291,8 @@ def run_grpo(cfg: RunConfig) -> None:
         microbatches = run.builder.build(local_slice(rows, index, count), cfg.train.micro_batch_size)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
-        generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))
+        # the device: a rank may hold no generator parameter (a MIMO encoder-only rank when the LLM alone is served)
+        generator.refit(WeightStream(plan, local_parameters(handle), handle.device, transport=transport))
         t_refit = time.perf_counter() - t1
         step_s = time.perf_counter() - t0
         tokens = sum(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)

@@ -26,6 +26,7 @@ BUCKET_BYTES = 16 << 10  # many buckets
 TEMPERATURE = 0.8
 FAN_IN = {"vision": {"dp": 2}, "language": {"tp": 2}}
 PP2 = {"vision": {"dp": 2}, "language": {"pp": 2}}
+NONCOLOCATED = {"vision": {"dp": 1}, "language": {"tp": 2, "offset": 1}}  # rank 0 (the engine's) holds no LLM parameter
 
 
 def _needs_vllm() -> None:
@@ -181,7 +182,7 @@ def _text_only_refit(root: str, layouts: dict) -> dict:
     import torch.distributed as dist
 
     from automodel_mimo.checkpoint import export_hf
-    from automodel_mimo.generation import Colocated
+    from automodel_mimo.generation import Colocated, SamplingParams
     from automodel_mimo.generation.bucketing import StreamIntegrityError
     from automodel_mimo.generation.manifest import ManifestMismatchError
     from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
@@ -219,13 +220,18 @@ def _text_only_refit(root: str, layouts: dict) -> dict:
         missing = "model.layers.1.mlp.down_proj.weight"
         try:
             generator.refit(WeightStream(plan, {n: p for n, p in params.items() if not (rank == 1 and n == missing)},
-                                         transport=transport))
+                                         CPU, transport=transport))
             out["missing"] = "not refused"
         except StreamIntegrityError as e:
             out["missing"] = str(e)
         out["after_refused_error"], _ = _logprob_error(model, generator, PROMPTS, placeholder)
-        generator.refit(WeightStream(plan, params, transport=transport))
+        generator.refit(WeightStream(plan, params, CPU, transport=transport))
         out["error"], out["tokens"] = _logprob_error(model, generator, PROMPTS, placeholder)
+        greedy = generator.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
+        banned = tuple({s.token_ids[0] for s in greedy})  # vLLM's allowed_token_ids: never sampled
+        samples = generator.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=6, n=3, seed=2,
+                                                             banned_token_ids=banned))
+        out["banned_sampled"] = sorted({t for s in samples for t in s.token_ids} & set(banned))
         if rank == 0:
             backend.shutdown()
         model.destroy()
@@ -245,7 +251,7 @@ def _check_text_only_refit(per_rank: list[dict], name: str) -> None:
         assert "rank 1: model.layers.1.mlp.down_proj.weight: missing" in out["missing"], (name, rank, out["missing"])
         assert out["stale_error"] > 1e-3 and out["after_refused_error"] == out["stale_error"], (name, rank, out)
         assert out["error"] < 1e-5, (name, rank, out["error"])
-        assert out["tokens"] > 8, (name, rank)
+        assert out["tokens"] > 8 and out["banned_sampled"] == [], (name, rank, out["banned_sampled"])
 
 
 @pytest.mark.slow
@@ -259,3 +265,13 @@ def test_the_refit_gives_vllm_the_trainers_llm_under_fan_in_and_language_pp2(tmp
     for name in ("fan-in", "pp2"):
         print(name, {k: per_rank[0][name][k] for k in ("stale_error", "after_refused_error", "error", "tokens")})
         _check_text_only_refit(per_rank, name)
+
+
+@pytest.mark.slow
+def test_the_refit_reaches_vllm_on_an_encoder_only_rank_non_colocated(tmp_path):
+    """vision dp1 on rank 0 (the engine's rank, which holds no LLM parameter) + language tp2 on ranks 1-2: the LLM's
+    buckets reach the engine from rank 1 (a broadcast route), and its samples then have the trainer's logprobs."""
+    _needs_vllm()
+    per_rank = run_ranks(_text_only_refit, 3, str(tmp_path), {"non-colocated": NONCOLOCATED})
+    print({k: per_rank[0]["non-colocated"][k] for k in ("stale_error", "after_refused_error", "error", "tokens")})
+    _check_text_only_refit(per_rank, "non-colocated")
