@@ -33,7 +33,8 @@ from automodel_mimo.data.batching import global_batch_indices, local_slice
 from automodel_mimo.data.rows import Rows
 from automodel_mimo.data.synthetic import grade_exact
 from automodel_mimo.distributed.mesh import DTYPES
-from automodel_mimo.generation import Colocated, Generation, SamplingParams
+from automodel_mimo.errors import UserInputError
+from automodel_mimo.generation import IMAGE_BACKENDS, Colocated, Generation, SamplingParams
 from automodel_mimo.generation.weight_stream import WeightStream, build_stream_plan, local_parameters, stage_transport
 from automodel_mimo.losses import IGNORE_INDEX, PGLossConfig, clipped_pg_loss, group_advantages, kl_penalty
 from policies.policy import Policy
@@ -187,6 +188,28 @@ def evaluate_greedy(cfg: RunConfig, generator: Colocated, eval_ds: datasets.Data
 # ---------------------------------------------------------------- setup
 
 
+def prepare_grpo_data(cfg: RunConfig, tokenizer) -> datasets.DatasetDict:
+    """prepare_sft_data, then `check_prompt_images` (every rank, on the same rows, before any collective)."""
+    data = prepare_sft_data(cfg, tokenizer)
+    check_prompt_images(cfg, data)
+    return data
+
+
+def check_prompt_images(cfg: RunConfig, data: datasets.DatasetDict) -> None:
+    """Prompts with images need a generator backend that takes them (IMAGE_BACKENDS): refused, naming a row,
+    where the config could not tell (a data file; synthetic:shapes is refused before spawn, config/checks.py)."""
+    if cfg.generation.backend in IMAGE_BACKENDS:
+        return
+    from automodel_mimo.config.checks import MIMO_VLLM
+
+    for split, rows in data.items():
+        counts = rows["num_images"] if "num_images" in rows.column_names else []
+        row = next((i for i, n in enumerate(counts) if n > 0), None)
+        if row is not None:
+            raise UserInputError(f"{MIMO_VLLM}; data.dataset={cfg.data.dataset}: {split} row {row} has "
+                                 f"{counts[row]} image(s)")
+
+
 def warm_up(cfg: RunConfig, run: Run) -> None:
     """Up to grpo.warmup_sft_steps SFT steps on the task's answers, until grpo.warmup_sft_target_accuracy held-out
     accuracy when set: the starting policy, deliberately under-trained in the embedded default so that GRPO has
@@ -213,7 +236,7 @@ def step_prompts(cfg: RunConfig, train: datasets.Dataset, step: int,
 
 
 def run_grpo(cfg: RunConfig) -> None:
-    run = start_run(cfg, prepare_sft_data)
+    run = start_run(cfg, prepare_grpo_data)
     handle, data, tokenizer = run.handle, run.data, run.tokenizer
     if cfg.generation.backend == "vllm" and handle.device.type == "cpu":  # before minutes of warm-up
         from automodel_mimo.generation.vllm_backend import check_cpu_model
@@ -235,7 +258,9 @@ def run_grpo(cfg: RunConfig) -> None:
 
     # the generator starts from an HF export of the current (starting or resumed) weights; refits stream in place
     init_folder = export_hf(handle, tokenizer, Path(cfg.output_dir) / "init_hf")
-    generator = build_generator(cfg, str(init_folder), handle.device)
+    # a backend without image inputs serves the text model (a MIMO model's LLM: the prompts have no images, above)
+    folder = handle.serve_generator(init_folder, images=cfg.generation.backend in IMAGE_BACKENDS)
+    generator = build_generator(cfg, str(folder), handle.device)
     plan = build_stream_plan(handle, DTYPES[cfg.model.dtype], cfg.generation.bucket_bytes)
     transport = stage_transport(plan)
     generator.validate_manifest(plan.manifest)
@@ -266,7 +291,8 @@ def run_grpo(cfg: RunConfig) -> None:
         microbatches = run.builder.build(local_slice(rows, index, count), cfg.train.micro_batch_size)
         metrics = grpo_train_step(policy, microbatches, loss_cfg, cfg.generation.temperature)
         t1 = time.perf_counter()
-        generator.refit(WeightStream(plan, local_parameters(handle), transport=transport))
+        # the device: a rank may hold no generator parameter (a MIMO encoder-only rank when the LLM alone is served)
+        generator.refit(WeightStream(plan, local_parameters(handle), handle.device, transport=transport))
         t_refit = time.perf_counter() - t1
         step_s = time.perf_counter() - t0
         tokens = sum(len(prompts[s.prompt_index]) + len(s.token_ids) for s in samples)

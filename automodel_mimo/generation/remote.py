@@ -104,6 +104,7 @@ class RemoteGenerator(Generator):
 
         from automodel_mimo.generation.vllm_worker import plan_to_wire
 
+        stream.check()  # a refused refit raises here on every rank, before the actor waits for buckets
         if self._transport is None:
             self._connect(stream.plan.sources)
         received = self.actor.receive_refit.remote(plan_to_wire(stream.plan))

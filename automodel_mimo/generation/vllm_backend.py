@@ -144,13 +144,13 @@ class VLLMGenerator(Generator):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, images=None) -> list[Generation]:
         import vllm
 
-        if images is not None or sampling.banned_token_ids:  # config/checks.py refuses MIMO + vllm before the run
-            raise NotImplementedError("the vllm generator serves causal LMs only (no image inputs, no banned tokens): "
-                                      "use generation.backend=hf for MIMO models (docs/generation.md)")
+        if images is not None and any(len(i) for i in images):  # the GRPO data check refuses them before the run
+            raise NotImplementedError("the vllm generator serves causal LMs only (a MIMO model's LLM on text-only "
+                                      "prompts): use generation.backend=hf for image prompts (docs/generation.md)")
         params = vllm.SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
             stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=sampling.seed, logprobs=0,
-            detokenize=False)
+            detokenize=False, allowed_token_ids=self._allowed(sampling.banned_token_ids))
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
         for i, out in enumerate(outputs):
@@ -159,6 +159,14 @@ class VLLMGenerator(Generator):
                 logprobs = [step[t].logprob for t, step in zip(ids, sample.logprobs)]
                 result.append(Generation(i, ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
         return result
+
+    def _allowed(self, banned: tuple[int, ...]) -> list[int] | None:
+        """Every token but the banned ones (a MIMO model's image placeholder in greedy evaluation): vLLM sets the
+        others' logits to -inf before sampling and before its processed logprobs, so they renormalize as hf's."""
+        if not banned:
+            return None
+        banned = set(banned)
+        return [t for t in range(self.llm.llm_engine.model_config.get_vocab_size()) if t not in banned]
 
     # ------------------------------------------------------------ refit
     def _group_backend(self) -> str:
@@ -183,6 +191,7 @@ class VLLMGenerator(Generator):
         """Called on the trainer rank that owns the engine, while the other trainer ranks run
         `stream.participate()` (their part of the gathers; under pp, stage leaders send their buckets to
         this rank, which relays them to the engine)."""
+        stream.check()  # a refused refit raises here on every rank, before the engine's worker waits for buckets
         if self._transport is None:
             self._connect(stream.plan.sources)
         with ThreadPoolExecutor(1) as pool:

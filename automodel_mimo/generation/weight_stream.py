@@ -139,11 +139,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Iterator[tuple[Bucket, list | None]]:
+def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
+                     checked: bool = False) -> Iterator[tuple[Bucket, list | None]]:
     """Every trainer rank iterates this in step (the gathers are collective over a group's ranks): each bucket
     of this rank's groups with its full tensors at the manifest dtype, (bucket, None) for other groups'.
-    Nothing is gathered unless every rank's parameters match the manifest (`check_coverage`)."""
-    check_coverage(plan, params)
+    Nothing is gathered unless every rank's parameters match the manifest (`check_coverage`; `checked`: this
+    rank already ran it for this refit, `WeightStream.check`)."""
+    if not checked:
+        check_coverage(plan, params)
     for bucket in plan.buckets:
         names = [s.entry.name for s in bucket.slots]
         if names[0] not in params:  # another group's bucket (a bucket holds one group)
@@ -153,15 +156,15 @@ def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Itera
 
 
 @torch.no_grad()
-def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
-                   device: torch.device | None = None) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
+def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor], device: torch.device | None = None,
+                   checked: bool = False) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
     """Every trainer rank iterates this in step: it yields each bucket with its packed bytes on the
     bucket's source rank (None on other ranks). Buffers alternate, so the consumer must be done with a
     buffer (e.g. its broadcast waited for) before asking for the bucket after next."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = device or next(iter(params.values())).device
     buffers = None
-    for bucket, tensors in gathered_buckets(plan, params):
+    for bucket, tensors in gathered_buckets(plan, params, checked):
         if tensors is None or rank != bucket.source:
             yield bucket, None
             continue
@@ -173,11 +176,11 @@ def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
 
 
 def send_weights(plan: StreamPlan, params: dict[str, torch.Tensor], transport: BroadcastTransport,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, checked: bool = False) -> None:
     """Trainer side of a broadcast refit (every trainer rank calls it: the gathers are collective).
     Double buffering: bucket i+1 is gathered and packed while bucket i's broadcast is in flight."""
     in_flight: deque = deque()
-    for bucket, buf in packed_buckets(plan, params, device):
+    for bucket, buf in packed_buckets(plan, params, device, checked):
         if buf is None:
             continue
         in_flight.append(transport.broadcast(buf, bucket.source))
@@ -248,6 +251,15 @@ class WeightStream:
     params: dict[str, torch.Tensor]
     device: torch.device | None = None
     transport: BroadcastTransport | None = None
+    checked: bool = False  # check_coverage already ran for this refit (`check`)
+
+    def check(self) -> None:
+        """`check_coverage` now, in its place in every rank's sequence of collectives (the other ranks run it
+        first thing in `participate`): before a generator in another process starts waiting for buckets, so a
+        refused refit raises on every rank instead of leaving that process waiting. The stream does not check
+        again."""
+        check_coverage(self.plan, self.params)
+        self.checked = True
 
     @property
     def rank(self) -> int:
@@ -263,7 +275,8 @@ class WeightStream:
         buffer, `packed`) or as gathered tensors, other stages' received over `transport`. A buffer is
         reused: finish with a bucket before asking for the next but one."""
         received = None
-        own = packed_buckets(self.plan, self.params, self.device) if packed else gathered_buckets(self.plan, self.params)
+        own = (packed_buckets(self.plan, self.params, self.device, self.checked) if packed
+               else gathered_buckets(self.plan, self.params, self.checked))
         for bucket, data in own:
             if bucket.source == self.rank:
                 yield bucket, data
@@ -283,7 +296,7 @@ class WeightStream:
         as it arrives (its own packed, other stages' received over `self.transport`), each broadcast waited
         for before the next bucket, whose buffer may be the same."""
         if self.plan.sources == [self.rank]:
-            send_weights(self.plan, self.params, transport, self.device)
+            send_weights(self.plan, self.params, transport, self.device, self.checked)
             return
         for bucket, buf in self.arrivals(packed=True):
             transport.broadcast(buf, bucket.source).wait()
@@ -291,7 +304,7 @@ class WeightStream:
     def participate(self) -> None:
         """A rank without the generator: its share of the gathers, and as a stage leader its buckets."""
         if self.transport is not None:
-            send_weights(self.plan, self.params, self.transport, self.device)
+            send_weights(self.plan, self.params, self.transport, self.device, self.checked)
             return
-        for _ in gathered_buckets(self.plan, self.params):
+        for _ in gathered_buckets(self.plan, self.params, self.checked):
             pass

@@ -568,24 +568,45 @@ class MimoHandle(Handle):
                 for n, p in part.named_parameters():
                     yield f"{name}.{n}", p
 
-    def generator_parameters(self):
-        """This rank's parameters under the LLaVA names and layout of the `hf/` folder (write_hf), which the
-        generator serves: `<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` renamed (an MoE language
-        model's experts also in transformers' layout, `hf_named`)."""
+    def serve_generator(self, export: Path, images: bool = True) -> Path:
+        """The generator serves the LLaVA folder `export`, or (`images=False`: a backend without image inputs, vLLM
+        here) the LLM alone, `export/language` (a causal-LM folder, write_hf): from then on `generator_parameters`
+        and `weight_groups` name the LLM's parameters only, under that folder's names; the encoder is not sent."""
+        self.text_only_generator = not images
+        return export if images else export / LANGUAGE
+
+    text_only_generator = False
+
+    def _generated(self):
+        """(module name, generator name, parameter) of this rank's parameters, in named_parameters' order: under
+        the LLaVA folder's names and layout, or (text_only_generator) the LLM's under its causal-LM folder's."""
         from automodel_mimo.mimo.llava import to_llava
 
-        for name, param in self.named_parameters():
-            name, param = hf_named(canonical_name(name), param)
-            yield next(iter(to_llava({name: None}, self.encoder_name))), param
+        for module, parts in self.module_parts.items():
+            if self.text_only_generator and module != LANGUAGE:
+                continue
+            for part in parts:
+                for n, p in part.named_parameters():
+                    name, param = hf_named(canonical_name(f"{module}.{n}"), p)
+                    generated = (name.removeprefix(LANGUAGE + ".") if self.text_only_generator
+                                 else next(iter(to_llava({name: None}, self.encoder_name))))
+                    yield module, generated, param
+
+    def generator_parameters(self):
+        """This rank's parameters under the names and layout of the folder the generator serves (write_hf): the
+        LLaVA `hf/` (`<encoder>.encoder.*`, `<encoder>.projector.*`, `language.*` renamed), or the LLM's
+        `hf/language` (`language.` dropped); an MoE language model's experts also in transformers' layout
+        (`hf_named`)."""
+        for _, name, param in self._generated():
+            yield name, param
 
     def weight_groups(self) -> dict[str, tuple[int, int]]:
         """Refit groups (generation/weight_stream.py), generator name -> (module index, LLM pp stage): the encoder
         with its projector is one group (every encoder rank holds it whole), each LLM stage another, so the
         manifest lists every module once whatever ranks hold it."""
         stage = dist.get_rank(self.pp_group) if self.pp_group is not None else 0
-        modules = [name for name, parts in self.module_parts.items() for part in parts for _ in part.parameters()]
-        return {generated: (self.names.index(name), stage if name == LANGUAGE else 0)  # named_parameters' order
-                for (generated, _), name in zip(self.generator_parameters(), modules, strict=True)}
+        return {generated: (self.names.index(module), stage if module == LANGUAGE else 0)
+                for module, generated, _ in self._generated()}
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every module's gradients, identical on every rank: each module's squared norm is

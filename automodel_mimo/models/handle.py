@@ -189,6 +189,11 @@ class ModelHandle(Handle):
         for name, param in self.named_parameters():
             yield hf_named(name, param)
 
+    def serve_generator(self, export: Path, images: bool = True) -> Path:
+        """The folder the generator loads from the HF export `export`; `images=False`: a generator without image
+        inputs. A causal LM: the export itself, either way."""
+        return export
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of every gradient, identical on every rank."""
         return global_grad_norm(self.parameters(), self.device, extra_group=self.stage_group)

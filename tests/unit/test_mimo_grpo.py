@@ -306,7 +306,7 @@ def test_a_transformers_llava_folder_trains_one_grpo_step_from_the_cli_on_policy
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["generation.backend=vllm"], "generation.backend=vllm cannot serve a MIMO (LLaVA) model yet"),
+    (["generation.backend=vllm"], "generation.backend=vllm cannot serve image prompts of a MIMO (LLaVA) model"),
 ], ids=["vllm"])
 def test_mimo_grpo_config_errors(overrides, expected):
     from automodel_mimo.config import load_config
