@@ -14,9 +14,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim)
+        return _gather(tensor, dim, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -29,7 +27,7 @@ class _AllGather(torch.autograd.Function):
             return out, None, None
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(world, ctx.dim)[rank].contiguous(), None, None
+        return _mine(grad, ctx.dim, ctx.group), None, None
 
 
 def all_gather_with_grad(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -44,11 +42,11 @@ class _KeepMyRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return tensor.chunk(dist.get_world_size(group), 0)[dist.get_rank(group)].contiguous()
+        return _mine(tensor, 0, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather_rows(grad, ctx.group), None
+        return _gather(grad, 0, ctx.group), None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -58,17 +56,23 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return _gather_rows(tensor, group)
+        return _gather(tensor, 0, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.chunk(dist.get_world_size(ctx.group), 0)[dist.get_rank(ctx.group)].contiguous(), None
+        return _mine(grad, 0, ctx.group), None
 
 
-def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+def _gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's `tensor` of `group`, concatenated along `dim` in rank order."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, 0)
+    return torch.cat(parts, dim)
+
+
+def _mine(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's equal part of `tensor` along `dim`."""
+    return tensor.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
 
 
 def keep_my_rows(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -77,14 +77,19 @@ def _logprobs(vision, llm, batch: dict, temperature: float) -> torch.Tensor:
     return lp * batch["loss_mask"]
 
 
-def reference_grpo_steps(rows: list[dict]) -> dict:
-    """Reference = the initial weights; the policy = those x 1.05; one clipped-PG step with SGD per loss."""
+def rollout_batch(rows: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's whole batch of rollout rows: (batch, loss mask, generator logprobs [B, T], advantages [B])."""
     batch = mimo_collate(rows)
     mask = batch["loss_mask"]
     gen = torch.zeros_like(mask)
     for i, r in enumerate(rows):
         gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
-    advantages = torch.tensor([r["advantages"] for r in rows])
+    return batch, mask, gen, torch.tensor([r["advantages"] for r in rows])
+
+
+def reference_grpo_steps(rows: list[dict]) -> dict:
+    """Reference = the initial weights; the policy = those x 1.05; one clipped-PG step with SGD per loss."""
+    batch, mask, gen, advantages = rollout_batch(rows)
     lr = train_config("sgd", 0.0, ROWS, ROWS).lr
     out = {}
     for name, cfg in LOSSES.items():

@@ -24,7 +24,8 @@ from tests.unit.mimo_oracle import PLACEHOLDER, TOKENS_PER_IMAGE, VISION, assert
 from tests.unit.multirank import run_ranks
 from tests.unit.oracle import TOL, full_grads, full_params, train_config
 from tests.unit.test_mimo_dpo import DPO, GLOBAL_BATCH, MOVE, OPTIMIZERS, GradsBeforeStep, preference_rows
-from tests.unit.test_mimo_grpo import LOSSES, METRICS, ROWS, TEMPERATURE, _close, moved_policy, rollout_rows
+from tests.unit.test_mimo_grpo import (LOSSES, METRICS, ROWS, TEMPERATURE, _close, moved_policy, rollout_batch,
+                                       rollout_rows)
 from tests.unit.test_mimo_moe import LLM_SEED, VISION_SEED, _modules
 from tests.unit.test_moe import balance_loss, moe_config
 
@@ -112,12 +113,7 @@ def reference_dpo_step(rows: list[dict], optimizer: str, clip: float) -> dict:
 
 def reference_grpo_step(rows: list[dict]) -> dict:
     """test_mimo_grpo.reference_grpo_steps ("grpo" loss, SGD) with the MoE LLM: + the policy forward's balance loss."""
-    batch = mimo_collate(rows)
-    mask = batch["loss_mask"]
-    gen = torch.zeros_like(mask)
-    for i, r in enumerate(rows):
-        gen[i, :len(r["gen_logprobs"])] = torch.tensor(r["gen_logprobs"])
-    advantages = torch.tensor([r["advantages"] for r in rows])
+    batch, mask, gen, advantages = rollout_batch(rows)
     vision, llm, named = _reference_modules()
     with torch.no_grad():
         ref_lp = _forward(vision, llm, batch, TEMPERATURE)[0]
