@@ -8,18 +8,23 @@ memory. A layout the global batch cannot feed (e.g. LLM dp4 for 2 rows) is repor
 reason. Prints per layout its step time, samples/s and the first and last step's loss (same init, same rows:
 the losses agree across layouts up to bf16 noise; `first_loss_spread` in the summary), then one JSON object:
 samples/s per layout and the speedup of the best heterogeneous layout over the best feasible homogeneous one.
-Layouts per world size (LAYOUTS, NONCOLOCATED): 4 ranks, or 2 (language pp2 pipelines the LLM, 1F1B, in
-pipeline microbatches of `--pp-microbatch-rows` rows).
+Layouts per world size (LAYOUTS, NONCOLOCATED): 4 ranks, 2, or 1 (one GPU: the encoder-only and compile
+measurements). `--layouts all` runs every layout family of the world size in one run: homogeneous, colocated
+heterogeneous and non-colocated (the summary's `speedup_heterogeneous_any_over_best_homo`). A language pp layout
+pipelines the LLM (1F1B) in pipeline microbatches of `--pp-microbatch-rows` rows; a language cp layout runs the
+LLM in its packed attention. `--compile both` times each layout eager, then with train.compile.
 
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py            # 4 GPUs (NCCL): 32 rows x 1 image
+  torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --layouts all   # + pp2/cp2 and non-colocated
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8  # fewer rows than GPUs
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --tiny     # CPU smoke test (gloo)
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --llm 8b   # a Llama-3-8B-shaped LLM instead
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --rows 2 --images-per-row 8 --encoder-only
-      # the vision module alone per layout: wall, host and kernel time
+      # the vision module alone per layout: wall, host and kernel time (--compile both: eager and compiled)
   torchrun --standalone --nproc_per_node=4 bench/mimo_layouts.py --noncolocated   # encoder and LLM on disjoint
       # GPUs (mimo.layout.<module>.offset) against two colocated layouts; speedup of the best non-colocated one,
       # and per non-colocated layout the share of the step its encoder / LLM ranks wait for each other
+  bash bench/mimo_layouts_matrix.sh OUT [REGIME ...]   # the 4-GPU matrix: three regimes x both LLMs, --layouts all
 
 2 GPUs: vision dp2 + language pp2 or tp2 against both dp2 and both tp2; the encoder on one GPU + the LLM on the
 other against vision dp2 + language pp2 and both dp2; vision-heavy (1024 image + 128 text tokens per row) and
@@ -29,6 +34,10 @@ text-heavy (1024 + 2048):
   torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048  # text-heavy
   torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --warmup 1 --steps 3 --text-tokens 2048 --noncolocated
   torchrun --standalone --nproc_per_node=2 bench/mimo_layouts.py --tiny [--noncolocated]   # CPU smoke test (gloo)
+
+1 GPU: eager against compiled, the vision module alone and whole steps:
+  torchrun --standalone --nproc_per_node=1 bench/mimo_layouts.py --rows 2 --images-per-row 8 --encoder-only --compile both
+  torchrun --standalone --nproc_per_node=1 bench/mimo_layouts.py --compile both
 """
 
 from __future__ import annotations
@@ -46,21 +55,28 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from automodel_mimo.config import TrainConfig
+from automodel_mimo.data.batching import local_slice
+from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import init_distributed
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.handle import MimoHandle
 from automodel_mimo.mimo.modules import build_vision_module
+from automodel_mimo.models import packed_attention
 from automodel_mimo.run.quiet import quiet_third_party
 from policies.policy import Policy
 
 # world size -> name -> (heterogeneous?, layout); every module spans all ranks
 LAYOUTS = {
+    1: {"single": (False, {"vision": {}, "language": {}})},  # one GPU: --encoder-only / --compile measurements
     4: {
         "hetero_vision_dp4_language_tp2dp2": (True, {"vision": {"dp": 4}, "language": {"dp": 2, "tp": 2}}),
         "hetero_vision_dp4_language_tp4": (True, {"vision": {"dp": 4}, "language": {"tp": 4}}),
+        "hetero_vision_dp4_language_pp2dp2": (True, {"vision": {"dp": 4}, "language": {"pp": 2, "dp": 2}}),
+        "hetero_vision_dp4_language_cp2dp2": (True, {"vision": {"dp": 4}, "language": {"cp": 2, "dp": 2}}),
         "homo_dp4": (False, {"vision": {"dp": 4}, "language": {"dp": 4}}),
         "homo_tp2dp2": (False, {"vision": {"dp": 2, "tp": 2}, "language": {"dp": 2, "tp": 2}}),
         "homo_tp4": (False, {"vision": {"tp": 4}, "language": {"tp": 4}}),
+        # no homogeneous pp2 x dp2: encoders are not pipelined (mimo.layout.<encoder>.pp > 1 is refused)
     },
     2: {  # language pp2: 1F1B stages (mimo/pipeline.py), pipeline microbatches of --pp-microbatch-rows rows
         "hetero_vision_dp2_language_pp2": (True, {"vision": {"dp": 2}, "language": {"pp": 2}}),
@@ -75,8 +91,11 @@ NONCOLOCATED = {
         "noncoloc_vision_dp2_language_tp2": {"vision": {"dp": 2}, "language": {"tp": 2, "offset": 2}},
         "noncoloc_vision_dp2_language_dp2": {"vision": {"dp": 2}, "language": {"dp": 2, "offset": 2}},
         "noncoloc_vision_dp3_language_dp1": {"vision": {"dp": 3}, "language": {"offset": 3}},
+        # the LLM on 3 GPUs: its heads, rows and layers do not split by 3 evenly; its layers do unevenly
+        "noncoloc_vision_dp1_language_pp3": {"vision": {"dp": 1}, "language": {"pp": 3, "offset": 1}},
     },
     2: {"noncoloc_vision_dp1_language_dp1": {"vision": {"dp": 1}, "language": {"offset": 1}}},
+    1: {},
 }
 NONCOLOCATED_BASELINES = {4: ("hetero_vision_dp4_language_tp2dp2", "homo_tp2dp2"),
                           2: ("hetero_vision_dp2_language_pp2", "homo_dp2")}
@@ -90,7 +109,7 @@ LLM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, n
 MAX_POSITIONS = 32768  # the LLM's max_position_embeddings: covers text-heavy rows (1024 + 2048 tokens)
 TINY = {"vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        image_size=16, patch_size=4),
-        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=4, vocab_size=300),
         "text_tokens": 16, "global_batch": 16, "llm_rows_per_microbatch": 4, "dtype": "float32"}
 
@@ -103,7 +122,7 @@ def parse_args() -> argparse.Namespace:
     names = {n: ", ".join([*LAYOUTS[n], *NONCOLOCATED[n]]) for n in LAYOUTS}
     p.add_argument("--layouts", help="comma-separated subset of the world size's layouts ("
                    + "; ".join(f"{n} ranks: {v}" for n, v in names.items())
-                   + "); default: its colocated ones; with --noncolocated its non-colocated ones and its baselines ("
+                   + "); 'all': every one of them; default: its colocated ones; with --noncolocated its non-colocated ones and its baselines ("
                    + "; ".join(f"{n} ranks: {', '.join(v)}" for n, v in NONCOLOCATED_BASELINES.items()) + ")")
     p.add_argument("--noncolocated", action="store_true",
                    help="time non-colocated layouts (encoder and LLM on disjoint ranks) against colocated baselines")
@@ -115,6 +134,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pp-microbatch-rows", type=int, default=1,
                    help="rows of one pipeline microbatch of a language pp layout (its 1F1B schedule)")
     p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="train.compile (every encoder and LLM layer compiled); both: each layout eager, then compiled")
     p.add_argument("--encoder-only", action="store_true",
                    help="time the vision module alone (forward + backward) per layout instead of training steps")
     return p.parse_args()
@@ -131,33 +152,20 @@ def base_modules(spec: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
     return vision, llm
 
 
-def global_batch(spec: dict, tokens_per_image: int, placeholder: int) -> dict:
-    """The global batch, identical on every rank and for every layout (seeded): `global_batch` rows of
+def global_rows(spec: dict, tokens_per_image: int, placeholder: int) -> list[dict]:
+    """The global batch's rows, identical on every rank and for every layout (seeded): `global_batch` rows of
     `images_per_row` images + text each, loss on the text."""
     g = torch.Generator().manual_seed(0)
-    rows, text, images = spec["global_batch"], spec["text_tokens"], spec["images_per_row"]
-    ids = torch.randint(1, placeholder, (rows, images * tokens_per_image + text), generator=g)
-    ids[:, 1:1 + images * tokens_per_image] = placeholder
-    labels = ids.clone()
-    labels[:, :1 + images * tokens_per_image] = -100
-    size = spec["vision"]["image_size"]
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-            "position_ids": torch.arange(ids.shape[1]).expand_as(ids).contiguous(),
-            "pixel_values": torch.randn(rows * images, 3, size, size, generator=g),
-            "image_counts": torch.full((rows,), images, dtype=torch.long)}
-
-
-def microbatches(batch: dict, index: int, count: int, micro: int) -> list[dict]:
-    """Block `index` of `count` of the global batch's rows, in microbatches of `micro` rows."""
-    per_block = batch["input_ids"].shape[0] // count
-    assert per_block % micro == 0, f"{per_block} rows per rank do not split into microbatches of {micro}"
-    images = int(batch["image_counts"][0])
-    out = []
-    for start in range(index * per_block, (index + 1) * per_block, micro):
-        mb = {k: v[start:start + micro] for k, v in batch.items() if k != "pixel_values"}
-        mb["pixel_values"] = batch["pixel_values"][start * images:(start + micro) * images]
-        out.append(mb)
-    return out
+    text, images, size = spec["text_tokens"], spec["images_per_row"], spec["vision"]["image_size"]
+    rows = []
+    for _ in range(spec["global_batch"]):
+        ids = torch.randint(1, placeholder, (images * tokens_per_image + text,), generator=g)
+        ids[1:1 + images * tokens_per_image] = placeholder
+        labels = ids.clone()
+        labels[:1 + images * tokens_per_image] = -100
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(),
+                     "pixel_values": torch.randn(images, 3, size, size, generator=g)})
+    return rows
 
 
 def sync(device: torch.device) -> None:
@@ -233,27 +241,41 @@ def pipeline_settings(layout: dict, spec: dict, llm_rows: int, micro: int, args)
     if llm_rows % rows or llm_rows // rows < pp:
         raise UserInputError(f"{llm_rows} LLM rows per microbatch do not split into >= {pp} pipeline microbatches of "
                              f"{rows} rows (--pp-microbatch-rows, --llm-rows-per-microbatch)")
-    return {"schedule": "1f1b", "pp_microbatch_size": rows, "layers_per_stage": None,
+    return {"schedule": "1f1b", "pp_microbatch_size": rows, "layers_per_stage": layers_per_stage(spec["llm"]["num_hidden_layers"], pp),
             "seq_len": spec["images_per_row"] * spec["tokens_per_image"] + spec["text_tokens"], "micro_batch_size": micro}
 
 
-def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args) -> dict:
+def layers_per_stage(layers: int, pp: int) -> int | None:
+    """None where the layers split evenly over pp; else the stage size that makes exactly pp stages (AutoPipeline
+    splits ceil(layers / size) stages differing by at most one layer), e.g. 16 layers over pp3: 6 (6, 5, 5)."""
+    if layers % pp == 0:
+        return None
+    size = -(-layers // pp)
+    if -(-layers // size) != pp:
+        raise UserInputError(f"{layers} LLM layers do not split into {pp} pipeline stages")
+    return size
+
+
+def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args, compiled: bool) -> dict:
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
+    if layout["language"].get("cp", 1) > 1:  # the LLM's cp runs in its packed attention (same weights, same math)
+        llm.set_attn_implementation(packed_attention.NAME)
     placeholder = spec["llm"]["vocab_size"] - 1
     tokens_per_image = spec["tokens_per_image"]
     llm_rows, micro = llm_microbatch_rows(layout, spec)
     try:  # every rank validates the same layout against the same batch: all raise or none
         model = MimoHandle({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
                           dtype=spec["dtype"], global_batch_size=spec["global_batch"],
-                          pipeline=pipeline_settings(layout, spec, llm_rows, micro, args))
+                          pipeline=pipeline_settings(layout, spec, llm_rows, micro, args), compile=compiled)
     except UserInputError as e:
         return {"infeasible": str(e)}
     index, count = model.data_block()
     assert micro == llm_rows * model.rows_multiple(), (layout, micro, model.rows_multiple())
     policy = Policy(model, TrainConfig(max_steps=args.warmup + args.steps, global_batch_size=spec["global_batch"],
                                            micro_batch_size=micro, lr=1e-5))
-    batch = [{k: v.to(device) for k, v in mb.items()}
-             for mb in microbatches(global_batch(spec, tokens_per_image, placeholder), index, count, micro)]
+    # the trainer's microbatches of this rank's block of rows (cp: each row one cp-shardable segment)
+    builder = MicrobatchBuilder(0, device, cp=model.cp_size, pad_multiple=model.pad_multiple)
+    batch = builder.build(local_slice(global_rows(spec, tokens_per_image, placeholder), index, count), micro)
     if args.encoder_only:
         out = encoder_times(model, spec, device, args)
     else:
@@ -301,9 +323,13 @@ def main() -> None:
     device = init_distributed("gloo" if args.tiny else "auto")
     world = dist.get_world_size()
     if world not in LAYOUTS:
-        raise SystemExit(f"bench/mimo_layouts.py runs on {' or '.join(map(str, LAYOUTS))} ranks "
+        raise SystemExit(f"bench/mimo_layouts.py runs on {', '.join(map(str, LAYOUTS))} ranks "
                          f"(torchrun --nproc_per_node=N), not {world}")
     layouts, noncolocated = LAYOUTS[world], NONCOLOCATED[world]
+    if args.noncolocated and world not in NONCOLOCATED_BASELINES:
+        raise SystemExit(f"--noncolocated needs 2 or 4 ranks (the encoder and the LLM on disjoint GPUs), not {world}")
+    if args.layouts == "all":
+        args.layouts = ",".join([*layouts, *noncolocated])
     args.layouts = args.layouts or ",".join([*noncolocated, *NONCOLOCATED_BASELINES[world]] if args.noncolocated
                                             else layouts)
     unknown = [n for n in args.layouts.split(",") if n not in layouts and n not in noncolocated]
@@ -317,15 +343,18 @@ def main() -> None:
     params = {"vision": sum(p.numel() for p in base[0].parameters()), "llm": sum(p.numel() for p in base[1].parameters())}
     began = time.perf_counter()
     results = {}
+    kinds = {}  # result name -> True (heterogeneous), False (homogeneous) or "noncolocated"
     for name in args.layouts.split(","):
         layout = noncolocated[name] if name in noncolocated else layouts[name][1]
-        results[name] = {**run_layout(layout, base, spec, device, args), "layout": layout}
-        if dist.get_rank() == 0:
-            print(f"[mimo_layouts] {name}: {results[name]}", flush=True)
+        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+            key = name + ("+compile" if compiled else "")
+            results[key] = {**run_layout(layout, base, spec, device, args, compiled), "layout": layout}
+            kinds[key] = "noncolocated" if name in noncolocated else layouts[name][0]
+            if dist.get_rank() == 0:
+                print(f"[mimo_layouts] {key}: {results[key]}", flush=True)
     feasible = {n: r for n, r in results.items() if "infeasible" not in r}
-    kinds = {n: "noncolocated" if n in noncolocated else layouts[n][0] for n in feasible}
     best = {kind: max((r["samples_per_s"], n) for n, r in feasible.items() if kinds[n] == kind)
-            for kind in set(kinds.values())} if not args.encoder_only else {}
+            for kind in {kinds[n] for n in feasible}} if not args.encoder_only else {}
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "ranks": dist.get_world_size(), "dtype": spec["dtype"], "parameters": params,
                "tokens_per_image": spec["tokens_per_image"], "text_tokens": spec["text_tokens"], "seq_len": seq_len,
@@ -341,6 +370,10 @@ def main() -> None:
     if True in best and False in best:
         summary.update(best_hetero=best[True][1], best_homo=best[False][1],
                        speedup_hetero_over_best_homo=round(best[True][0] / best[False][0], 3))
+    heterogeneous = [best[k] for k in (True, "noncolocated") if k in best]
+    if heterogeneous and False in best:  # the issue's target: heterogeneous, colocated or not, over homogeneous
+        summary.update(best_heterogeneous_any=max(heterogeneous)[1],
+                       speedup_heterogeneous_any_over_best_homo=round(max(heterogeneous)[0] / best[False][0], 3))
     if dist.get_rank() == 0:
         print(json.dumps(summary), flush=True)
     dist.barrier()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -139,14 +139,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
-                     checked: bool = False) -> Iterator[tuple[Bucket, list | None]]:
+def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor]) -> Iterator[tuple[Bucket, list | None]]:
     """Every trainer rank iterates this in step (the gathers are collective over a group's ranks): each bucket
     of this rank's groups with its full tensors at the manifest dtype, (bucket, None) for other groups'.
-    Nothing is gathered unless every rank's parameters match the manifest (`check_coverage`; `checked`: this
-    rank already ran it for this refit, `WeightStream.check`)."""
-    if not checked:
-        check_coverage(plan, params)
+    Call it after `check_coverage` (WeightStream does): a gather of a parameter missing on one rank would hang."""
     for bucket in plan.buckets:
         names = [s.entry.name for s in bucket.slots]
         if names[0] not in params:  # another group's bucket (a bucket holds one group)
@@ -156,15 +152,15 @@ def gathered_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor], device: torch.device | None = None,
-                   checked: bool = False) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
+def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor],
+                   device: torch.device | None = None) -> Iterator[tuple[Bucket, torch.Tensor | None]]:
     """Every trainer rank iterates this in step: it yields each bucket with its packed bytes on the
     bucket's source rank (None on other ranks). Buffers alternate, so the consumer must be done with a
     buffer (e.g. its broadcast waited for) before asking for the bucket after next."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = device or next(iter(params.values())).device
     buffers = None
-    for bucket, tensors in gathered_buckets(plan, params, checked):
+    for bucket, tensors in gathered_buckets(plan, params):
         if tensors is None or rank != bucket.source:
             yield bucket, None
             continue
@@ -176,11 +172,11 @@ def packed_buckets(plan: StreamPlan, params: dict[str, torch.Tensor], device: to
 
 
 def send_weights(plan: StreamPlan, params: dict[str, torch.Tensor], transport: BroadcastTransport,
-                 device: torch.device | None = None, checked: bool = False) -> None:
+                 device: torch.device | None = None) -> None:
     """Trainer side of a broadcast refit (every trainer rank calls it: the gathers are collective).
     Double buffering: bucket i+1 is gathered and packed while bucket i's broadcast is in flight."""
     in_flight: deque = deque()
-    for bucket, buf in packed_buckets(plan, params, device, checked):
+    for bucket, buf in packed_buckets(plan, params, device):
         if buf is None:
             continue
         in_flight.append(transport.broadcast(buf, bucket.source))
@@ -251,15 +247,16 @@ class WeightStream:
     params: dict[str, torch.Tensor]
     device: torch.device | None = None
     transport: BroadcastTransport | None = None
-    checked: bool = False  # check_coverage already ran for this refit (`check`)
+    _checked: bool = field(default=False, init=False)  # check_coverage already ran for this refit
 
     def check(self) -> None:
-        """`check_coverage` now, in its place in every rank's sequence of collectives (the other ranks run it
-        first thing in `participate`): before a generator in another process starts waiting for buckets, so a
-        refused refit raises on every rank instead of leaving that process waiting. The stream does not check
-        again."""
-        check_coverage(self.plan, self.params)
-        self.checked = True
+        """`check_coverage` once per refit, before anything is gathered. Called early by a caller whose
+        generator in another process would otherwise start waiting for buckets (the other ranks run it first
+        thing in `participate`), so a refused refit raises on every rank instead of leaving that process
+        waiting; every way of streaming calls it, and it checks only the first time."""
+        if not self._checked:
+            check_coverage(self.plan, self.params)
+            self._checked = True
 
     @property
     def rank(self) -> int:
@@ -274,9 +271,10 @@ class WeightStream:
         """Every bucket on the generator's rank in manifest order: this rank's own ones packed (a flat
         buffer, `packed`) or as gathered tensors, other stages' received over `transport`. A buffer is
         reused: finish with a bucket before asking for the next but one."""
+        self.check()
         received = None
-        own = (packed_buckets(self.plan, self.params, self.device, self.checked) if packed
-               else gathered_buckets(self.plan, self.params, self.checked))
+        own = (packed_buckets(self.plan, self.params, self.device) if packed
+               else gathered_buckets(self.plan, self.params))
         for bucket, data in own:
             if bucket.source == self.rank:
                 yield bucket, data
@@ -295,16 +293,18 @@ class WeightStream:
         rank is the only source, double buffered; under pipeline parallelism this rank relays: each bucket
         as it arrives (its own packed, other stages' received over `self.transport`), each broadcast waited
         for before the next bucket, whose buffer may be the same."""
+        self.check()
         if self.plan.sources == [self.rank]:
-            send_weights(self.plan, self.params, transport, self.device, self.checked)
+            send_weights(self.plan, self.params, transport, self.device)
             return
         for bucket, buf in self.arrivals(packed=True):
             transport.broadcast(buf, bucket.source).wait()
 
     def participate(self) -> None:
         """A rank without the generator: its share of the gathers, and as a stage leader its buckets."""
+        self.check()
         if self.transport is not None:
-            send_weights(self.plan, self.params, self.transport, self.device, self.checked)
+            send_weights(self.plan, self.params, self.transport, self.device)
             return
-        for _ in gathered_buckets(self.plan, self.params, self.checked):
+        for _ in gathered_buckets(self.plan, self.params):
             pass
