@@ -41,7 +41,7 @@ def build_handle(cfg: RunConfig, tokenizer, device: torch.device) -> Handle:
         from automodel_mimo.mimo.build import build_mimo_handle
 
         return build_mimo_handle(cfg, tokenizer, device)
-    compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+    compile = cfg.train.compiles(device.type)
     return build_lm_handle(cfg, tokenizer, build_parallel_state(cfg.parallel, device, cfg.model.dtype, compile))
 
 

@@ -70,8 +70,9 @@ class Grid:
 
 
 def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float32",
-                global_batch_size: int | None = None, tp_plans: dict | None = None) -> dict[str, Grid]:
-    """Validate, then build every module's MeshContext in spec order on every rank (world-consistent)."""
+                global_batch_size: int | None = None, tp_plans: dict | None = None, compile: bool = False) -> dict[str, Grid]:
+    """Validate, then build every module's MeshContext in spec order on every rank (world-consistent). `compile`
+    (train.compile) reaches each module's parallelize, which compiles its transformer layers (models/build.py)."""
     from nemo_automodel.components.distributed.config import FSDP2Config
     from nemo_automodel.components.distributed.mesh import MeshContext, ParallelismSizes
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -81,7 +82,7 @@ def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float
     grids = {}
     for spec in specs:
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
-        strategy = FSDP2Config(mp_policy=policy, tp_plan=(tp_plans or {}).get(spec.name))
+        strategy = FSDP2Config(mp_policy=policy, tp_plan=(tp_plans or {}).get(spec.name), enable_compile=compile)
         sizes = ParallelismSizes(dp_size=spec.dim_size("dp"), tp_size=spec.dim_size("tp"),
                                  cp_size=spec.dim_size("cp"), pp_size=spec.dim_size("pp"))
         ranks = list(range(spec.offset, spec.offset + spec.size))

@@ -41,6 +41,16 @@ class VisionModule(nn.Module):
             if g is None:
                 p.requires_grad_(False)
 
+    @property
+    def layers_owner(self) -> nn.Module:
+        """The tower's module holding its transformer layers as `.layers` (SigLIP, CLIP: vision_model.encoder), where
+        train.compile finds them (models/build.py `compile_layers`; nemo looks at the root only, then guesses)."""
+        owners = [m for m in self.encoder.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)]
+        if len(owners) != 1:
+            raise UserInputError(f"train.compile: {len(owners)} layer lists (.layers) found in the vision tower "
+                                 f"{type(self.encoder).__name__}, expected one; set train.compile=false")
+        return owners[0]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, C, H, W) -> (images, tokens_per_image, llm hidden)."""
         hidden = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states

@@ -69,7 +69,7 @@ def build_model(cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, packed
 
 def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
     """FSDP2 (+ TP) on one module: the whole model, or one pipeline stage's part."""
-    from nemo_automodel.components.distributed.model_parallelizer import compile_parallelized_model, parallelize_model
+    from nemo_automodel.components.distributed.model_parallelizer import parallelize_model
 
     check_tp_divisibility(model.config, state.tp_size)
     check_expert_split(model.config, state.mesh_context.ep_size)
@@ -79,11 +79,28 @@ def parallelize(model: nn.Module, state: ParallelState) -> nn.Module:
         model = parallelize_model(model, with_tp_plan(model, _compile_safe_checkpointing(model, state)))
     _single_rank_compute_dtype(model, state)
     _sum_gradient_reduction(model)
-    compile_parallelized_model(model, state.mesh_context)  # per decoder layer, in place (names unchanged)
+    compile_layers(model, state)
     _plain_embedding_output(model, state)
     if state.mesh_context.strategy_config.enable_compile and state.device.type == "cuda":
         compile_logprobs()
     return model.to(state.device)
+
+
+def layers_owner(model: nn.Module) -> nn.Module | None:
+    """The module whose `.layers` are `model`'s transformer layers: a causal LM's (or pipeline stage's) `model.model`,
+    or where another module says (`layers_owner`: a MIMO vision tower's encoder, mimo/modules.py)."""
+    owner = getattr(model, "layers_owner", None) or getattr(model, "model", None)
+    return owner if hasattr(owner, "layers") else None
+
+
+def compile_layers(model: nn.Module, state: ParallelState) -> None:
+    """train.compile: each transformer layer compiled in place (nemo-automodel's per-layer compile:
+    nn.Module.compile, names unchanged, so checkpoints and refit names stay). nemo looks for the layers at
+    model.model.layers or model.layers, else guesses with a warning: it is given their owner."""
+    from nemo_automodel.components.distributed.model_parallelizer import compile_parallelized_model
+
+    if state.mesh_context.strategy_config.enable_compile:
+        compile_parallelized_model(layers_owner(model) or model, state.mesh_context)
 
 
 def _plain_embedding_output(model: nn.Module, state: ParallelState) -> None:
@@ -113,10 +130,11 @@ def _compile_safe_checkpointing(model: nn.Module, state: ParallelState):
     ctx = state.mesh_context
     if not (ctx.activation_checkpointing and ctx.strategy_config.enable_compile) or fsdp2_sharding_enabled(ctx.device_mesh):
         return ctx
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise UserInputError("train.compile with parallel.activation_checkpointing on one rank needs decoder layers "
-                             f"at model.model.layers ({type(model).__name__} has none); set train.compile=false")
+    owner = layers_owner(model)
+    if owner is None:
+        raise UserInputError("train.compile with parallel.activation_checkpointing on one rank needs the model's "
+                             f"transformer layers ({type(model).__name__} has none we know); set train.compile=false")
+    layers = owner.layers
     for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
         for attr in ("self_attn", "mlp"):
             setattr(layer, attr, checkpoint_wrapper(getattr(layer, attr), checkpoint_impl=CheckpointImpl.NO_REENTRANT))

@@ -1,0 +1,119 @@
+"""train.compile under MIMO, oracle (docs/numerics.md): with the LLM's decoder layers and the vision tower's encoder
+layers compiled in place (inductor's CPU backend here), a step equals the single-process EAGER reference — loss,
+global grad norm, every encoder AND LLM gradient, post-step weights with SGD and clipped AdamW — on a batch mixing
+text-only and image rows with non-uniform loss masks; each layout also asserts how many layers of each module were
+compiled, so nothing compiled fails. Layouts: colocated vision dp2 + language dp2, language tp2 (the compile + TP
+embedding hook), language pp2 (each stage's layers), language cp2 packed, non-colocated vision dp1 + language dp1.
+Also: train.compile from a YAML config and the command line reaches every module (mimo/build.py)."""
+
+import logging
+
+import pytest
+import torch
+
+from automodel_mimo.distributed.grid_spec import GridSpec
+from tests.unit.mimo_oracle import VISION
+from tests.unit.multirank import run_ranks
+from tests.unit.test_mimo import OPTIMIZERS, _assert_layout_matches
+from tests.unit.test_mimo_pp import LAYERS, _merged, layout_steps
+
+# (name, layout, micro_batch_size, parallel pipeline keys, packed): 2 ranks each, 2 microbatches or more per rank
+LAYOUTS = [
+    ("vision-dp2+language-dp2", {"vision": {"dp": 2}, "language": {"dp": 2}}, 2, {}, False),
+    ("language-tp2", {"vision": {"dp": 2}, "language": {"tp": 2}}, 4, {}, False),
+    ("language-pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4, {}, False),
+    ("language-cp2-packed", {"vision": {"dp": 2}, "language": {"cp": 2}}, 2, {}, True),
+    ("noncolocated", {"vision": {"dp": 1}, "language": {"dp": 1, "offset": 1}}, 4, {}, False),
+]
+SLOW = pytest.mark.slow  # compiling on CPU: inductor builds C++ per rank and layout
+CI = {"vision-dp2+language-dp2"}  # the one that proves the feature in CI; the others nightly
+
+
+def compiled_layers(model) -> dict[str, int]:
+    """Per module on this rank: its layers compiled in place (nn.Module.compile)."""
+    return {name: sum(getattr(m, "_compiled_call_impl", None) is not None for part in parts for m in part.modules())
+            for name, parts in model.module_parts.items()}
+
+
+def _steps(rows: list[dict], layouts: list) -> dict:
+    return layout_steps(rows, layouts, lambda model: {"compiled": compiled_layers(model)}, compile=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from tests.unit.test_mimo import reference_steps
+
+    return reference_steps(layers=LAYERS)
+
+
+def _expected_compiled(layout: dict, rank: int) -> dict[str, int]:
+    """Every vision tower layer on the encoder's ranks, the LLM's layers of this rank's stage on the LLM's."""
+    expected = {}
+    for name in ("vision", "language"):
+        spec = GridSpec.for_module(name, layout[name])
+        if spec.holds(rank):
+            expected[name] = VISION["num_hidden_layers"] if name == "vision" else LAYERS // spec.dim_size("pp")
+    return expected
+
+
+@pytest.mark.parametrize("case", [c if c[0] in CI else pytest.param(c, marks=SLOW) for c in LAYOUTS],
+                         ids=[c[0] for c in LAYOUTS])
+def test_compiled_mimo_step_matches_eager_single_process(reference, case):
+    rows, ref = reference
+    name, layout, *_ = case
+    per_rank = run_ranks(_steps, 2, rows, [case])
+    for optimizer, _ in OPTIMIZERS:
+        merged = [{**r, (name, optimizer): _merged(per_rank, name, optimizer)} if i == 0 else r
+                  for i, r in enumerate(per_rank)]
+        _assert_layout_matches(merged, name, optimizer, ref[optimizer], f"compiled {name} {optimizer}")
+    assert [r[name, "sgd"]["compiled"] for r in per_rank] == [_expected_compiled(layout, k) for k in range(2)], name
+    assert all(r[name, "sgd"]["microbatches"] >= 2 for r in per_rank), name  # gradient accumulation
+    assert "packed" not in name or max(r[name, "sgd"]["packed_max"] for r in per_rank) >= 2, name  # really packed
+
+
+# ---------------------------------------------------------------- train.compile from the config reaches every module
+
+COMPILE_YAML = """
+model: {config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3,
+                 num_attention_heads: 4, num_key_value_heads: 2}}
+train: {global_batch_size: 2, micro_batch_size: 1}
+mimo:
+  layout: {vision: {dp: 1}, language: {dp: 1}}
+  encoder: {model_type: siglip_vision_model, image_size: 16, patch_size: 8, hidden_size: 32, intermediate_size: 64,
+            num_hidden_layers: 2, num_attention_heads: 4}
+  tokens_per_image: 4
+data: {image_size: 16}
+"""
+
+
+def _built(path: str, runs: list[list[str]]) -> list[dict]:
+    """build_mimo_handle on one rank per list of overrides: each module's compiled layers, the grids' compile flag,
+    nemo's warnings about compiling."""
+    from automodel_mimo.config import load_config
+    from automodel_mimo.mimo.build import build_mimo_handle
+    from automodel_mimo.models.tokenizer import load_tokenizer
+
+    out = []
+    for overrides in runs:
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("nemo_automodel").addHandler(handler)
+        cfg = load_config("sft", path, overrides, world_size=1)
+        handle = build_mimo_handle(cfg, load_tokenizer(None), torch.device("cpu"))
+        logging.getLogger("nemo_automodel").removeHandler(handler)
+        flags = {n: g.mesh_context.strategy_config.enable_compile for n, g in handle.grids.items()}
+        out.append({"compiled": compiled_layers(handle), "grids": flags, "warnings": [w for w in warnings if "compile" in w]})
+    return out
+
+
+def test_train_compile_reaches_every_module_from_the_config(tmp_path):
+    """train.compile=true (CLI override of the YAML) compiles the tower's 2 and the LLM's 3 layers, without nemo's
+    'heuristic layer extraction' warning; false, and unset on CPU (on only on CUDA), compile none."""
+    path = tmp_path / "mimo.yaml"
+    path.write_text(COMPILE_YAML)
+    on, off, unset = run_ranks(_built, 1, str(path), [["train.compile=true"], ["train.compile=false"], []])[0]
+    assert on == {"compiled": {"vision": 2, "language": 3}, "grids": {"vision": True, "language": True}, "warnings": []}, on
+    for result in (off, unset):
+        assert result == {"compiled": {"vision": 0, "language": 0}, "grids": {"vision": False, "language": False},
+                          "warnings": []}, result
