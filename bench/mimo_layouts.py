@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import statistics
@@ -136,6 +137,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
                    help="train.compile (every encoder and LLM layer compiled); both: each layout eager, then compiled")
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="profile one more step (pass) per layout: the N host ops of most self CPU time, host op count, "
+                        "compiled graphs and graph breaks")
     p.add_argument("--encoder-only", action="store_true",
                    help="time the vision module alone (forward + backward) per layout instead of training steps")
     return p.parse_args()
@@ -198,17 +202,37 @@ def encoder_times(model: MimoHandle, spec: dict, device: torch.device, args) -> 
         if i >= args.warmup:
             walls.append(time.perf_counter() - t0)
             returns.append(t_return - t0)
-    out = {"images_per_dp_rank": images, "encoder_s": round(statistics.median(walls), 4),
-           "python_returns_s": round(statistics.median(returns), 4)}
-    if device.type == "cuda":
+    return {"images_per_dp_rank": images, "encoder_s": round(statistics.median(walls), 4),
+            "python_returns_s": round(statistics.median(returns), 4), **profiled(one_pass, device, args.host_profile)}
+
+
+def profiled(one_pass, device: torch.device, host_top: int) -> dict:
+    """One more pass under the profiler: its wall time; on CUDA its kernel time, without and with NCCL's kernels
+    (which also count time spent waiting for other ranks); with `host_top`, the host ops of most self CPU time (ms, inflated
+    alike by the profiler) and torch.compile's graph count and graph breaks since the layout was built."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity
+
+    activities = ([ProfilerActivity.CUDA] if device.type == "cuda" else []) + ([ProfilerActivity.CPU] if host_top else [])
+    if not activities:
+        return {}
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        one_pass()
         sync(device)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            one_pass()
-            sync(device)
-        events = prof.key_averages()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    out = {"profiled_wall_s": round(wall, 4)}  # kernel_s / profiled_wall_s: the GPU's busy share (both profiled)
+    if device.type == "cuda":
         kernels = sum(e.self_device_time_total for e in events) / 1e6
         nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e6
         out.update(kernel_s=round(kernels, 4), non_nccl_kernel_s=round(kernels - nccl, 4))
+    if host_top:
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:host_top]
+        out.update(host_top_ms={e.key[:60]: round(e.self_cpu_time_total / 1e3, 1) for e in top},
+                   host_ops=sum(e.count for e in events if e.device_type.name == "CPU"),
+                   compiled_graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     return out
 
 
@@ -257,6 +281,9 @@ def layers_per_stage(layers: int, pp: int) -> int | None:
 
 
 def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args, compiled: bool) -> dict:
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # this layout's compiled graphs and graph breaks only (profiled)
     vision, llm = copy.deepcopy(base[0]), copy.deepcopy(base[1])
     if layout["language"].get("cp", 1) > 1:  # the LLM's cp runs in its packed attention (same weights, same math)
         llm.set_attn_implementation(packed_attention.NAME)
@@ -297,6 +324,7 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
                "microbatches_per_rank": len(batch), "microbatch_rows": micro}
         if not model.colocated:
             out.update(idle_fractions(model, sum(waits) / sum(times)))
+        out.update(profiled(functools.partial(policy.sft_train_step, batch), device, args.host_profile))  # one more step
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     model.destroy()

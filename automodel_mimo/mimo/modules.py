@@ -14,6 +14,21 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from automodel_mimo.errors import UserInputError
 
 
+def _drop_unused_capture_hooks(encoder: nn.Module) -> None:
+    """transformers captures `output_hidden_states` (the features' layer) with forward hooks, and installs one for
+    every output its model can record: also on each attention module, for attention maps nothing here asks for.
+    Each hook reads a ContextVar, which torch.compile cannot trace: under train.compile the one inside a layer
+    (attention) split every compiled layer into two graphs, and the compiled tower ran slower than eager on one
+    H200 (docs/benchmarks.md). Only the hidden-state hooks (on the layers' outputs) are kept."""
+    for module in encoder.modules():
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") != "output_capturing_hook":
+                continue
+            captured = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ())))
+            if captured.get("key") != "hidden_states":
+                del module._forward_hooks[handle_id]
+
+
 class VisionModule(nn.Module):
     """An HF vision tower (SigLIP / CLIP vision model) and LLaVA's projector (linear-GELU-linear to the LLM's
     hidden size): one MIMO module, one grid. The features are LLaVA's (`LlavaModel.get_image_features`): the
@@ -26,7 +41,8 @@ class VisionModule(nn.Module):
         self.encoder, self.projector = encoder, projector
         self.llava_config = llava_config  # feature layer(s) and strategy; the export's config
         self.config = encoder.config  # nemo's parallelizer checks heads against tp on it
-        self._freeze_unused()
+        self._freeze_unused()  # its forward also installs transformers' output-capturing hooks
+        _drop_unused_capture_hooks(self.encoder)
 
     def _freeze_unused(self) -> None:
         """Freeze the tower's parameters that LLaVA's features never reach (its post-layernorm, a pooling head,
