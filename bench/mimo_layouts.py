@@ -211,6 +211,7 @@ def profiled(one_pass, device: torch.device, host_top: int) -> dict:
     (which also count time spent waiting for other ranks); with `host_top`, the host ops of most self CPU time (ms, inflated
     alike by the profiler) and torch.compile's graph count and graph breaks since the layout was built."""
     from torch._dynamo.utils import counters
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     activities = ([ProfilerActivity.CUDA] if device.type == "cuda" else []) + ([ProfilerActivity.CPU] if host_top else [])
@@ -224,9 +225,10 @@ def profiled(one_pass, device: torch.device, host_top: int) -> dict:
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     out = {"profiled_wall_s": round(wall, 4)}  # kernel_s / profiled_wall_s: the GPU's busy share (both profiled)
-    if device.type == "cuda":
-        kernels = sum(e.self_device_time_total for e in events) / 1e6
-        nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower()) / 1e6
+    if device.type == "cuda":  # the kernels' own events (a host op's device time counts its kernels again)
+        kernel_events = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernels = sum(e.self_device_time_total for e in kernel_events) / 1e6
+        nccl = sum(e.self_device_time_total for e in kernel_events if "nccl" in e.key.lower()) / 1e6
         out.update(kernel_s=round(kernels, 4), non_nccl_kernel_s=round(kernels - nccl, 4))
     if host_top:
         top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:host_top]
