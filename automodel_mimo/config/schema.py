@@ -104,10 +104,6 @@ class TrainConfig:
     # optimizer also takes the step-skip decision on the device (found_inf), so the vote costs no host sync
     fused_optimizer: bool | None = None
 
-    def compiles(self, device_type: str) -> bool:
-        """train.compile resolved: unset means on when training on CUDA (the LM's and the MIMO model's build read it)."""
-        return self.compile if self.compile is not None else device_type == "cuda"
-
     @property
     def last_step(self) -> int:
         """The step this run ends at: train.stop_at_step, else train.max_steps."""
@@ -232,6 +228,11 @@ class RunConfig:
     @property
     def dp(self) -> int:
         return typing.cast(int, self.parallel.dp)
+
+    @property
+    def language_ep(self) -> int:
+        """Ranks the language model's routed experts are split over: parallel.ep, or mimo.layout.language.ep."""
+        return int(self.mimo.layout.get("language", {}).get("ep", 1)) if self.mimo.layout else self.parallel.ep
 
     @property
     def layout(self) -> str:
