@@ -42,7 +42,8 @@ def build_handle(cfg: RunConfig, tokenizer, device: torch.device) -> Handle:
         from automodel_mimo.mimo.build import build_mimo_handle
 
         return build_mimo_handle(cfg, tokenizer, device)
-    return build_lm_handle(cfg, tokenizer, build_parallel_state(cfg.parallel, device, cfg.model.dtype, compiles(cfg, device.type)))
+    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype, compiles(cfg, device.type))
+    return build_lm_handle(cfg, tokenizer, state)
 
 
 def start_run(cfg: RunConfig, prepare_data: Callable[[RunConfig, object], datasets.DatasetDict]) -> Run:

@@ -3,7 +3,8 @@ layers compiled in place (inductor's CPU backend here), a step equals the single
 global grad norm, every encoder AND LLM gradient, post-step weights with SGD and clipped AdamW — on a batch mixing
 text-only and image rows with non-uniform loss masks; each layout also asserts how many layers of each module were
 compiled, so nothing compiled fails. Layouts: colocated vision dp2 + language dp2, language tp2 (the compile + TP
-embedding hook), language pp2 (each stage's layers), language cp2 packed, non-colocated vision dp1 + language dp1.
+embedding hook), language pp2 (each stage's layers), language cp2 packed, non-colocated vision dp1 + language dp1,
+vision tp2 (the tower's own TP plan inside its compiled layers; fan-out to language dp2).
 Also: train.compile from a YAML config and the command line reaches every module (mimo/build.py); where torch.compile
 breaks (an MoE LLM's split or fp32 experts) train.compile=true is one clear error and unset resolves to off."""
 
@@ -25,6 +26,7 @@ LAYOUTS = [
     ("language-pp2", {"vision": {"dp": 2}, "language": {"pp": 2}}, 4, {}, False),
     ("language-cp2-packed", {"vision": {"dp": 2}, "language": {"cp": 2}}, 2, {}, True),
     ("noncolocated", {"vision": {"dp": 1}, "language": {"dp": 1, "offset": 1}}, 4, {}, False),
+    ("vision-tp2", {"vision": {"tp": 2}, "language": {"dp": 2}}, 4, {}, False),  # the tower's TP plan, fan-out
 ]
 
 
