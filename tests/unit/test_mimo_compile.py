@@ -2,8 +2,9 @@
 layers compiled in place (inductor's CPU backend here), a step equals the single-process EAGER reference — loss,
 global grad norm, every encoder AND LLM gradient, post-step weights with SGD and clipped AdamW — on a batch mixing
 text-only and image rows with non-uniform loss masks; each layout also asserts how many layers of each module were
-compiled, so nothing compiled fails. Layouts: colocated vision dp2 + language dp2, language tp2 (the compile + TP
-embedding hook), language pp2 (each stage's layers), language cp2 packed, non-colocated vision dp1 + language dp1,
+compiled, so nothing compiled fails. Layouts: colocated vision dp2 + language dp2, language tp2 (vocab-parallel
+embedding, spliced, into compiled layers), language pp2 (each stage's layers), language cp2 packed, non-colocated
+vision dp1 + language dp1,
 vision tp2 (the tower's own TP plan inside its compiled layers; fan-out to language dp2).
 Also: train.compile from a YAML config and the command line reaches every module (mimo/build.py); where torch.compile
 breaks (an MoE LLM's split or fp32 experts) train.compile=true is one clear error and unset resolves to off."""
