@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from automodel_mimo.config import RunConfig
+from automodel_mimo.config.compile import compiles
 from automodel_mimo.data.microbatches import MicrobatchBuilder
 from automodel_mimo.distributed.mesh import build_parallel_state, init_distributed
 from automodel_mimo.models.build import build_lm_handle
@@ -41,8 +42,8 @@ def build_handle(cfg: RunConfig, tokenizer, device: torch.device) -> Handle:
         from automodel_mimo.mimo.build import build_mimo_handle
 
         return build_mimo_handle(cfg, tokenizer, device)
-    compile = cfg.train.compiles(device.type)
-    return build_lm_handle(cfg, tokenizer, build_parallel_state(cfg.parallel, device, cfg.model.dtype, compile))
+    state = build_parallel_state(cfg.parallel, device, cfg.model.dtype, compiles(cfg, device.type))
+    return build_lm_handle(cfg, tokenizer, state)
 
 
 def start_run(cfg: RunConfig, prepare_data: Callable[[RunConfig, object], datasets.DatasetDict]) -> Run:

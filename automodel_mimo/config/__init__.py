@@ -4,6 +4,7 @@
     load.py      load_config: YAML + dotted overrides -> RunConfig, validated
     checks.py    cross-field checks (one line naming the key and the fix), inferred values, notes
     sizes.py     sizes the data path derives from the config (packed rows, CP/SP padding)
+    compile.py   train.compile resolved for a run, and what cannot be compiled
 """
 
 from automodel_mimo.config.load import default_config_path, load_config

@@ -123,6 +123,15 @@ def validate(cfg: RunConfig, world_size: int | None = None, notes: list[str] | N
         validate_dpo(cfg)
     if cfg.algo == "grpo":
         validate_grpo(cfg)
+    _validate_compile(cfg)
+
+
+def _validate_compile(cfg: RunConfig) -> None:
+    """train.compile=true where torch.compile breaks (config/compile.py)."""
+    from automodel_mimo.config.compile import compile_blocker
+
+    blocker = compile_blocker(cfg)
+    _require(not (cfg.train.compile and blocker), f"train.compile=true with {blocker}")
 
 
 def _validate_moe_sequence_parallel(cfg: RunConfig) -> None:

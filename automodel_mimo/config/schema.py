@@ -97,16 +97,13 @@ class TrainConfig:
     # a step whose loss or global grad norm is inf/NaN (on any rank) is skipped on every rank; this many
     # skipped in a row stop the run (exit code 3); 0: never stop
     max_skipped_steps: int = 5
-    # torch.compile each decoder layer (nemo-automodel's per-layer compile, after FSDP2/TP/AC; a MIMO model's LLM
-    # layers and vision tower layers); None: on when training on CUDA. Fuses the elementwise work between matmuls (norms, RoPE, SwiGLU, residuals)
+    # torch.compile each decoder layer (nemo-automodel's per-layer compile, after FSDP2/TP/AC; under MIMO the LLM's
+    # and the vision tower's layers); None: on when training on CUDA, unless config/compile.py says it cannot work
+    # (an MoE model's split or fp32 experts). Fuses the elementwise work between matmuls (norms, RoPE, SwiGLU, residuals)
     compile: bool | None = None
     # AdamW as one fused kernel over all tensors (no foreach temporaries); None: on when training on CUDA. A fused
     # optimizer also takes the step-skip decision on the device (found_inf), so the vote costs no host sync
     fused_optimizer: bool | None = None
-
-    def compiles(self, device_type: str) -> bool:
-        """train.compile resolved: unset means on when training on CUDA (the LM's and the MIMO model's build read it)."""
-        return self.compile if self.compile is not None else device_type == "cuda"
 
     @property
     def last_step(self) -> int:
@@ -232,6 +229,11 @@ class RunConfig:
     @property
     def dp(self) -> int:
         return typing.cast(int, self.parallel.dp)
+
+    @property
+    def language_ep(self) -> int:
+        """Ranks the language model's routed experts are split over: parallel.ep, or mimo.layout.language.ep."""
+        return int(self.mimo.layout.get("language", {}).get("ep", 1)) if self.mimo.layout else self.parallel.ep
 
     @property
     def layout(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from automodel_mimo.config import RunConfig
+from automodel_mimo.config.compile import compiles
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.mimo.handle import MimoHandle
 from automodel_mimo.mimo.modules import build_vision_module
@@ -41,4 +42,4 @@ def build_mimo_handle(cfg: RunConfig, tokenizer, device: torch.device) -> MimoHa
     image = vision.llava_config.image_token_index if cfg.model.pretrained else placeholder_id(tokenizer, m.placeholder_token)
     return MimoHandle({m.encoder_name: vision}, llm, m.layout, device, image, m.tokens_per_image,
                       pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size,
-                      pipeline=pipeline, compile=cfg.train.compiles(device.type))
+                      pipeline=pipeline, compile=compiles(cfg, device.type))

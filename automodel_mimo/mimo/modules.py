@@ -59,8 +59,9 @@ class VisionModule(nn.Module):
 
     @property
     def layers_owner(self) -> nn.Module:
-        """The tower's module holding its transformer layers as `.layers` (SigLIP, CLIP: vision_model.encoder), where
-        train.compile finds them (models/build.py `compile_layers`; nemo looks at the root only, then guesses)."""
+        """The tower's module holding its transformer layers as `.layers` (SigLIP, CLIP: `.encoder` under transformers 5,
+        `.vision_model.encoder` under 4.x), where train.compile finds them (models/build.py `compile_layers`; nemo looks
+        at the root only, then guesses)."""
         owners = [m for m in self.encoder.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)]
         if len(owners) != 1:
             raise UserInputError(f"train.compile: {len(owners)} layer lists (.layers) found in the vision tower "

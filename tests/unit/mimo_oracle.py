@@ -109,3 +109,9 @@ def assert_step_close(got: dict, ref: dict, what: str) -> None:
     for kind in ("grads", "params"):
         assert_tensors_close({n: g for n, g in got[kind].items() if n not in zero},
                              {n: g for n, g in ref[kind].items() if n not in zero}, f"{what} {kind}")
+
+
+def compiled_layers(model) -> dict[str, int]:
+    """Per module of a MimoHandle on this rank: its layers compiled in place (nn.Module.compile, train.compile)."""
+    return {name: sum(getattr(m, "_compiled_call_impl", None) is not None for part in parts for m in part.modules())
+            for name, parts in model.module_parts.items()}
