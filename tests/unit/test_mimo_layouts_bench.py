@@ -4,8 +4,6 @@ encoder's images and the LLM's rows), so a 4-GPU lease is not spent on a layout 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,17 +11,9 @@ import pytest
 from automodel_mimo.distributed.grid_spec import GridSpec, validate_layout
 from automodel_mimo.errors import UserInputError
 from automodel_mimo.models.facts import check_pipeline_split, check_tp_divisibility
+from tests.unit.bench_scripts import load_bench
 
-
-def load_bench():
-    path = Path(__file__).parents[2] / "bench" / "mimo_layouts.py"
-    spec = importlib.util.spec_from_file_location("mimo_layouts", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-BENCH = load_bench()
+BENCH = load_bench("mimo_layouts")
 LAYOUTS = [(world, name, layout) for world in BENCH.LAYOUTS
            for name, layout in [*((n, v[1]) for n, v in BENCH.LAYOUTS[world].items()), *BENCH.NONCOLOCATED[world].items()]]
 MODELS = {"1b": BENCH.FULL, "8b": {**BENCH.FULL, "llm": BENCH.LLM_8B}, "tiny": BENCH.TINY}

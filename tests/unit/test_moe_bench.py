@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-
-def load_bench():
-    path = Path(__file__).parents[2] / "bench" / "moe_throughput.py"
-    spec = importlib.util.spec_from_file_location("moe_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from tests.unit.bench_scripts import load_bench
 
 
 @pytest.mark.parametrize("variant", [{}, {"head_dim": 8, "num_experts_per_tok": 3, "num_key_value_heads": 4}])
 def test_param_counts_match_the_built_model(variant):
     import torch
 
-    bench = load_bench()
+    bench = load_bench("moe_throughput")
     cfg = {**bench.MODELS["tiny"], **variant}
     model = bench.new_model(cfg, seq=32, device=torch.device("cpu"))
     assert bench.measured_params(model, cfg) == bench.param_counts(cfg)
@@ -28,6 +19,6 @@ def test_param_counts_match_the_built_model(variant):
 
 
 def test_the_3b_model_is_the_documented_size():
-    bench = load_bench()
+    bench = load_bench("moe_throughput")
     counts = bench.param_counts(bench.MODELS["3b"])
     assert round(counts["total"] / 1e9, 2) == 5.27 and round(counts["active"] / 1e9, 2) == 1.04

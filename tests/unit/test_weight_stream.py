@@ -197,12 +197,7 @@ def test_refit_from_dp2_tp2_pp2_trainers(hf_folder):
 
 def test_refit_bandwidth_bench_runs_on_cpu():
     """bench/refit_bandwidth.py's colocated path on a tiny config (it asserts receiver == sender itself)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.unit.bench_scripts import load_bench
 
-    path = Path(__file__).parents[2] / "bench" / "refit_bandwidth.py"
-    spec = importlib.util.spec_from_file_location("refit_bandwidth", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.in_process("tiny", torch.bfloat16, bucket_bytes=1 << 16, repeat=1)
+    result = load_bench("refit_bandwidth").in_process("tiny", torch.bfloat16, bucket_bytes=1 << 16, repeat=1)
     assert result["buckets"] > 1 and result["refit_GBps"] > 0 and 0 < result["fraction"]
