@@ -299,8 +299,6 @@ def validate_mimo(cfg: RunConfig, world: int) -> None:
              "parallel.tp/cp/pp/sequence_parallel: under MIMO each module's sizes are set in mimo.layout.<module>; "
              "leave the parallel section at its defaults (parallel.pp_schedule, pp_microbatch_size and "
              "layers_per_stage apply to mimo.layout.language.pp)")
-    _require(not p.activation_checkpointing, "parallel.activation_checkpointing=true: not supported for MIMO models yet "
-             "(their grids would silently train without it); set parallel.activation_checkpointing=false")
     modules = {m.encoder_name, LANGUAGE}
     _require(set(m.layout) == modules,
              f"mimo.layout: has modules {sorted(m.layout)}, expected {sorted(modules)} (mimo.encoder_name and language)")

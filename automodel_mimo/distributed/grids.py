@@ -70,9 +70,11 @@ class Grid:
 
 
 def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float32",
-                global_batch_size: int | None = None, tp_plans: dict | None = None, compile: bool = False) -> dict[str, Grid]:
+                global_batch_size: int | None = None, tp_plans: dict | None = None, compile: bool = False,
+                activation_checkpointing: bool = False) -> dict[str, Grid]:
     """Validate, then build every module's MeshContext in spec order on every rank (world-consistent). `compile`
-    (train.compile) reaches each module's parallelize, which compiles its transformer layers (models/build.py)."""
+    (train.compile) and `activation_checkpointing` (parallel.activation_checkpointing) reach each module's
+    parallelize, which compiles its transformer layers (models/build.py) and checkpoints them (nemo-automodel)."""
     from nemo_automodel.components.distributed.config import FSDP2Config
     from nemo_automodel.components.distributed.mesh import MeshContext, ParallelismSizes
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -90,7 +92,8 @@ def build_grids(specs: list[GridSpec], device: torch.device, dtype: str = "float
         # registers flattened dims that torch 2.11 refuses to slice ("only allows slicing out a contiguous
         # flattened dim", seen on 4 x H200); torch 2.13 accepts both.
         whole_world = ranks == list(range(world))
-        ctx = MeshContext.build(strategy, sizes, world_size=spec.size, ranks=None if whole_world else ranks)
+        ctx = MeshContext.build(strategy, sizes, world_size=spec.size, ranks=None if whole_world else ranks,
+                                activation_checkpointing=activation_checkpointing)
         if not whole_world and spec.holds(dist.get_rank()):
             make_flattened_dims_sliceable(ctx.device_mesh)
         grids[spec.name] = Grid(spec, ctx, device)

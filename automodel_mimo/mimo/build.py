@@ -42,4 +42,5 @@ def build_mimo_handle(cfg: RunConfig, tokenizer, device: torch.device) -> MimoHa
     image = vision.llava_config.image_token_index if cfg.model.pretrained else placeholder_id(tokenizer, m.placeholder_token)
     return MimoHandle({m.encoder_name: vision}, llm, m.layout, device, image, m.tokens_per_image,
                       pad_id=tokenizer.pad_token_id, dtype=cfg.model.dtype, global_batch_size=cfg.train.global_batch_size,
-                      pipeline=pipeline, compile=compiles(cfg, device.type))
+                      pipeline=pipeline, compile=compiles(cfg, device.type),
+                      activation_checkpointing=p.activation_checkpointing)

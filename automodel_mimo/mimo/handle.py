@@ -92,13 +92,16 @@ def splice(embeds: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, pl
 
 
 def build_mimo_grids(layout: dict[str, dict], encoder_names: list[str], device: torch.device, dtype: str = "float32",
-                     global_batch_size: int | None = None, compile: bool = False) -> dict:
-    """Validated grids of the encoders and the LLM (collective; every rank, same order); `compile`: train.compile."""
+                     global_batch_size: int | None = None, compile: bool = False,
+                     activation_checkpointing: bool = False) -> dict:
+    """Validated grids of the encoders and the LLM (collective; every rank, same order); `compile`: train.compile,
+    `activation_checkpointing`: parallel.activation_checkpointing (both for every module)."""
     missing = [n for n in [*encoder_names, LANGUAGE] if n not in layout]
     if missing:
         raise UserInputError(f"mimo.layout: no layout for module(s) {missing}")
     specs = [GridSpec.for_module(n, layout[n]) for n in [*encoder_names, LANGUAGE]]
-    grids = build_grids(specs, device, dtype, global_batch_size, compile=compile)
+    grids = build_grids(specs, device, dtype, global_batch_size, compile=compile,
+                        activation_checkpointing=activation_checkpointing)
     ep = int(layout[LANGUAGE].get("ep", 1))
     if ep > 1:  # an MoE LLM's experts over the expert view of its grid, as an LM's (docs/moe.md)
         view = grid_expert_view(grids[LANGUAGE], ep)  # collective: every rank, the LLM's members or not
@@ -115,21 +118,24 @@ class MimoHandle(Handle):
     def __init__(self, encoders: dict[str, VisionModule], language: nn.Module, layout: dict[str, dict],
                  device: torch.device, placeholder_id: int, tokens_per_image: int, pad_id: int = 0,
                  dtype: str = "float32", global_batch_size: int | None = None, grids: dict | None = None,
-                 pipeline: dict | None = None, compile: bool = False):
+                 pipeline: dict | None = None, compile: bool = False, activation_checkpointing: bool = False):
         """`pipeline` (needed when layout.language.pp > 1): schedule, pp_microbatch_size, layers_per_stage,
         seq_len, micro_batch_size (rows of a coarse-block microbatch) — see mimo/pipeline.py. `compile`
-        (train.compile): every module's transformer layers compiled in place (models/build.py `parallelize`)."""
+        (train.compile): every module's transformer layers compiled in place (models/build.py `parallelize`);
+        `activation_checkpointing` (parallel.activation_checkpointing): their activations recomputed in backward."""
         from automodel_mimo.models.build import parallelize
 
         if len(encoders) != 1:
             raise UserInputError(f"mimo.encoders: {len(encoders)} encoders; one image encoder is supported so far")
         names = [*encoders, LANGUAGE]
         if grids is None:  # grids (their process groups) can be shared by several models of one layout
-            grids = build_mimo_grids(layout, list(encoders), device, dtype, global_batch_size, compile)
+            grids = build_mimo_grids(layout, list(encoders), device, dtype, global_batch_size, compile,
+                                     activation_checkpointing)
         assert list(grids) == names and all(g.spec == GridSpec.for_module(n, layout[n]) for n, g in grids.items()), \
             "grids built for another layout"
-        assert all(g.mesh_context.strategy_config.enable_compile == compile for g in grids.values()), \
-            f"grids built with another compile setting than compile={compile} (build_mimo_grids(..., compile=...))"
+        assert all(g.mesh_context.strategy_config.enable_compile == compile
+                   and g.mesh_context.activation_checkpointing == activation_checkpointing for g in grids.values()), \
+            "grids built with other compile / activation_checkpointing settings (build_mimo_grids(..., compile=...))"
         self.grids, self.names = grids, names
         self.colocated = is_colocated([g.spec for g in grids.values()], dist.get_world_size())
         # non-colocated: this rank holds one module (mimo/relay.py); the others' grids are non-members here
@@ -566,10 +572,11 @@ class MimoHandle(Handle):
 
     # ------------------------------------------------------------ parameters, gradients
     def named_parameters(self):
+        """`<module>.<name>` (activation-checkpointing wrappers left out, as an LM's: models/names.py)."""
         for name, parts in self.module_parts.items():
             for part in parts:
                 for n, p in part.named_parameters():
-                    yield f"{name}.{n}", p
+                    yield canonical_name(f"{name}.{n}"), p
 
     def serve_generator(self, export: Path, images: bool = True) -> Path:
         """The generator serves the LLaVA folder `export`, or (`images=False`: a backend without image inputs, vLLM

@@ -103,7 +103,6 @@ def test_mimo_config_validation(tmp_path):
         ("train.global_batch_size=6",): "must divide the 3 rows",
         ("mimo.tokens_per_image=5",): "set mimo.tokens_per_image=4",
         ("parallel.tp=2",): "leave the parallel section",
-        ("parallel.activation_checkpointing=true",): "parallel.activation_checkpointing=true: not supported for MIMO",
     }
     for overrides, message in bad.items():
         with pytest.raises(UserInputError, match=re.escape(message)):

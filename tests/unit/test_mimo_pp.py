@@ -42,10 +42,11 @@ def _pipeline(micro: int, keys: dict) -> dict:
             "micro_batch_size": micro, **keys}
 
 
-def _model(layout: dict, micro: int, keys: dict, packed: bool, grids=None, compile: bool = False) -> MimoHandle:
+def _model(layout: dict, micro: int, keys: dict, packed: bool, grids=None, **options) -> MimoHandle:
+    """`options`: MimoHandle's compile / activation_checkpointing."""
     encoders, llm = build_modules(packed=packed or layout["language"].get("cp", 1) > 1, layers=LAYERS)
     return MimoHandle(encoders, llm, layout, CPU, PLACEHOLDER, TOKENS_PER_IMAGE, global_batch_size=GLOBAL_BATCH,
-                      grids=grids, pipeline=_pipeline(micro, keys), compile=compile)
+                      grids=grids, pipeline=_pipeline(micro, keys), **options)
 
 
 def _microbatches(model: MimoHandle, rows: list[dict], micro: int, packed: bool) -> list[dict]:
@@ -54,15 +55,15 @@ def _microbatches(model: MimoHandle, rows: list[dict], micro: int, packed: bool)
     return builder.build(local_slice(rows, *model.data_block()), micro)
 
 
-def layout_steps(rows: list[dict], layouts: list, extra, compile: bool = False) -> dict:
+def layout_steps(rows: list[dict], layouts: list, extra, **options) -> dict:
     """Per layout and optimizer: one SFT step's metrics, its microbatch count and largest packed row, this rank's
-    full gradients and post-step weights, and `extra(model)` (what the caller checks of the layout); `compile`:
-    train.compile."""
+    full gradients and post-step weights, and `extra(model)` (what the caller checks of the layout); `options`:
+    compile (train.compile), activation_checkpointing."""
     results = {}
     for name, layout, micro, keys, packed in layouts:
-        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH, compile=compile)
+        grids = build_mimo_grids(layout, ["vision"], CPU, global_batch_size=GLOBAL_BATCH, **options)
         for optimizer, clip in OPTIMIZERS:
-            model = _model(layout, micro, keys, packed, grids, compile)
+            model = _model(layout, micro, keys, packed, grids, **options)
             policy = Policy(model, train_config(optimizer, clip, GLOBAL_BATCH, micro))
             microbatches = _microbatches(model, rows, micro, packed)
             metrics = policy.sft_forward_backward(microbatches)
