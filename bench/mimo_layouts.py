@@ -137,6 +137,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--llm-rows-per-microbatch", type=int, help="at most this many rows per LLM microbatch (default 4)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
                    help="train.compile (every encoder and LLM layer compiled); both: each layout eager, then compiled")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="parallel.activation_checkpointing: every layer of both modules recomputed in backward")
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="profile one more step (pass) per layout: the N host ops of most self CPU time, host op count, "
                         "compiled graphs and graph breaks")
@@ -295,7 +297,8 @@ def run_layout(layout: dict, base: tuple, spec: dict, device: torch.device, args
     try:  # every rank validates the same layout against the same batch: all raise or none
         model = MimoHandle({"vision": vision}, llm, layout, device, placeholder, tokens_per_image,
                           dtype=spec["dtype"], global_batch_size=spec["global_batch"],
-                          pipeline=pipeline_settings(layout, spec, llm_rows, micro, args), compile=compiled)
+                          pipeline=pipeline_settings(layout, spec, llm_rows, micro, args), compile=compiled,
+                          activation_checkpointing=args.activation_checkpointing)
     except UserInputError as e:
         return {"infeasible": str(e)}
     index, count = model.data_block()
