@@ -95,12 +95,18 @@ def reference():
     return reference_steps(layers=LAYERS)
 
 
+def assert_matches_reference(per_rank: list[dict], name: str, ref: dict, what: str = "") -> None:
+    """Per optimizer: the union of the ranks' gradients and weights (each rank holds its stages' or modules'), with
+    rank 0's metrics, against the single-process reference."""
+    for optimizer, _ in OPTIMIZERS:
+        merged = [{**r, (name, optimizer): _merged(per_rank, name, optimizer)} if i == 0 else r
+                  for i, r in enumerate(per_rank)]
+        _assert_layout_matches(merged, name, optimizer, ref[optimizer], f"{what}{name} {optimizer}")
+
+
 def _check(per_rank: list[dict], layouts: list, ref: dict) -> None:
     for name, *_ in layouts:
-        for optimizer, _ in OPTIMIZERS:
-            merged = [{**r, (name, optimizer): _merged(per_rank, name, optimizer)} if i == 0 else r
-                      for i, r in enumerate(per_rank)]
-            _assert_layout_matches(merged, name, optimizer, ref[optimizer], f"{name} {optimizer}")
+        assert_matches_reference(per_rank, name, ref)
         assert all(r[name, "sgd"]["microbatches"] >= 2 for r in per_rank), name  # gradient accumulation
         assert "packed" not in name or max(r[name, "sgd"]["packed_max"] for r in per_rank) >= 2, name  # really packed
         stages = 2 if "interleaved" in name else 1  # virtual stages per rank
