@@ -99,7 +99,8 @@ class TrainConfig:
     max_skipped_steps: int = 5
     # torch.compile each decoder layer (nemo-automodel's per-layer compile, after FSDP2/TP/AC; under MIMO the LLM's
     # and the vision tower's layers); None: on when training an LM on CUDA, unless config/compile.py says it cannot
-    # work (an MoE model's split or fp32 experts); off for MIMO (measured no faster). Fuses the elementwise work between matmuls (norms, RoPE, SwiGLU, residuals)
+    # work (an MoE model's split or fp32 experts); off for MIMO (measured no faster). Fuses the elementwise work
+    # between matmuls (norms, RoPE, SwiGLU, residuals)
     compile: bool | None = None
     # AdamW as one fused kernel over all tensors (no foreach temporaries); None: on when training on CUDA. A fused
     # optimizer also takes the step-skip decision on the device (found_inf), so the vote costs no host sync

@@ -22,11 +22,16 @@ def _drop_unused_capture_hooks(encoder: nn.Module) -> None:
     H200 (docs/benchmarks.md). Only the hidden-state hooks (on the layers' outputs) are kept."""
     for module in encoder.modules():
         for handle_id, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") != "output_capturing_hook":
-                continue
-            captured = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ())))
-            if captured.get("key") != "hidden_states":
+            if capture_key(hook) not in (None, "hidden_states"):
                 del module._forward_hooks[handle_id]
+
+
+def capture_key(hook) -> str | None:
+    """The output a transformers output-capturing forward hook records ("hidden_states", "attentions", ...), read
+    from its closure; None for any other hook."""
+    if getattr(hook, "__name__", "") != "output_capturing_hook":
+        return None
+    return dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ()))).get("key")
 
 
 class VisionModule(nn.Module):

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from automodel_mimo.mimo.modules import build_vision_module
+from automodel_mimo.mimo.modules import build_vision_module, capture_key
 from tests.unit.mimo_oracle import VISION
 from tests.unit.oracle import tiny_llama_config
 
 
 def _capture_keys(module: torch.nn.Module) -> list[str]:
-    keys = []
-    for hook in module._forward_hooks.values():
-        if getattr(hook, "__name__", "") == "output_capturing_hook":
-            keys.append(dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__)))["key"])
-    return keys
+    return [key for hook in module._forward_hooks.values() if (key := capture_key(hook)) is not None]
 
 
 def test_only_hidden_state_hooks_remain_and_a_compiled_layer_is_one_graph():
