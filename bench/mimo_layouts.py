@@ -235,7 +235,7 @@ def profiled(one_pass, device: torch.device, host_top: int) -> dict:
     if host_top:
         top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:host_top]
         out.update(host_top_ms={e.key[:60]: round(e.self_cpu_time_total / 1e3, 1) for e in top},
-                   host_ops=sum(e.count for e in events if e.device_type.name == "CPU"),
+                   host_ops=sum(e.count for e in events if e.device_type == DeviceType.CPU),
                    compiled_graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     return out
 
